@@ -1,0 +1,32 @@
+# Two set-up commands: `make demo` and `make test`. Both create or reuse .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: demo test bench train-toy clean
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# The CPU wheel of torch 2.13.0 lies on these machines; pin it first so nothing pulls CUDA.
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/editc compile recipes/van_gogh.yaml --out out/demo --force
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/editc bench
+
+train-toy: $(VENV)/.installed
+	$(PY) -m compiler.toy.train --workdir .toy-train --out compiler/toy/weights
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
