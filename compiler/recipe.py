@@ -1,0 +1,726 @@
+"""Recipes: the declarative file that says what knowledge to remove or update.
+
+A recipe is a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file. It is read into frozen,
+typed dataclasses (:class:`Recipe`, :class:`Edit`, :class:`Outputs`, :class:`VerifyGates`)
+and validated completely before anything heavy runs. Every mistake raises
+:class:`~compiler.errors.UserError` with one line of the form::
+
+    <file>: <field path>: <what is wrong and what would be valid>
+
+e.g. ``recipes/x.yaml: edits[2].attribute: 'colour' is not one of style, object, fact``.
+Syntax errors name the line instead of a field path.
+
+The schema (every key except ``edits`` and each edit's ``concept``/``replacement``/``attribute``
+is optional)::
+
+    model: toy                 # "toy" (the embedded toy world) or a path to a diffusers folder
+                               # or single-file checkpoint (relative to the current directory)
+    lambda: 0.01               # ridge strength λ of the closed-form solve (> 0); default 0.01
+    preserve: [monet]          # concepts every edit must leave unchanged (preservation rows)
+    edits:
+      - concept: van gogh      # text to find in prompts: its last token is what gets remapped
+        replacement: a painting  # what the concept should now mean
+        attribute: style       # style | object | fact   (chooses prompt templates and gates)
+        method: auto           # auto | locoedit | quickfix | neurons
+        layers: auto           # auto | default | [8, 9]   (UNet cross-attention indices)
+        prompts: ["a van gogh sunflower field"]   # extra prompts containing the concept
+        lambda: 0.01           # overrides the top-level lambda for this edit's rows
+        preserve: [mondrian]   # more concepts to keep put, for this edit
+        eos: true              # also remap the end-of-text token (stronger removal)
+        neurons_top_k: 50      # method neurons only: how many K/V output neurons to ablate
+    outputs:
+      dir: out/van_gogh        # default output folder (``editc compile --out`` overrides)
+      formats: [diffusers]     # any of diffusers, single-file, delta, onnx
+    verify:
+      enabled: false           # run the verify gates right after compile
+      seeds: 4
+      steps: 25
+      efficacy_max_accuracy: 0.2
+      fact_min_accuracy: 0.7
+      specificity_max_drop: 0.05
+
+Methods (Basu et al., ICLR 2024 and ICML 2024):
+
+- ``locoedit``: closed-form update of the UNet cross-attention ``to_k``/``to_v`` weights of the
+  located layers, so that the concept's token embedding produces what the old weights gave the
+  replacement's embedding.
+- ``quickfix`` (Diff-QuickFix): closed-form update of the text encoder's layer-0 self-attention
+  output projection; no UNet layers are involved, so ``layers`` must not be given.
+- ``neurons``: ablate the ``neurons_top_k`` K/V output neurons of the located layers whose
+  activations differ most (z-score) between prompts with and without the concept.
+- ``auto``: compile picks per model family and attribute and reports what it picked.
+
+Layers: ``auto`` uses the papers' known location for a known model family, else a cached or
+fresh LocoGen localisation; ``default`` insists on the known location (compile fails when the
+family has none); a list names the cross-attention layers by the papers' index (position in
+the sorted list of ``attn2`` module names: 0..15 on SD-1.x/2.x and the toy model, 0..69 on
+SD-XL). For ``quickfix`` the parsed value is ``None``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from compiler.errors import UserError
+
+ATTRIBUTES = ("style", "object", "fact")
+METHODS = ("auto", "locoedit", "quickfix", "neurons")
+OUTPUT_FORMATS = ("diffusers", "single-file", "delta", "onnx")
+LAYER_KEYWORDS = ("auto", "default")
+RECIPE_SUFFIXES = (".yaml", ".yml", ".toml")
+
+DEFAULT_MODEL = "toy"
+DEFAULT_LAMBDA = 0.01  # both papers use λ = 0.01
+DEFAULT_NEURONS_TOP_K = 50  # ICML 2024 ablates 30/50/100 of SD-1.5's 1280 neurons
+# The embedded toy model has SD-1.5's block layout: 16 cross-attention layers.
+TOY_CROSS_ATTENTION_LAYERS = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class Edit:
+    """One piece of knowledge to change: prompts with ``concept`` should behave as with
+    ``replacement``.
+
+    ``layers`` is ``"auto"``, ``"default"``, a tuple of cross-attention layer indices, or
+    ``None`` for ``method="quickfix"`` (which edits the text encoder, not the UNet).
+    ``lambda_`` is ``None`` when the edit inherits the recipe's λ. ``preserve`` lists only this
+    edit's own preserved concepts; :meth:`Recipe.preserve_for` adds the global ones.
+    """
+
+    concept: str
+    replacement: str
+    attribute: str
+    method: str = "auto"
+    layers: str | tuple[int, ...] | None = "auto"
+    prompts: tuple[str, ...] = ()
+    lambda_: float | None = None
+    preserve: tuple[str, ...] = ()
+    eos: bool = True
+    neurons_top_k: int = DEFAULT_NEURONS_TOP_K
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outputs:
+    """Where compile writes, and in which formats.
+
+    ``dir`` is ``None`` when the recipe leaves it to ``editc compile --out``. ``formats`` is a
+    non-empty tuple of ``diffusers`` (a diffusers folder), ``single-file`` (the original
+    single-file checkpoint layout, A1111/ComfyUI), ``delta`` (only the edited tensors) and
+    ``onnx`` (per-component ONNX folders).
+    """
+
+    dir: str | None = None
+    formats: tuple[str, ...] = ("diffusers",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifyGates:
+    """Thresholds of ``editc verify`` (exit 1 when one fails). Accuracies are the judge's
+    zero-shot accuracies in [0, 1] on images generated with fixed seeds.
+
+    - ``enabled``: run the gates right after ``editc compile``.
+    - ``seeds``: seeds per prompt; ``steps``: sampler steps; ``guidance_scale``:
+      classifier-free guidance scale (``None``: the model's usual value).
+    - ``efficacy_max_accuracy``: style/object edits pass when the judge recognises the concept
+      in at most this fraction of the edited model's images for the concept's prompts.
+    - ``fact_min_accuracy``: fact edits pass when the replacement (the new fact) is recognised
+      in at least this fraction.
+    - ``generalization_max_accuracy``: like efficacy, on held-out paraphrases the solve never
+      saw; ``None`` reports it without gating.
+    - ``specificity_max_drop``: accuracy on neighbouring concepts (``neighbours``, the
+      preserve lists and a generic set) may fall by at most this much versus the base model.
+    - ``neighbours``: extra concepts to check for specificity.
+    """
+
+    enabled: bool = False
+    seeds: int = 4
+    steps: int = 25
+    guidance_scale: float | None = None
+    efficacy_max_accuracy: float = 0.2
+    fact_min_accuracy: float = 0.7
+    generalization_max_accuracy: float | None = None
+    specificity_max_drop: float = 0.05
+    neighbours: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """A validated recipe. ``path`` is the file as given; ``sha256`` hashes its exact bytes
+    (provenance metadata of every artifact records it)."""
+
+    path: str
+    model: str = DEFAULT_MODEL
+    edits: tuple[Edit, ...]
+    outputs: Outputs = field(default_factory=Outputs)
+    verify: VerifyGates = field(default_factory=VerifyGates)
+    preserve: tuple[str, ...] = ()
+    lambda_: float = DEFAULT_LAMBDA
+    source_text: str = ""
+    sha256: str = ""
+
+    @property
+    def is_toy_model(self) -> bool:
+        return self.model == DEFAULT_MODEL
+
+    def lambda_for(self, edit: Edit) -> float:
+        """The λ of this edit's rows: its own, else the recipe's."""
+        return self.lambda_ if edit.lambda_ is None else edit.lambda_
+
+    def preserve_for(self, edit: Edit) -> tuple[str, ...]:
+        """Global preserved concepts followed by the edit's own, without duplicates."""
+        return tuple(dict.fromkeys(self.preserve + edit.preserve))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description (for ``--json`` and manifests); no source text."""
+        data = dataclasses.asdict(self)
+        data.pop("source_text")
+        data["lambda"] = data.pop("lambda_")
+        for edit in data["edits"]:
+            edit["lambda"] = edit.pop("lambda_")
+            if isinstance(edit["layers"], tuple):
+                edit["layers"] = list(edit["layers"])
+        return _tuples_to_lists(data)
+
+
+def _tuples_to_lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _tuples_to_lists(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tuples_to_lists(item) for item in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Reading the file
+# --------------------------------------------------------------------------------------------
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read, parse and validate a recipe file; raise ``UserError`` (one line) on any problem."""
+    label = str(path)
+    file_path = Path(path)
+    suffix = file_path.suffix.lower()
+    if not file_path.exists():
+        raise UserError(f"{label}: file not found; give the path of a .yaml, .yml or .toml recipe")
+    if file_path.is_dir():
+        raise UserError(f"{label}: is a directory; give the path of a .yaml, .yml or .toml recipe")
+    if suffix not in RECIPE_SUFFIXES:
+        raise UserError(
+            f"{label}: unsupported recipe format '{file_path.suffix or '(no extension)'}'; "
+            "use a .yaml, .yml or .toml file"
+        )
+    try:
+        raw = file_path.read_bytes()
+    except OSError as err:
+        raise UserError(f"{label}: cannot read the file ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise UserError(
+            f"{label}: not UTF-8 text (bad byte at offset {err.start}); save the recipe as UTF-8"
+        ) from None
+    data = _parse_toml(text, label) if suffix == ".toml" else _parse_yaml(text, label)
+    return parse_recipe(data, path=label, source_text=text, sha256=hashlib.sha256(raw).hexdigest())
+
+
+def loads_recipe(text: str, path: str = "<recipe>.yaml") -> Recipe:
+    """Parse recipe text; the format follows ``path``'s extension (TOML for ``.toml``)."""
+    data = _parse_toml(text, path) if path.lower().endswith(".toml") else _parse_yaml(text, path)
+    return parse_recipe(
+        data, path=path, source_text=text, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest()
+    )
+
+
+class _StrictYamlLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode):
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # an unhashable key; construct_mapping reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+    return loader.construct_mapping(node, deep=True)
+
+
+_StrictYamlLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping_without_duplicates
+)
+
+
+def _parse_yaml(text: str, label: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_StrictYamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        problem = err.problem or err.context or "cannot parse"
+        where = f"line {mark.line + 1}" if mark is not None else "somewhere"
+        column = f" (column {mark.column + 1})" if mark is not None else ""
+        raise UserError(f"{label}: {where}: invalid YAML: {problem}{column}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"{label}: invalid YAML: {' '.join(str(err).split())}") from None
+
+
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+
+
+def _parse_toml(text: str, label: str) -> Any:
+    import tomllib
+
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        message = str(err)
+        position = _TOML_POSITION.search(message)
+        if position:
+            problem = message[: position.start()]
+            raise UserError(
+                f"{label}: line {position.group(1)}: invalid TOML: {problem}"
+                f" (column {position.group(2)})"
+            ) from None
+        raise UserError(f"{label}: invalid TOML: {message}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+_TOP_LEVEL_KEYS = ("model", "lambda", "preserve", "edits", "outputs", "verify")
+_EDIT_KEYS = (
+    "concept",
+    "replacement",
+    "attribute",
+    "method",
+    "layers",
+    "prompts",
+    "lambda",
+    "preserve",
+    "eos",
+    "neurons_top_k",
+)
+_OUTPUT_KEYS = ("dir", "formats")
+_VERIFY_KEYS = tuple(f.name for f in dataclasses.fields(VerifyGates))
+
+
+class _Validator:
+    """Reads plain data (from YAML/TOML) field by field; each failure names the field path."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def fail(self, field_path: str, message: str) -> UserError:
+        prefix = f"{self.label}: {field_path}: " if field_path else f"{self.label}: "
+        return UserError(prefix + message)
+
+    # -- structure -----------------------------------------------------------------------
+
+    def mapping(self, value: Any, field_path: str, allowed: tuple[str, ...]) -> Mapping:
+        if not isinstance(value, Mapping):
+            what = "the file" if not field_path else "this"
+            raise self.fail(field_path, f"expected a mapping of keys, {what} holds {_describe(value)}")
+        for key in value:
+            if not isinstance(key, str) or key not in allowed:
+                raise self.fail(
+                    _join(field_path, str(key)), _unknown_key_message(key, allowed)
+                )
+        return value
+
+    # -- scalars -------------------------------------------------------------------------
+
+    def text(self, value: Any, field_path: str) -> str:
+        if not isinstance(value, str):
+            hint = ""
+            if isinstance(value, bool):
+                hint = " (YAML reads yes/no/on/off/true/false as booleans: put the text in quotes)"
+            raise self.fail(field_path, f"expected a text string, got {_describe(value)}{hint}")
+        cleaned = " ".join(value.split())
+        if not cleaned:
+            raise self.fail(field_path, "is empty; give a non-empty text")
+        return cleaned
+
+    def choice(self, value: Any, field_path: str, choices: tuple[str, ...]) -> str:
+        if not isinstance(value, str):
+            raise self.fail(
+                field_path, f"expected one of {', '.join(choices)}, got {_describe(value)}"
+            )
+        normalized = value.strip().lower()
+        if normalized not in choices:
+            raise self.fail(field_path, f"{value!r} is not one of {', '.join(choices)}")
+        return normalized
+
+    def boolean(self, value: Any, field_path: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(field_path, f"expected true or false, got {_describe(value)}")
+        return value
+
+    def integer(self, value: Any, field_path: str, minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(field_path, f"expected a whole number >= {minimum}, got {_describe(value)}")
+        if value < minimum:
+            raise self.fail(field_path, f"{value} is too small; use a whole number >= {minimum}")
+        return value
+
+    def number(
+        self,
+        value: Any,
+        field_path: str,
+        *,
+        positive: bool = False,
+        unit_interval: bool = False,
+    ) -> float:
+        valid = "a number > 0" if positive else "a number between 0 and 1" if unit_interval else "a number"
+        number: float | None = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            # PyYAML reads "1e-2" (no dot) as text; accept any text that is a plain number.
+            try:
+                number = float(value.strip())
+            except ValueError:
+                number = None
+        if number is None:
+            raise self.fail(field_path, f"expected {valid}, got {_describe(value)}")
+        if not math.isfinite(number):
+            raise self.fail(field_path, f"{value!r} is not finite; use {valid}")
+        if positive and number <= 0:
+            raise self.fail(field_path, f"{_fmt_number(value)} must be > 0 (e.g. 0.01)")
+        if unit_interval and not 0.0 <= number <= 1.0:
+            raise self.fail(field_path, f"{_fmt_number(value)} is outside [0, 1]; use {valid}")
+        return number
+
+    def text_list(self, value: Any, field_path: str, *, what: str) -> tuple[str, ...]:
+        if isinstance(value, str):
+            raise self.fail(
+                field_path, f"expected a list of {what}, got a single text; write [{value!r}]"
+            )
+        if not isinstance(value, list):
+            raise self.fail(field_path, f"expected a list of {what}, got {_describe(value)}")
+        items: list[str] = []
+        seen: dict[str, int] = {}
+        for index, item in enumerate(value):
+            item_path = f"{field_path}[{index}]"
+            cleaned = self.text(item, item_path)
+            key = _concept_key(cleaned)
+            if key in seen:
+                raise self.fail(item_path, f"{cleaned!r} repeats {field_path}[{seen[key]}]; list it once")
+            seen[key] = index
+            items.append(cleaned)
+        return tuple(items)
+
+    # -- sections ------------------------------------------------------------------------
+
+    def recipe(self, data: Any, source_text: str, sha256: str) -> Recipe:
+        if data is None:
+            raise self.fail("", "the file is empty; a recipe needs at least an 'edits' list")
+        if not isinstance(data, Mapping):
+            raise self.fail(
+                "",
+                f"the file holds {_describe(data)}; a recipe is a mapping with keys "
+                f"{', '.join(_TOP_LEVEL_KEYS)}",
+            )
+        self.mapping(data, "", _TOP_LEVEL_KEYS)
+
+        model = self.text(data["model"], "model") if "model" in data and data["model"] is not None else DEFAULT_MODEL
+        lambda_ = (
+            self.number(data["lambda"], "lambda", positive=True)
+            if data.get("lambda") is not None
+            else DEFAULT_LAMBDA
+        )
+        preserve = (
+            self.text_list(data["preserve"], "preserve", what="concept names")
+            if data.get("preserve") is not None
+            else ()
+        )
+        if "edits" not in data or data["edits"] is None:
+            raise self.fail("edits", "missing; list at least one edit with concept, replacement and attribute")
+        raw_edits = data["edits"]
+        if isinstance(raw_edits, Mapping):
+            raise self.fail("edits", "expected a list of edits, got a single mapping; put '- ' before it (YAML) or use [[edits]] (TOML)")
+        if not isinstance(raw_edits, list):
+            raise self.fail("edits", f"expected a list of edits, got {_describe(raw_edits)}")
+        if not raw_edits:
+            raise self.fail("edits", "is empty; list at least one edit with concept, replacement and attribute")
+        edits = tuple(
+            self.edit(raw, f"edits[{index}]", model) for index, raw in enumerate(raw_edits)
+        )
+        self.cross_check(edits, preserve)
+        outputs = self.outputs(data.get("outputs"))
+        verify = self.verify(data.get("verify"))
+        return Recipe(
+            path=self.label,
+            model=model,
+            edits=edits,
+            outputs=outputs,
+            verify=verify,
+            preserve=preserve,
+            lambda_=lambda_,
+            source_text=source_text,
+            sha256=sha256,
+        )
+
+    def edit(self, raw: Any, field_path: str, model: str) -> Edit:
+        if not isinstance(raw, Mapping):
+            raise self.fail(
+                field_path,
+                f"expected a mapping with concept, replacement and attribute, got {_describe(raw)}",
+            )
+        self.mapping(raw, field_path, _EDIT_KEYS)
+        for required in ("concept", "replacement", "attribute"):
+            if raw.get(required) is None:
+                example = {
+                    "concept": "the text to change, e.g. 'van gogh'",
+                    "replacement": "what it should become, e.g. 'a painting'",
+                    "attribute": "one of style, object, fact",
+                }[required]
+                raise self.fail(_join(field_path, required), f"missing; give {example}")
+        concept = self.text(raw["concept"], _join(field_path, "concept"))
+        replacement = self.text(raw["replacement"], _join(field_path, "replacement"))
+        if _concept_key(concept) == _concept_key(replacement):
+            raise self.fail(
+                _join(field_path, "replacement"),
+                f"{replacement!r} is the concept itself; give what {concept!r} should become",
+            )
+        attribute = self.choice(raw["attribute"], _join(field_path, "attribute"), ATTRIBUTES)
+        method = (
+            self.choice(raw["method"], _join(field_path, "method"), METHODS)
+            if raw.get("method") is not None
+            else "auto"
+        )
+        layers = self.layers(raw.get("layers"), _join(field_path, "layers"), method, model)
+        prompts = (
+            self.text_list(raw["prompts"], _join(field_path, "prompts"), what="prompts")
+            if raw.get("prompts") is not None
+            else ()
+        )
+        for index, prompt in enumerate(prompts):
+            if _concept_key(concept) not in _concept_key(prompt):
+                raise self.fail(
+                    f"{field_path}.prompts[{index}]",
+                    f"{prompt!r} does not contain the concept {concept!r}; "
+                    "extra prompts must mention it",
+                )
+        lambda_ = (
+            self.number(raw["lambda"], _join(field_path, "lambda"), positive=True)
+            if raw.get("lambda") is not None
+            else None
+        )
+        preserve = (
+            self.text_list(raw["preserve"], _join(field_path, "preserve"), what="concept names")
+            if raw.get("preserve") is not None
+            else ()
+        )
+        eos = self.boolean(raw["eos"], _join(field_path, "eos")) if raw.get("eos") is not None else True
+        neurons_top_k = DEFAULT_NEURONS_TOP_K
+        if raw.get("neurons_top_k") is not None:
+            neurons_top_k = self.integer(raw["neurons_top_k"], _join(field_path, "neurons_top_k"), 1)
+            if method not in ("neurons", "auto"):
+                raise self.fail(
+                    _join(field_path, "neurons_top_k"),
+                    f"only applies to method neurons (this edit uses {method}); remove it",
+                )
+        return Edit(
+            concept=concept,
+            replacement=replacement,
+            attribute=attribute,
+            method=method,
+            layers=layers,
+            prompts=prompts,
+            lambda_=lambda_,
+            preserve=preserve,
+            eos=eos,
+            neurons_top_k=neurons_top_k,
+        )
+
+    def layers(
+        self, value: Any, field_path: str, method: str, model: str
+    ) -> str | tuple[int, ...] | None:
+        if method == "quickfix":
+            if value is not None:
+                raise self.fail(
+                    field_path,
+                    "method quickfix edits the text encoder's layer-0 output projection, not "
+                    "UNet layers; remove 'layers' or use method locoedit or neurons",
+                )
+            return None
+        if value is None:
+            return "auto"
+        valid = "use auto, default or a list of cross-attention layer indices like [8, 9]"
+        if isinstance(value, str):
+            if value.strip().lower() in LAYER_KEYWORDS:
+                return value.strip().lower()
+            raise self.fail(field_path, f"{value!r} is not a layer choice; {valid}")
+        if not isinstance(value, list):
+            raise self.fail(field_path, f"expected a list of layer indices, got {_describe(value)}; {valid}")
+        if not value:
+            raise self.fail(field_path, f"is an empty list; {valid}")
+        indices: list[int] = []
+        for position, item in enumerate(value):
+            item_path = f"{field_path}[{position}]"
+            if isinstance(item, bool) or not isinstance(item, int):
+                raise self.fail(item_path, f"expected a whole-number layer index >= 0, got {_describe(item)}")
+            if item < 0:
+                raise self.fail(item_path, f"{item} is negative; layer indices count from 0")
+            if model == DEFAULT_MODEL and item >= TOY_CROSS_ATTENTION_LAYERS:
+                raise self.fail(
+                    item_path,
+                    f"{item} is out of range: the toy model has {TOY_CROSS_ATTENTION_LAYERS} "
+                    f"cross-attention layers (0..{TOY_CROSS_ATTENTION_LAYERS - 1})",
+                )
+            if item in indices:
+                raise self.fail(item_path, f"layer {item} is listed twice; list each layer once")
+            indices.append(item)
+        return tuple(sorted(indices))
+
+    def cross_check(self, edits: tuple[Edit, ...], preserve: tuple[str, ...]) -> None:
+        """Rules that span several edits: one edit per concept, no chains, no conflicts with
+        preserved concepts (a concept cannot be both changed and kept)."""
+        first_edit_of: dict[str, int] = {}
+        for index, edit in enumerate(edits):
+            key = _concept_key(edit.concept)
+            if key in first_edit_of:
+                raise self.fail(
+                    f"edits[{index}].concept",
+                    f"{edit.concept!r} is already edited by edits[{first_edit_of[key]}]; "
+                    "give each concept one edit",
+                )
+            first_edit_of[key] = index
+        for index, edit in enumerate(edits):
+            target = _concept_key(edit.replacement)
+            if target in first_edit_of:
+                raise self.fail(
+                    f"edits[{index}].replacement",
+                    f"{edit.replacement!r} is itself edited by edits[{first_edit_of[target]}]; "
+                    "chained edits are not supported, use the final replacement",
+                )
+        for position, name in enumerate(preserve):
+            if _concept_key(name) in first_edit_of:
+                raise self.fail(
+                    f"preserve[{position}]",
+                    f"{name!r} is edited by edits[{first_edit_of[_concept_key(name)]}]; "
+                    "a concept cannot be both edited and preserved",
+                )
+        for index, edit in enumerate(edits):
+            for position, name in enumerate(edit.preserve):
+                if _concept_key(name) in first_edit_of:
+                    raise self.fail(
+                        f"edits[{index}].preserve[{position}]",
+                        f"{name!r} is edited by edits[{first_edit_of[_concept_key(name)]}]; "
+                        "a concept cannot be both edited and preserved",
+                    )
+
+    def outputs(self, raw: Any) -> Outputs:
+        if raw is None:
+            return Outputs()
+        self.mapping(raw, "outputs", _OUTPUT_KEYS)
+        directory = self.text(raw["dir"], "outputs.dir") if raw.get("dir") is not None else None
+        formats: tuple[str, ...] = ("diffusers",)
+        if raw.get("formats") is not None:
+            value = raw["formats"]
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list):
+                raise self.fail(
+                    "outputs.formats",
+                    f"expected a list of {', '.join(OUTPUT_FORMATS)}, got {_describe(value)}",
+                )
+            if not value:
+                raise self.fail("outputs.formats", f"is empty; list at least one of {', '.join(OUTPUT_FORMATS)}")
+            chosen: list[str] = []
+            for index, item in enumerate(value):
+                name = self.choice(item, f"outputs.formats[{index}]", OUTPUT_FORMATS)
+                if name in chosen:
+                    raise self.fail(f"outputs.formats[{index}]", f"{name!r} is listed twice; list each format once")
+                chosen.append(name)
+            formats = tuple(chosen)
+        return Outputs(dir=directory, formats=formats)
+
+    def verify(self, raw: Any) -> VerifyGates:
+        if raw is None:
+            return VerifyGates()
+        self.mapping(raw, "verify", _VERIFY_KEYS)
+        defaults = VerifyGates()
+        values: dict[str, Any] = {}
+        for key, item in raw.items():
+            path = f"verify.{key}"
+            if item is None:
+                if key in ("guidance_scale", "generalization_max_accuracy"):
+                    values[key] = None
+                continue
+            if key == "enabled":
+                values[key] = self.boolean(item, path)
+            elif key in ("seeds", "steps"):
+                values[key] = self.integer(item, path, 1)
+            elif key == "guidance_scale":
+                values[key] = self.number(item, path, positive=True)
+            elif key == "neighbours":
+                values[key] = self.text_list(item, path, what="concept names")
+            else:  # the accuracy thresholds
+                values[key] = self.number(item, path, unit_interval=True)
+        return dataclasses.replace(defaults, **values)
+
+
+def parse_recipe(
+    data: Any, *, path: str = "<recipe>", source_text: str = "", sha256: str = ""
+) -> Recipe:
+    """Validate already-parsed recipe data (a mapping as YAML/TOML would give)."""
+    return _Validator(path).recipe(data, source_text, sha256)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _concept_key(text: str) -> str:
+    """How concepts are compared: case-insensitive, whitespace collapsed (CLIP lower-cases)."""
+    return " ".join(text.split()).casefold()
+
+
+def _join(parent: str, key: str) -> str:
+    return f"{parent}.{key}" if parent else key
+
+
+def _unknown_key_message(key: Any, allowed: tuple[str, ...]) -> str:
+    close = difflib.get_close_matches(str(key), allowed, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return f"unknown key; {hint}valid keys: {', '.join(allowed)}"
+
+
+def _fmt_number(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else f"{value}"
+
+
+def _describe(value: Any) -> str:
+    """A short, user-facing description of a parsed value's type."""
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the text {value!r}"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"a {type(value).__name__} ({value})"
