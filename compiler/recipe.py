@@ -335,8 +335,10 @@ class _Validator:
 
     def mapping(self, value: Any, field_path: str, allowed: tuple[str, ...]) -> Mapping:
         if not isinstance(value, Mapping):
-            what = "the file" if not field_path else "this"
-            raise self.fail(field_path, f"expected a mapping of keys, {what} holds {_describe(value)}")
+            valid = ", ".join(allowed)
+            raise self.fail(
+                field_path, f"expected a mapping with keys among {valid}; got {_describe(value)}"
+            )
         for key in value:
             if not isinstance(key, str) or key not in allowed:
                 raise self.fail(
