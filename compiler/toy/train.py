@@ -43,17 +43,17 @@ class ToyConfig:
     text_layers: int = 4
     vision_width: int = 96
     vision_layers: int = 4
-    clip_steps: int = 1_500
-    clip_batch: int = 256
+    clip_steps: int = 1_200
+    clip_batch: int = 128
     clip_lr: float = 1e-3
     # AutoencoderKL: 32x32x3 -> 8x8x4.
     vae_channels: tuple[int, ...] = (32, 64, 64)
-    vae_steps: int = 1_500
-    vae_batch: int = 64
+    vae_steps: int = 1_200
+    vae_batch: int = 32
     vae_lr: float = 1e-3
     # UNet with SD-1.5's layout: 3 cross-attention down blocks, mid, 3 up: 16 attn2 layers.
     unet_channels: tuple[int, ...] = (64, 96, 96, 128)
-    unet_steps: int = 3_500
+    unet_steps: int = 2_800
     unet_batch: int = 64
     unet_lr: float = 3e-4
     uncond_prob: float = 0.1  # caption dropout for classifier-free guidance
@@ -156,7 +156,10 @@ def text_encoder_from_clip(clip):
     """A standalone CLIPTextModel holding the CLIP model's text tower (the UNet's encoder)."""
     from transformers import CLIPTextModel
 
-    encoder = CLIPTextModel(clip.config.text_config)
+    import copy
+
+    # A copy: casting the pipeline to fp16 later must not change the judge's saved config.
+    encoder = CLIPTextModel(copy.deepcopy(clip.config.text_config))
     source = clip.text_model.state_dict()
     target_keys = set(encoder.state_dict())
     prefix = "text_model." if any(k.startswith("text_model.") for k in target_keys) else ""
