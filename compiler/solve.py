@@ -1,0 +1,623 @@
+"""Closed-form weight edits: LocoEdit, Diff-QuickFix and neuron ablation, in pure torch.
+
+Nothing here knows about models. Callers hand in rows of embeddings (or keys and values) and
+the old weights as torch ``Linear.weight`` tensors (shape ``d_out × d``, a layer computes
+``y = x Wᵀ``); they get new weights back in each input's own dtype and device.
+
+LocoEdit (Basu et al., ICML 2024, eq. 3; preservation rows as in UCE)
+--------------------------------------------------------------------
+For one context dimension ``d`` with rows ``X_orig`` (N × d, embeddings of prompts with the
+concept), ``X_target`` (N × d, embeddings of the replacement's prompts) and optional
+preservation rows ``P`` (M × d, weight ``w``), each layer's new weight minimises::
+
+    ‖X_orig Wᵀ − X_target Ŵᵀ‖² + λ‖W − Ŵ‖² + w‖P Wᵀ − P Ŵᵀ‖²
+
+Setting the gradient to zero (torch layout, W is d_out × d)::
+
+    W (X_origᵀX_orig + w PᵀP + λI) = Ŵ (X_targetᵀX_orig + w PᵀP + λI)
+
+which is the paper's ``W = (XᵀX + λI)⁻¹(XᵀX_target Ŵ + λŴ)`` transposed. With
+``A = gram + λI``, ``gram = X_origᵀX_orig + w PᵀP`` and
+``shift = X_origᵀ(X_target − X_orig)`` this is the update form that is solved here::
+
+    W = Ŵ + Ŵ Dᵀ,   D = A⁻¹ shift   (d × d, the same for every layer)
+
+So one Cholesky factorisation of ``A`` (float64) and one triangular solve with ``d``
+right-hand sides serve every layer and both K and V; each layer then costs a single
+``(d_out × d) @ (d × d)`` product. (Stacking all layers' ``(cross + λI)Ŵᵀ`` as right-hand
+sides gives the same W with an extra ``d × d × Σd_out`` product and ``Σd_out`` instead of
+``d`` triangular-solve columns; ``bench/solve_scaling.py`` measures both.) Preservation rows
+enter ``gram`` only: they ask for ``P Wᵀ = P Ŵᵀ``, whose part of ``shift`` is zero.
+
+Diff-QuickFix (Basu et al., ICLR 2024, eq. 4)
+--------------------------------------------
+For the text encoder's layer-0 self-attention ``out_proj`` with keys ``K`` (N × d_in, its
+inputs at the last subject token and optionally EOS), values ``V`` (N × d_out, what the
+unedited model gives for the replacement) and preservation keys ``P`` that keep ``Ŵ p``::
+
+    W = (λŴ + Σ v kᵀ + w Σ Ŵ p pᵀ)(λI + Σ k kᵀ + w Σ p pᵀ)⁻¹
+      = Ŵ + (V − K Ŵᵀ)ᵀ K A⁻¹,   A = KᵀK + w PᵀP + λI
+
+Same machinery: one Cholesky factorisation of ``A``.
+
+Many concepts are just more rows: all edits of a recipe are concatenated (or their
+:class:`RidgeProblem` summed with :func:`combine_problems`) into one solve per context
+dimension, so a 100-concept recipe is one factorisation.
+
+Numerical rules: all arithmetic is float64 on the device the problem lives on (the GPU when
+the caller put the rows there); NaN/Inf inputs are refused with :class:`NonFiniteInputError`;
+results are cast back to each weight's dtype (fp16/bf16 included); the same inputs give
+bit-identical outputs (no randomness, no atomics, a fixed order of operations).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from compiler.errors import UserError
+
+DEFAULT_LAMBDA = 0.01  # λ of both papers
+
+
+class NonFiniteInputError(UserError):
+    """An input of a solve holds NaN or Inf (a corrupt checkpoint or a broken embedding)."""
+
+
+class SolveError(RuntimeError):
+    """The normal matrix could not be factorised (it is not positive definite)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Problems and the shared factorisation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RidgeProblem:
+    """The statistics of one LocoEdit regression for one context dimension ``d``.
+
+    - ``gram``: ``X_origᵀ diag(r) X_orig + w PᵀP`` (d × d, float64), without λ.
+    - ``shift``: ``X_origᵀ diag(r) (X_target − X_orig)`` (d × d, float64).
+    - ``lam``: λ; the factorised matrix is ``gram + λI``.
+    - ``n_rows`` / ``n_preserve_rows``: how many edit and preservation rows went in.
+
+    ``r`` are optional per-row weights (1 by default). :attr:`cross` is the paper's
+    ``X_origᵀX_target`` term (plus preservation), ``gram + shift``.
+    """
+
+    gram: Tensor
+    shift: Tensor
+    lam: float
+    n_rows: int
+    n_preserve_rows: int = 0
+
+    @property
+    def dim(self) -> int:
+        return self.gram.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.gram.device
+
+    @property
+    def cross(self) -> Tensor:
+        """``X_origᵀX_target + w PᵀP``: the right-hand side factor ``(cross + λI)Ŵᵀ``."""
+        return self.gram + self.shift
+
+    def normal_matrix(self) -> Tensor:
+        """``gram + λI``, the symmetric positive definite matrix that gets factorised."""
+        return _add_ridge(self.gram, self.lam)
+
+    def to(self, device: torch.device | str) -> RidgeProblem:
+        return RidgeProblem(
+            self.gram.to(device), self.shift.to(device), self.lam, self.n_rows, self.n_preserve_rows
+        )
+
+
+def build_problem(
+    x_orig: Tensor,
+    x_target: Tensor,
+    lam: float = DEFAULT_LAMBDA,
+    preserve: Tensor | None = None,
+    preserve_weight: float = 1.0,
+    row_weights: Tensor | float | None = None,
+) -> RidgeProblem:
+    """Form the d × d statistics of a LocoEdit regression (once; every layer reuses them).
+
+    ``x_orig`` and ``x_target`` are N × d rows (prompt embeddings with the concept, and of the
+    target prompts); ``preserve`` is M × d rows that should keep their old outputs, weighted
+    by ``preserve_weight``; ``row_weights`` (scalar or N) weights the edit rows — e.g.
+    ``λ_recipe / λ_edit`` gives an edit its own λ inside a joint solve. Computed in float64
+    on ``x_orig``'s device.
+    """
+    _require_positive("lam", lam)
+    _require_positive("preserve_weight", preserve_weight)
+    x_orig = _as_rows("x_orig", x_orig)
+    x_target = _as_rows("x_target", x_target)
+    if x_orig.shape != x_target.shape:
+        raise ValueError(
+            f"x_orig {tuple(x_orig.shape)} and x_target {tuple(x_target.shape)} must have the "
+            "same shape: one target row per concept row"
+        )
+    device = x_orig.device
+    rows = x_orig.to(device=device, dtype=torch.float64)
+    targets = x_target.to(device=device, dtype=torch.float64)
+    weighted_rows = rows
+    if row_weights is not None:
+        weights = torch.as_tensor(row_weights, dtype=torch.float64, device=device)
+        _require_finite("row_weights", weights)
+        if bool((weights <= 0).any()):
+            raise ValueError("row_weights must be > 0")
+        weighted_rows = rows * (weights.reshape(-1, 1) if weights.ndim else weights)
+    # Form d × d statistics once (never X_origᵀ(X_target Ŵᵀ) per layer: N/d times dearer).
+    gram = weighted_rows.T @ rows
+    shift = weighted_rows.T @ (targets - rows)
+    n_preserve = 0
+    if preserve is not None:
+        kept = _as_rows("preserve", preserve).to(device=device, dtype=torch.float64)
+        if kept.shape[1] != rows.shape[1]:
+            raise ValueError(
+                f"preserve rows have width {kept.shape[1]}, edit rows {rows.shape[1]}; "
+                "they must share the context dimension"
+            )
+        gram = gram + preserve_weight * (kept.T @ kept)
+        n_preserve = kept.shape[0]
+    return RidgeProblem(gram, shift, float(lam), rows.shape[0], n_preserve)
+
+
+def combine_problems(problems: Sequence[RidgeProblem]) -> RidgeProblem:
+    """Sum the statistics of several problems (same d, same λ): the rows of all edits in one
+    regression. Equal to :func:`build_problem` on the concatenated rows."""
+    if not problems:
+        raise ValueError("combine_problems needs at least one problem")
+    first = problems[0]
+    for other in problems[1:]:
+        if other.dim != first.dim:
+            raise ValueError(f"cannot combine context dimensions {first.dim} and {other.dim}")
+        if other.lam != first.lam:
+            raise ValueError(
+                f"cannot combine λ={first.lam} and λ={other.lam}; give edits their own λ "
+                "through row_weights instead"
+            )
+    gram = first.gram.clone()
+    shift = first.shift.clone()
+    for other in problems[1:]:
+        gram += other.gram.to(gram.device)
+        shift += other.shift.to(shift.device)
+    return RidgeProblem(
+        gram,
+        shift,
+        first.lam,
+        sum(p.n_rows for p in problems),
+        sum(p.n_preserve_rows for p in problems),
+    )
+
+
+@dataclass(frozen=True)
+class Factorization:
+    """The Cholesky factor ``L`` of a symmetric positive definite ``A = L Lᵀ`` (float64).
+
+    ``condition_number`` is the 2-norm condition number of ``A``: exact
+    (``λ_max / λ_min`` from ``eigvalsh``) or, with ``condition="estimate"``, a power-iteration
+    estimate that costs O(d²) per step instead of O(d³) (it can only under-estimate).
+    """
+
+    cholesky: Tensor
+    condition_number: float
+    seconds: float
+
+    def solve(self, rhs: Tensor) -> Tensor:
+        """``A⁻¹ rhs`` by two triangular solves (never an explicit inverse)."""
+        return torch.cholesky_solve(rhs, self.cholesky)
+
+
+def factorize(matrix: Tensor, condition: str = "exact") -> Factorization:
+    """Cholesky-factorise a symmetric positive definite float64 matrix."""
+    if condition not in ("exact", "estimate", "none"):
+        raise ValueError("condition must be 'exact', 'estimate' or 'none'")
+    _require_finite("the normal matrix", matrix)
+    start = time.perf_counter()
+    matrix = matrix.to(torch.float64)
+    cholesky, info = torch.linalg.cholesky_ex(matrix)
+    if int(info) != 0:
+        raise SolveError(
+            f"the normal matrix (d={matrix.shape[0]}) is not positive definite at column "
+            f"{int(info)}; λ must be > 0 and the rows finite"
+        )
+    if condition == "exact":
+        eigenvalues = torch.linalg.eigvalsh(matrix)
+        condition_number = float(eigenvalues[-1] / eigenvalues[0])
+    elif condition == "estimate":
+        condition_number = _estimate_condition(matrix, cholesky)
+    else:
+        condition_number = float("nan")
+    _synchronize(matrix.device)
+    return Factorization(cholesky, condition_number, time.perf_counter() - start)
+
+
+def _estimate_condition(matrix: Tensor, cholesky: Tensor, iterations: int = 30) -> float:
+    """``‖A‖₂ ‖A⁻¹‖₂`` by power iteration on A and on A⁻¹ (via the Cholesky factor); a fixed
+    start vector keeps it deterministic."""
+    dim = matrix.shape[0]
+    start = torch.ones(dim, 1, dtype=matrix.dtype, device=matrix.device)
+    start[::2] = -0.5  # not orthogonal to the usual top eigenvector of a Gram matrix
+
+    def top_eigenvalue(apply) -> float:
+        vector = start / start.norm()
+        value = 0.0
+        for _ in range(iterations):
+            image = apply(vector)
+            value = float((vector * image).sum())
+            vector = image / image.norm()
+        return value
+
+    largest = top_eigenvalue(lambda v: matrix @ v)
+    inverse_largest = top_eigenvalue(lambda v: torch.cholesky_solve(v, cholesky))
+    return largest * inverse_largest
+
+
+@dataclass(frozen=True)
+class SolveResult:
+    """New weights (each in its input's dtype and device), the condition number of the
+    factorised matrix, and wall times in seconds (``seconds`` = everything)."""
+
+    new_weights: dict[str, Tensor]
+    condition_number: float
+    seconds: float
+    lam: float = DEFAULT_LAMBDA
+    n_rows: int = 0
+    n_preserve_rows: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# LocoEdit
+# --------------------------------------------------------------------------------------------
+
+
+def solve_ridge(
+    problem: RidgeProblem,
+    old_weights: Mapping[str, Tensor],
+    *,
+    condition: str = "exact",
+) -> SolveResult:
+    """LocoEdit for every weight in ``old_weights`` (name → d_out × d Linear weight), all
+    sharing ``problem``'s context dimension: one factorisation, one d-column solve, then one
+    ``Ŵ @ Dᵀ`` product per weight (see the module docstring). Computed in float64 on the
+    problem's device; each result is returned in its input's dtype and on its device."""
+    start = time.perf_counter()
+    _check_problem(problem)
+    _check_weights(old_weights, problem.dim, "context dimension")
+    factorization = factorize(problem.normal_matrix(), condition=condition)
+    # D = A⁻¹ X_origᵀ(X_target − X_orig): one triangular solve with d columns for all layers.
+    transfer = factorization.solve(problem.shift)
+    transfer_t = transfer.T.contiguous()
+    solved_at = time.perf_counter()
+    new_weights = {}
+    for name, old in old_weights.items():
+        old64 = old.detach().to(device=problem.device, dtype=torch.float64)
+        # W = Ŵ + Ŵ Dᵀ  ⇔  W(gram + λI) = Ŵ(crossᵀ + λI)   (ICML 2024, eq. 3, transposed)
+        new64 = old64 + old64 @ transfer_t
+        new_weights[name] = new64.to(device=old.device, dtype=old.dtype)
+    _synchronize(problem.device)
+    end = time.perf_counter()
+    return SolveResult(
+        new_weights=new_weights,
+        condition_number=factorization.condition_number,
+        seconds=end - start,
+        lam=problem.lam,
+        n_rows=problem.n_rows,
+        n_preserve_rows=problem.n_preserve_rows,
+        timings={
+            "factorize": factorization.seconds,
+            "transfer": solved_at - start - factorization.seconds,
+            "apply": end - solved_at,
+        },
+    )
+
+
+def solve_ridge_stacked(problem: RidgeProblem, old_weights: Mapping[str, Tensor]) -> SolveResult:
+    """The same solution with every layer's right-hand side ``(cross + λI) Ŵᵀ`` stacked into
+    one Cholesky solve (the textbook batched form). Slower than :func:`solve_ridge`; kept so
+    the benchmark and the tests can compare the two."""
+    start = time.perf_counter()
+    _check_problem(problem)
+    _check_weights(old_weights, problem.dim, "context dimension")
+    factorization = factorize(problem.normal_matrix(), condition="none")
+    cross_plus_ridge = _add_ridge(problem.cross, problem.lam)
+    olds = [w.detach().to(device=problem.device, dtype=torch.float64) for w in old_weights.values()]
+    rhs = torch.cat([cross_plus_ridge @ old.T for old in olds], dim=1)
+    solution = factorization.solve(rhs)  # d × Σ d_out, column blocks are the layers' Wᵀ
+    new_weights = {}
+    offset = 0
+    for (name, old), old64 in zip(old_weights.items(), olds):
+        rows = old64.shape[0]
+        new_weights[name] = solution[:, offset : offset + rows].T.to(device=old.device, dtype=old.dtype)
+        offset += rows
+    _synchronize(problem.device)
+    return SolveResult(new_weights, factorization.condition_number, time.perf_counter() - start,
+                       problem.lam, problem.n_rows, problem.n_preserve_rows)
+
+
+def solve_ridge_unshared(problem: RidgeProblem, old_weights: Mapping[str, Tensor]) -> SolveResult:
+    """The naive way, for reference only: one ``torch.linalg.solve`` (LU) per layer, with the
+    right-hand side formed per layer. What the shared factorisation avoids."""
+    start = time.perf_counter()
+    _check_problem(problem)
+    normal = problem.normal_matrix()
+    cross_plus_ridge = _add_ridge(problem.cross, problem.lam)
+    new_weights = {}
+    for name, old in old_weights.items():
+        old64 = old.detach().to(device=problem.device, dtype=torch.float64)
+        new_t = torch.linalg.solve(normal, cross_plus_ridge @ old64.T)
+        new_weights[name] = new_t.T.to(device=old.device, dtype=old.dtype)
+    _synchronize(problem.device)
+    return SolveResult(new_weights, float("nan"), time.perf_counter() - start,
+                       problem.lam, problem.n_rows, problem.n_preserve_rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Diff-QuickFix
+# --------------------------------------------------------------------------------------------
+
+
+def solve_quickfix(
+    keys: Tensor,
+    values: Tensor,
+    old_weight: Tensor,
+    lam: float = DEFAULT_LAMBDA,
+    preserve_keys: Tensor | None = None,
+    preserve_weight: float = 1.0,
+    *,
+    name: str = "out_proj",
+    condition: str = "exact",
+) -> SolveResult:
+    """Diff-QuickFix (ICLR 2024, eq. 4): ``W = (λŴ + Σ v kᵀ + w Σ Ŵ p pᵀ)(λI + Σ k kᵀ + w Σ p pᵀ)⁻¹``.
+
+    ``keys``: N × d_in inputs of the layer at the concept's last subject token (and EOS);
+    ``values``: N × d_out outputs it should now produce (the unedited layer's outputs for the
+    replacement prompts); ``old_weight``: d_out × d_in; ``preserve_keys``: M × d_in inputs
+    whose outputs ``Ŵ p`` must stay. Returns ``new_weights[name]``.
+    """
+    return solve_values(
+        keys,
+        {name: values},
+        {name: old_weight},
+        lam=lam,
+        preserve_keys=preserve_keys,
+        preserve_weight=preserve_weight,
+        condition=condition,
+    )
+
+
+def solve_values(
+    keys: Tensor,
+    values: Mapping[str, Tensor],
+    old_weights: Mapping[str, Tensor],
+    lam: float = DEFAULT_LAMBDA,
+    preserve_keys: Tensor | None = None,
+    preserve_weight: float = 1.0,
+    *,
+    condition: str = "exact",
+) -> SolveResult:
+    """Ridge regressions with explicit target values for several weights that read the same
+    ``keys`` (one factorisation of ``KᵀK + w PᵀP + λI`` for all of them)::
+
+        W = Ŵ + (V − K Ŵᵀ)ᵀ K A⁻¹
+
+    LocoEdit is the special case ``V = X_target Ŵᵀ``; Diff-QuickFix is one weight."""
+    start = time.perf_counter()
+    _require_positive("lam", lam)
+    _require_positive("preserve_weight", preserve_weight)
+    if set(values) != set(old_weights):
+        raise ValueError(f"values {sorted(values)} and old_weights {sorted(old_weights)} differ")
+    keys = _as_rows("keys", keys)
+    device = keys.device
+    keys64 = keys.to(dtype=torch.float64)
+    dim = keys64.shape[1]
+    _check_weights(old_weights, dim, "key dimension")
+    normal = keys64.T @ keys64
+    n_preserve = 0
+    if preserve_keys is not None:
+        kept = _as_rows("preserve_keys", preserve_keys).to(device=device, dtype=torch.float64)
+        if kept.shape[1] != dim:
+            raise ValueError(f"preserve_keys have width {kept.shape[1]}, keys {dim}")
+        normal = normal + preserve_weight * (kept.T @ kept)
+        n_preserve = kept.shape[0]
+    factorization = factorize(_add_ridge(normal, lam), condition=condition)
+    solved_at = time.perf_counter()
+    # A⁻¹Kᵀ once (N columns) serves every weight when N is small; else solve Kᵀ R per weight.
+    keys_solved = factorization.solve(keys64.T.contiguous()) if keys64.shape[0] <= dim else None
+    new_weights = {}
+    for name, old in old_weights.items():
+        target = _as_rows(f"values[{name!r}]", values[name]).to(device=device, dtype=torch.float64)
+        if target.shape != (keys64.shape[0], old.shape[0]):
+            raise ValueError(
+                f"values[{name!r}] has shape {tuple(target.shape)}, expected "
+                f"({keys64.shape[0]}, {old.shape[0]}): one output row per key"
+            )
+        old64 = old.detach().to(device=device, dtype=torch.float64)
+        residual = target - keys64 @ old64.T  # V − K Ŵᵀ, N × d_out
+        if keys_solved is not None:
+            delta_t = keys_solved @ residual
+        else:
+            delta_t = factorization.solve(keys64.T @ residual)
+        new_weights[name] = (old64 + delta_t.T).to(device=old.device, dtype=old.dtype)
+    _synchronize(device)
+    end = time.perf_counter()
+    return SolveResult(
+        new_weights=new_weights,
+        condition_number=factorization.condition_number,
+        seconds=end - start,
+        lam=float(lam),
+        n_rows=keys64.shape[0],
+        n_preserve_rows=n_preserve,
+        timings={"factorize": factorization.seconds, "apply": end - solved_at},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Neuron-level ablation (ICML 2024, Sec. "neuron-level model editing")
+# --------------------------------------------------------------------------------------------
+
+
+def neuron_zscores(acts_with: Tensor, acts_without: Tensor, eps: float = 1e-12) -> Tensor:
+    """Two-sample z statistic per output neuron (float64, length d_out)::
+
+        z_j = (mean_with_j − mean_without_j) / sqrt(var_with_j / N1 + var_without_j / N2 + eps)
+
+    ``acts_with`` (N1 × d_out): the layer's outputs (e.g. ``to_k``/``to_v``) for prompts with
+    the concept; ``acts_without`` (N2 × d_out): for the same prompts without it."""
+    with_ = _as_rows("acts_with", acts_with).to(torch.float64)
+    without = _as_rows("acts_without", acts_without).to(device=with_.device, dtype=torch.float64)
+    if with_.shape[1] != without.shape[1]:
+        raise ValueError(f"acts_with has {with_.shape[1]} neurons, acts_without {without.shape[1]}")
+    if with_.shape[0] < 2 or without.shape[0] < 2:
+        raise ValueError("z-scores need at least two rows in each group")
+    difference = with_.mean(0) - without.mean(0)
+    spread = with_.var(0) / with_.shape[0] + without.var(0) / without.shape[0]
+    return difference / torch.sqrt(spread + eps)
+
+
+def zscore_neurons(acts_with: Tensor, acts_without: Tensor, top_k: int) -> Tensor:
+    """Indices (int64, ascending) of the ``top_k`` output neurons with the largest ``|z|``
+    (:func:`neuron_zscores`); ties broken by the lower index, so the choice is deterministic."""
+    scores = neuron_zscores(acts_with, acts_without).abs()
+    if not 1 <= top_k <= scores.numel():
+        raise ValueError(f"top_k must be between 1 and {scores.numel()}, got {top_k}")
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return torch.sort(order[:top_k]).values
+
+
+@dataclass(frozen=True)
+class NeuronAblation:
+    """The fused result of :func:`ablate_neurons`.
+
+    ``mode`` is ``"mean"`` when the bias let the neurons be pinned to the neutral mean exactly,
+    ``"zero"`` when there is no bias and the rows were zeroed (outputs become 0)."""
+
+    weight: Tensor
+    bias: Tensor | None
+    indices: Tensor
+    mode: str
+
+
+def ablate_neurons(
+    weight: Tensor,
+    bias: Tensor | None,
+    indices: Tensor,
+    neutral_mean: Tensor | None = None,
+) -> NeuronAblation:
+    """Fuse "output neurons ``indices`` always output the neutral group's mean" into a Linear.
+
+    What a weight edit can and cannot express. A Linear computes ``y_j = W_j · x + b_j``. An
+    output that ignores its input and returns a constant ``m_j`` needs ``W_j = 0`` and
+    ``b_j = m_j``:
+
+    - with a bias, that is exact: rows zeroed, ``b_j = m_j`` (``mode="mean"``);
+    - without a bias — SD's cross-attention ``to_k``/``to_v`` have none — no weight matrix
+      maps every input to a non-zero constant, so the fused edit zeroes the rows and the
+      neurons output 0 (``mode="zero"``). Mean ablation then needs a runtime hook (or adding a
+      bias tensor, which changes the checkpoint's key set and what loaders expect), so it is
+      not done here.
+
+    ``neutral_mean`` holds one value per output neuron (length d_out) or per index (length
+    ``len(indices)``); it is required only when ``bias`` is given. Returns new tensors in the
+    inputs' dtypes; the inputs are not modified.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D (d_out × d_in), got shape {tuple(weight.shape)}")
+    _require_finite("weight", weight)
+    indices = torch.as_tensor(indices, dtype=torch.long, device=weight.device).reshape(-1)
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= weight.shape[0]):
+        raise ValueError(f"neuron indices must lie in 0..{weight.shape[0] - 1}")
+    new_weight = weight.detach().clone()
+    new_weight[indices] = 0
+    if bias is None:
+        return NeuronAblation(new_weight, None, indices, "zero")
+    if bias.shape != (weight.shape[0],):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    if neutral_mean is None:
+        raise ValueError("neutral_mean is required when the layer has a bias")
+    means = torch.as_tensor(neutral_mean).to(device=bias.device).reshape(-1)
+    _require_finite("neutral_mean", means)
+    if means.numel() == weight.shape[0]:
+        means = means[indices]
+    elif means.numel() != indices.numel():
+        raise ValueError(
+            f"neutral_mean has {means.numel()} values; give one per output neuron "
+            f"({weight.shape[0]}) or one per index ({indices.numel()})"
+        )
+    new_bias = bias.detach().clone()
+    new_bias[indices] = means.to(bias.dtype)
+    return NeuronAblation(new_weight, new_bias, indices, "mean")
+
+
+# --------------------------------------------------------------------------------------------
+# Checks and helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _add_ridge(matrix: Tensor, lam: float) -> Tensor:
+    out = matrix.clone()
+    out.diagonal().add_(lam)
+    return out
+
+
+def _require_positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    if value != value or value == float("inf"):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+
+
+def _require_finite(name: str, tensor: Tensor) -> None:
+    if tensor.is_floating_point() or tensor.is_complex():
+        finite = torch.isfinite(tensor)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise NonFiniteInputError(
+                f"{name} holds {bad} NaN/Inf value{'s' if bad != 1 else ''} of "
+                f"{tensor.numel()}; the solve needs finite inputs (check the checkpoint and "
+                "the embeddings)"
+            )
+
+
+def _as_rows(name: str, tensor: Tensor) -> Tensor:
+    if not isinstance(tensor, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (rows × features), got shape {tuple(tensor.shape)}")
+    if tensor.shape[0] == 0:
+        raise ValueError(f"{name} has no rows")
+    _require_finite(name, tensor)
+    return tensor.detach()
+
+
+def _check_problem(problem: RidgeProblem) -> None:
+    _require_positive("lam", problem.lam)
+    _require_finite("the problem's gram matrix", problem.gram)
+    _require_finite("the problem's shift matrix", problem.shift)
+
+
+def _check_weights(old_weights: Mapping[str, Tensor], dim: int, what: str) -> None:
+    if not old_weights:
+        raise ValueError("no weights to solve for")
+    for name, weight in old_weights.items():
+        if not isinstance(weight, Tensor) or weight.ndim != 2:
+            raise ValueError(f"weight {name!r} must be a 2-D tensor (d_out × d_in)")
+        if weight.shape[1] != dim:
+            raise ValueError(
+                f"weight {name!r} reads {weight.shape[1]} features but the {what} is {dim}"
+            )
+        _require_finite(f"weight {name!r}", weight)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
