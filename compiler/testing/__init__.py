@@ -1,0 +1,1 @@
+"""Helpers for tests: tiny random checkpoints of every family (``compiler.testing.tiny``)."""
