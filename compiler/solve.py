@@ -22,12 +22,21 @@ which is the paper's ``W = (XᵀX + λI)⁻¹(XᵀX_target Ŵ + λŴ)`` transpos
 
     W = Ŵ + Ŵ Dᵀ,   D = A⁻¹ shift   (d × d, the same for every layer)
 
-So one Cholesky factorisation of ``A`` (float64) and one triangular solve with ``d``
-right-hand sides serve every layer and both K and V; each layer then costs a single
-``(d_out × d) @ (d × d)`` product. (Stacking all layers' ``(cross + λI)Ŵᵀ`` as right-hand
-sides gives the same W with an extra ``d × d × Σd_out`` product and ``Σd_out`` instead of
-``d`` triangular-solve columns; ``bench/solve_scaling.py`` measures both.) Preservation rows
-enter ``gram`` only: they ask for ``P Wᵀ = P Ŵᵀ``, whose part of ``shift`` is zero.
+So one Cholesky factorisation of ``A`` (float64) and one triangular solve serve every layer
+and both K and V. Two association orders give the same W; :func:`solve_ridge` picks the
+cheaper one per problem (``path="auto"``):
+
+- ``dense`` (many rows, ``2N ≥ d``): ``D = A⁻¹ shift`` with ``d`` right-hand sides, then one
+  ``(d_out × d) @ (d × d)`` product per layer — never ``X_origᵀ(X_target Ŵᵀ)`` per layer,
+  which costs N/d times more;
+- ``low-rank`` (few rows, ``2N < d``, e.g. one concept on SD's d = 768): ``shift`` is
+  ``X_origᵀ R`` with ``R = X_target − X_orig``, so ``U = A⁻¹ X_origᵀ`` (N right-hand sides)
+  and ``ΔW = (Ŵ Rᵀ) Uᵀ`` per layer, ``2N/d`` of the dense cost.
+
+(Stacking all layers' ``(cross + λI)Ŵᵀ`` as right-hand sides of the one factorisation gives
+the same W with an extra ``d × d × Σd_out`` product and ``Σd_out`` triangular-solve columns;
+``bench/solve_scaling.py`` measures all of them.) Preservation rows enter ``gram`` only: they
+ask for ``P Wᵀ = P Ŵᵀ``, whose part of ``shift`` is zero.
 
 Diff-QuickFix (Basu et al., ICLR 2024, eq. 4)
 --------------------------------------------
@@ -52,6 +61,8 @@ bit-identical outputs (no randomness, no atomics, a fixed order of operations).
 
 from __future__ import annotations
 
+import math
+import numbers
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,7 +88,7 @@ class SolveError(RuntimeError):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compare fields explicitly
 class RidgeProblem:
     """The statistics of one LocoEdit regression for one context dimension ``d``.
 
@@ -85,6 +96,9 @@ class RidgeProblem:
     - ``shift``: ``X_origᵀ diag(r) (X_target − X_orig)`` (d × d, float64).
     - ``lam``: λ; the factorised matrix is ``gram + λI``.
     - ``n_rows`` / ``n_preserve_rows``: how many edit and preservation rows went in.
+    - ``edit_rows`` / ``edit_residuals``: the factors of ``shift`` (``diag(r) X_orig`` and
+      ``X_target − X_orig``, N × d float64), kept when ``N < d`` so that the solve can use the
+      low-rank path; ``None`` otherwise.
 
     ``r`` are optional per-row weights (1 by default). :attr:`cross` is the paper's
     ``X_origᵀX_target`` term (plus preservation), ``gram + shift``.
@@ -95,6 +109,8 @@ class RidgeProblem:
     lam: float
     n_rows: int
     n_preserve_rows: int = 0
+    edit_rows: Tensor | None = None
+    edit_residuals: Tensor | None = None
 
     @property
     def dim(self) -> int:
@@ -113,9 +129,22 @@ class RidgeProblem:
         """``gram + λI``, the symmetric positive definite matrix that gets factorised."""
         return _add_ridge(self.gram, self.lam)
 
+    @property
+    def has_row_factors(self) -> bool:
+        return self.edit_rows is not None and self.edit_residuals is not None
+
     def to(self, device: torch.device | str) -> RidgeProblem:
+        def move(tensor: Tensor | None) -> Tensor | None:
+            return None if tensor is None else tensor.to(device)
+
         return RidgeProblem(
-            self.gram.to(device), self.shift.to(device), self.lam, self.n_rows, self.n_preserve_rows
+            self.gram.to(device),
+            self.shift.to(device),
+            self.lam,
+            self.n_rows,
+            self.n_preserve_rows,
+            move(self.edit_rows),
+            move(self.edit_residuals),
         )
 
 
@@ -155,8 +184,10 @@ def build_problem(
             raise ValueError("row_weights must be > 0")
         weighted_rows = rows * (weights.reshape(-1, 1) if weights.ndim else weights)
     # Form d × d statistics once (never X_origᵀ(X_target Ŵᵀ) per layer: N/d times dearer).
-    gram = weighted_rows.T @ rows
-    shift = weighted_rows.T @ (targets - rows)
+    residuals = targets - rows
+    gram = _symmetric(weighted_rows.T @ rows)
+    shift = weighted_rows.T @ residuals
+    keep_factors = rows.shape[0] < rows.shape[1]
     n_preserve = 0
     if preserve is not None:
         kept = _as_rows("preserve", preserve).to(device=device, dtype=torch.float64)
@@ -165,9 +196,17 @@ def build_problem(
                 f"preserve rows have width {kept.shape[1]}, edit rows {rows.shape[1]}; "
                 "they must share the context dimension"
             )
-        gram = gram + preserve_weight * (kept.T @ kept)
+        gram = gram + preserve_weight * _symmetric(kept.T @ kept)
         n_preserve = kept.shape[0]
-    return RidgeProblem(gram, shift, float(lam), rows.shape[0], n_preserve)
+    return RidgeProblem(
+        gram,
+        shift,
+        float(lam),
+        rows.shape[0],
+        n_preserve,
+        weighted_rows.contiguous() if keep_factors else None,
+        residuals if keep_factors else None,
+    )
 
 
 def combine_problems(problems: Sequence[RidgeProblem]) -> RidgeProblem:
@@ -189,16 +228,23 @@ def combine_problems(problems: Sequence[RidgeProblem]) -> RidgeProblem:
     for other in problems[1:]:
         gram += other.gram.to(gram.device)
         shift += other.shift.to(shift.device)
+    n_rows = sum(p.n_rows for p in problems)
+    edit_rows = edit_residuals = None
+    if n_rows < first.dim and all(p.has_row_factors for p in problems):
+        edit_rows = torch.cat([p.edit_rows.to(gram.device) for p in problems])
+        edit_residuals = torch.cat([p.edit_residuals.to(gram.device) for p in problems])
     return RidgeProblem(
         gram,
         shift,
         first.lam,
-        sum(p.n_rows for p in problems),
+        n_rows,
         sum(p.n_preserve_rows for p in problems),
+        edit_rows,
+        edit_residuals,
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compare fields explicitly
 class Factorization:
     """The Cholesky factor ``L`` of a symmetric positive definite ``A = L Lᵀ`` (float64).
 
@@ -261,10 +307,11 @@ def _estimate_condition(matrix: Tensor, cholesky: Tensor, iterations: int = 30) 
     return largest * inverse_largest
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compare fields explicitly
 class SolveResult:
     """New weights (each in its input's dtype and device), the condition number of the
-    factorised matrix, and wall times in seconds (``seconds`` = everything)."""
+    factorised matrix (NaN when not computed), wall times in seconds (``seconds`` = the whole
+    call, ``timings`` = its stages), and for LocoEdit which association ``path`` ran."""
 
     new_weights: dict[str, Tensor]
     condition_number: float
@@ -273,6 +320,7 @@ class SolveResult:
     n_rows: int = 0
     n_preserve_rows: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    path: str = ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,24 +333,43 @@ def solve_ridge(
     old_weights: Mapping[str, Tensor],
     *,
     condition: str = "exact",
+    path: str = "auto",
 ) -> SolveResult:
     """LocoEdit for every weight in ``old_weights`` (name → d_out × d Linear weight), all
-    sharing ``problem``'s context dimension: one factorisation, one d-column solve, then one
-    ``Ŵ @ Dᵀ`` product per weight (see the module docstring). Computed in float64 on the
-    problem's device; each result is returned in its input's dtype and on its device."""
+    sharing ``problem``'s context dimension: one factorisation and one triangular solve for all
+    of them, then one product per weight (see the module docstring).
+
+    ``path``: ``"auto"`` (low-rank when the problem kept its row factors and ``2N < d``, else
+    dense), ``"dense"`` or ``"low-rank"``. ``condition``: ``"exact"``, ``"estimate"`` or
+    ``"none"`` (see :func:`factorize`). Computed in float64 on the problem's device; each result
+    is returned in its input's dtype and on its device."""
     start = time.perf_counter()
     _check_problem(problem)
     _check_weights(old_weights, problem.dim, "context dimension")
+    if path not in ("auto", "dense", "low-rank"):
+        raise ValueError("path must be 'auto', 'dense' or 'low-rank'")
+    if path == "low-rank" and not problem.has_row_factors:
+        raise ValueError("the low-rank path needs a problem built with fewer rows than d")
+    low_rank = path == "low-rank" or (
+        path == "auto" and problem.has_row_factors and 2 * problem.n_rows < problem.dim
+    )
     factorization = factorize(problem.normal_matrix(), condition=condition)
-    # D = A⁻¹ X_origᵀ(X_target − X_orig): one triangular solve with d columns for all layers.
-    transfer = factorization.solve(problem.shift)
-    transfer_t = transfer.T.contiguous()
+    if low_rank:
+        # U = A⁻¹ X_origᵀ: N right-hand sides; ΔW = (Ŵ Rᵀ) Uᵀ with R = X_target − X_orig.
+        solved_rows_t = factorization.solve(problem.edit_rows.T.contiguous()).T.contiguous()
+        residuals_t = problem.edit_residuals.T.contiguous()
+    else:
+        # D = A⁻¹ X_origᵀ(X_target − X_orig): d right-hand sides for all layers.
+        transfer_t = factorization.solve(problem.shift).T.contiguous()
     solved_at = time.perf_counter()
     new_weights = {}
     for name, old in old_weights.items():
         old64 = old.detach().to(device=problem.device, dtype=torch.float64)
         # W = Ŵ + Ŵ Dᵀ  ⇔  W(gram + λI) = Ŵ(crossᵀ + λI)   (ICML 2024, eq. 3, transposed)
-        new64 = old64 + old64 @ transfer_t
+        if low_rank:
+            new64 = old64 + (old64 @ residuals_t) @ solved_rows_t
+        else:
+            new64 = old64 + old64 @ transfer_t
         new_weights[name] = new64.to(device=old.device, dtype=old.dtype)
     _synchronize(problem.device)
     end = time.perf_counter()
@@ -318,6 +385,7 @@ def solve_ridge(
             "transfer": solved_at - start - factorization.seconds,
             "apply": end - solved_at,
         },
+        path="low-rank" if low_rank else "dense",
     )
 
 
@@ -421,13 +489,13 @@ def solve_values(
     keys64 = keys.to(dtype=torch.float64)
     dim = keys64.shape[1]
     _check_weights(old_weights, dim, "key dimension")
-    normal = keys64.T @ keys64
+    normal = _symmetric(keys64.T @ keys64)
     n_preserve = 0
     if preserve_keys is not None:
         kept = _as_rows("preserve_keys", preserve_keys).to(device=device, dtype=torch.float64)
         if kept.shape[1] != dim:
             raise ValueError(f"preserve_keys have width {kept.shape[1]}, keys {dim}")
-        normal = normal + preserve_weight * (kept.T @ kept)
+        normal = normal + preserve_weight * _symmetric(kept.T @ kept)
         n_preserve = kept.shape[0]
     factorization = factorize(_add_ridge(normal, lam), condition=condition)
     solved_at = time.perf_counter()
@@ -494,7 +562,7 @@ def zscore_neurons(acts_with: Tensor, acts_without: Tensor, top_k: int) -> Tenso
     return torch.sort(order[:top_k]).values
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # holds tensors: compare fields explicitly
 class NeuronAblation:
     """The fused result of :func:`ablate_neurons`.
 
@@ -563,6 +631,11 @@ def ablate_neurons(
 # --------------------------------------------------------------------------------------------
 
 
+def _symmetric(matrix: Tensor) -> Tensor:
+    """Exactly symmetric, whatever order BLAS summed the two triangles in."""
+    return 0.5 * (matrix + matrix.T)
+
+
 def _add_ridge(matrix: Tensor, lam: float) -> Tensor:
     out = matrix.clone()
     out.diagonal().add_(lam)
@@ -570,10 +643,10 @@ def _add_ridge(matrix: Tensor, lam: float) -> Tensor:
 
 
 def _require_positive(name: str, value: float) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not value > 0:
         raise ValueError(f"{name} must be a number > 0, got {value!r}")
-    if value != value or value == float("inf"):
-        raise ValueError(f"{name} must be finite, got {value!r}")
 
 
 def _require_finite(name: str, tensor: Tensor) -> None:

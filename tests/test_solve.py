@@ -399,3 +399,24 @@ def test_cuda_matches_cpu():
         assert gpu.new_weights[name].is_cuda and gpu.new_weights[name].dtype == torch.float16
         difference = (gpu.new_weights[name].cpu().float() - cpu.new_weights[name].float()).abs().max()
         assert difference <= 1e-3
+
+
+@pytest.mark.parametrize("rows", [5, 20, 31])
+def test_low_rank_and_dense_paths_agree(rows):
+    generator = torch.Generator().manual_seed(20 + rows)
+    x_orig, x_target, kept = _rand(generator, rows, 64), _rand(generator, rows, 64), _rand(generator, 9, 64)
+    weights = _layers(generator, 64)
+    problem = build_problem(x_orig, x_target, LAM, preserve=kept, row_weights=torch.linspace(0.5, 2, rows))
+    assert problem.has_row_factors
+    dense = solve_ridge(problem, weights, path="dense")
+    low_rank = solve_ridge(problem, weights, path="low-rank")
+    auto = solve_ridge(problem, weights)
+    assert (dense.path, low_rank.path) == ("dense", "low-rank")
+    assert auto.path == ("low-rank" if 2 * rows < 64 else "dense")
+    for name in weights:
+        assert torch.allclose(dense.new_weights[name], low_rank.new_weights[name], rtol=0, atol=1e-10)
+    # many rows: no factors kept, dense only
+    big = build_problem(_rand(generator, 70, 64), _rand(generator, 70, 64), LAM)
+    assert not big.has_row_factors and solve_ridge(big, weights).path == "dense"
+    with pytest.raises(ValueError, match="low-rank"):
+        solve_ridge(big, weights, path="low-rank")
