@@ -1,0 +1,415 @@
+"""``editc compile``: recipe -> resolve -> locate -> solve -> fuse -> export (-> verify).
+
+This module wires the stages together; each stage lives in its own module:
+``compiler.recipe`` (what), ``compiler.resolve`` (prompts, tokens, embeddings),
+``compiler.locate`` (which layers), ``compiler.solve`` (closed form), ``compiler.fuse``
+(write weights), ``compiler.export`` (files), ``compiler.verify`` (gates).
+
+All LocoEdit edits of a recipe become rows of *one* ridge regression per context dimension:
+the union of their located layers shares one factorization of ``XᵀX + λI`` for both K and V.
+All Diff-QuickFix edits likewise share one solve for the text encoder's layer-0 ``out_proj``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+from compiler import resolve, solve
+from compiler.errors import UserError
+from compiler.fuse import fuse_weights, get_parameter
+from compiler.recipe import Edit, Recipe
+
+METHODS = ("locoedit", "quickfix", "neurons")
+
+
+@dataclass
+class PlannedEdit:
+    """An edit after resolve: its method, layers and prompt pairs, and why."""
+
+    edit: Edit
+    method: str
+    method_reason: str
+    layers: tuple[int, ...]
+    layers_source: str  # "recipe" | "family default" | "locate" | "n/a"
+    pairs: list[resolve.PromptPair]
+    lam: float
+
+
+@dataclass
+class CompileResult:
+    """New tensors by qualified name (``unet/...``, ``text_encoder/...``) and the manifest."""
+
+    new_tensors: dict[str, torch.Tensor]
+    plans: list[PlannedEdit]
+    timings: dict[str, float] = field(default_factory=dict)
+    solve_info: list[dict] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- plan
+def choose_method(edit: Edit, family: str) -> tuple[str, str]:
+    if edit.method != "auto":
+        return edit.method, "set in the recipe"
+    if family == "if":
+        raise UserError(
+            f"edit '{edit.concept}': DeepFloyd IF has no editable location (T5 is bidirectional; "
+            "LocoEdit fails there, see DESIGN.md); no method applies"
+        )
+    return "locoedit", "auto: LocoEdit on the located cross-attention K/V (works on every CLIP-conditioned family)"
+
+
+def plan_edits(recipe: Recipe, model, locate_fn=None, progress: bool = True) -> list[PlannedEdit]:
+    """Pick method, layers and prompts for every edit.
+
+    Layers come from the recipe, else the family's known location (the papers' table, only for
+    checkpoints at the reference widths), else LocoGen (``locate_fn``, cached).
+    """
+    plans = []
+    n_layers = len(model.registry.cross_attention)
+    for i, edit in enumerate(recipe.edits):
+        method, reason = choose_method(edit, model.family)
+        layers: tuple[int, ...] = ()
+        source = "n/a"
+        if method in ("locoedit", "neurons"):
+            layers, source = _layers_for(edit, model, locate_fn, progress)
+            bad = [j for j in layers if j >= n_layers]
+            if bad:
+                raise UserError(
+                    f"{recipe.path}: edits[{i}].layers: {bad} out of range; this model has "
+                    f"{n_layers} cross-attention layers (0..{n_layers - 1})"
+                )
+        pairs = resolve.prompt_pairs(edit.concept, edit.replacement, edit.attribute, edit.prompts)
+        lam = edit.lambda_ if edit.lambda_ is not None else recipe.lambda_
+        plans.append(PlannedEdit(edit, method, reason, tuple(layers), source, pairs, lam))
+    return plans
+
+
+def _layers_for(edit: Edit, model, locate_fn, progress: bool) -> tuple[tuple[int, ...], str]:
+    if isinstance(edit.layers, tuple):
+        return edit.layers, "recipe"
+    known = model.known_location(edit.attribute)
+    if known is not None and edit.layers in ("auto", "default", None):
+        return tuple(known.layers), "family default (papers' table)"
+    if edit.layers == "default":
+        raise UserError(
+            f"edit '{edit.concept}': no known default location for this {model.family} checkpoint "
+            "(its widths differ from the papers' models); use layers: auto to run LocoGen"
+        )
+    if locate_fn is None:
+        raise UserError(f"edit '{edit.concept}': no known location and locate is unavailable; set layers: [..]")
+    result = locate_fn(edit)
+    return tuple(result.layers), "locate (LocoGen)"
+
+
+# ----------------------------------------------------------------------------- rows
+def _positions_by_prompt(tokenizer, pairs, edit: Edit):
+    return resolve.pair_positions(tokenizer, pairs, edit.concept, edit.replacement, edit.eos)
+
+
+def preserve_prompts_for(recipe: Recipe, plans: list[PlannedEdit]) -> list[str]:
+    """Default generic captions (without any edited concept) plus the recipe's preserve list."""
+    avoid = [p.edit.concept for p in plans] + [p.edit.replacement for p in plans]
+    prompts = resolve.default_preserve_prompts(avoid)
+    named = set(recipe.preserve)
+    for plan in plans:
+        named.update(plan.edit.preserve)
+    attributes = sorted({p.edit.attribute for p in plans})
+    for name in sorted(named):
+        for attribute in attributes:
+            prompts.extend(resolve.template_prompts(name, attribute))
+    return prompts
+
+
+def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], progress: bool = True) -> CompileResult:
+    """Embed, solve and return the new tensors (the pipeline is not modified here)."""
+    pipe = model.pipeline
+    tokenizer = pipe.tokenizer
+    timings: dict[str, float] = {}
+    new_tensors: dict[str, torch.Tensor] = {}
+    solve_info: list[dict] = []
+    preserve = preserve_prompts_for(recipe, plans)
+
+    by_method = defaultdict(list)
+    for plan in plans:
+        by_method[plan.method].append(plan)
+
+    if by_method["locoedit"] or by_method["neurons"]:
+        t0 = time.perf_counter()
+        sources = [pr.source for p in plans for pr in p.pairs]
+        targets = [pr.target for p in plans for pr in p.pairs]
+        contexts = resolve.encode_context(pipe, sources + targets + preserve)
+        src_ctx, tgt_ctx = contexts[: len(sources)], contexts[len(sources) : len(sources) + len(targets)]
+        pres_ctx = contexts[len(sources) + len(targets) :]
+        timings["embed"] = timings.get("embed", 0.0) + time.perf_counter() - t0
+
+        offset = 0
+        rows_by_plan = {}
+        for plan in plans:
+            n = len(plan.pairs)
+            s_pos, t_pos = _positions_by_prompt(tokenizer, plan.pairs, plan.edit)
+            rows_by_plan[id(plan)] = (
+                resolve.gather_rows(src_ctx[offset : offset + n], s_pos),
+                resolve.gather_rows(tgt_ctx[offset : offset + n], t_pos),
+            )
+            offset += n
+        preserve_rows = resolve.gather_rows(pres_ctx, resolve.all_token_positions(tokenizer, preserve))
+
+        if by_method["locoedit"]:
+            t0 = time.perf_counter()
+            result, info = _solve_locoedit(model, by_method["locoedit"], rows_by_plan, preserve_rows, recipe.lambda_)
+            new_tensors.update(result)
+            solve_info.append(info)
+            timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t0
+        if by_method["neurons"]:
+            t0 = time.perf_counter()
+            result, info = _solve_neurons(model, by_method["neurons"], rows_by_plan)
+            new_tensors.update(result)
+            solve_info.append(info)
+            timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t0
+
+    if by_method["quickfix"]:
+        result, info, t_embed, t_solve = _solve_quickfix(model, by_method["quickfix"], preserve, recipe.lambda_)
+        new_tensors.update(result)
+        solve_info.append(info)
+        timings["embed"] = timings.get("embed", 0.0) + t_embed
+        timings["solve"] = timings.get("solve", 0.0) + t_solve
+    return CompileResult(new_tensors, plans, timings, solve_info)
+
+
+def _solve_locoedit(model, plans, rows_by_plan, preserve_rows, recipe_lam):
+    """One ridge regression for every LocoEdit edit: rows concatenated, layers united."""
+    x_orig = torch.cat([rows_by_plan[id(p)][0] for p in plans])
+    x_target = torch.cat([rows_by_plan[id(p)][1] for p in plans])
+    # An edit's own λ enters as a row weight relative to the recipe's λ.
+    weights = torch.cat([torch.full((len(rows_by_plan[id(p)][0]),), recipe_lam / p.lam) for p in plans])
+    problem = solve.build_problem(x_orig, x_target, lam=recipe_lam, preserve=preserve_rows, row_weights=weights)
+    layers = sorted({j for p in plans for j in p.layers})
+    old = {}
+    for layer in (model.registry.cross_attention[j] for j in layers):
+        for name in (layer.to_k, layer.to_v):
+            qualified = f"unet/{name}"
+            old[qualified] = get_parameter(model.pipeline, qualified).detach()
+    result = solve.solve_ridge(problem, old)
+    info = {
+        "method": "locoedit", "layers": layers, "rows": problem.n_rows, "preserve_rows": problem.n_preserve_rows,
+        "context_dim": problem.dim, "lambda": recipe_lam, "condition_number": result.condition_number,
+        "solve_seconds": result.seconds, "tensors": sorted(old),
+    }
+    return result.new_weights, info
+
+
+def _solve_neurons(model, plans, rows_by_plan):
+    """Neuron-level ablation: zero the top-k z-scored K/V output neurons of the located layers.
+
+    SD's ``to_k``/``to_v`` have no bias, so a weight edit can only make a neuron output 0
+    (the papers' public code sets them to the neutral group's mean at run time).
+    """
+    new = {}
+    counts = {}
+    for plan in plans:
+        with_rows, without_rows = rows_by_plan[id(plan)]
+        for j in plan.layers:
+            layer = model.registry.cross_attention[j]
+            for name in (layer.to_k, layer.to_v):
+                qualified = f"unet/{name}"
+                weight = new.get(qualified, get_parameter(model.pipeline, qualified).detach())
+                w64 = weight.double()
+                idx = solve.zscore_neurons(with_rows.double() @ w64.T, without_rows.double() @ w64.T, plan.edit.neurons_top_k)
+                new[qualified] = solve.ablate_neurons(weight, None, idx).weight
+                counts[qualified] = int(idx.numel())
+    return new, {"method": "neurons", "tensors": sorted(new), "ablated": counts, "mode": "zero (no bias in K/V)"}
+
+
+def _solve_quickfix(model, plans, preserve, recipe_lam):
+    """Diff-QuickFix: the text encoder's layer-0 self-attention out_proj, one solve for all edits."""
+    pipe = model.pipeline
+    tokenizer = pipe.tokenizer
+    spec = model.registry.text_layer0[0]
+    out_proj = pipe.text_encoder.get_submodule(spec.module_name)
+    t0 = time.perf_counter()
+    sources = [pr.source for p in plans for pr in p.pairs]
+    targets = [pr.target for p in plans for pr in p.pairs]
+    prompts = sources + targets + preserve
+    inputs = resolve.encode_context(pipe, prompts, capture=out_proj)
+    src_in = inputs[: len(sources)]
+    tgt_in = inputs[len(sources) : len(sources) + len(targets)]
+    pres_in = inputs[len(sources) + len(targets) :]
+    keys, target_keys, offset = [], [], 0
+    for plan in plans:
+        n = len(plan.pairs)
+        s_pos, t_pos = _positions_by_prompt(tokenizer, plan.pairs, plan.edit)
+        keys.append(resolve.gather_rows(src_in[offset : offset + n], s_pos))
+        target_keys.append(resolve.gather_rows(tgt_in[offset : offset + n], t_pos))
+        offset += n
+    keys, target_keys = torch.cat(keys), torch.cat(target_keys)
+    preserve_keys = resolve.gather_rows(pres_in, resolve.all_token_positions(tokenizer, preserve))
+    t_embed = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    qualified = f"text_encoder/{spec.weight}"
+    old = get_parameter(pipe, qualified).detach()
+    values = target_keys.double() @ old.double().T  # what the unedited layer gives the replacement
+    result = solve.solve_quickfix(keys, values, old, lam=recipe_lam, preserve_keys=preserve_keys, name=qualified)
+    info = {
+        "method": "quickfix", "rows": result.n_rows, "preserve_rows": result.n_preserve_rows,
+        "lambda": recipe_lam, "condition_number": result.condition_number, "solve_seconds": result.seconds,
+        "tensors": [qualified],
+    }
+    return result.new_weights, info, t_embed, time.perf_counter() - t0
+
+
+def apply_to_pipeline(pipe, new_tensors: dict[str, torch.Tensor]) -> None:
+    fuse_weights(pipe, new_tensors)
+
+
+# ----------------------------------------------------------------------------- the whole job
+def build_manifest(recipe: Recipe, model, result: CompileResult, timings: dict[str, float], outputs: dict) -> dict:
+    from compiler import __version__
+
+    return {
+        "tool": {"name": "editc", "version": __version__},
+        "recipe": {"path": str(recipe.path), "sha256": recipe.sha256, "text": recipe.source_text},
+        "base_model": {"path": str(model.source_path), "sha256": model.model_hash, "family": model.family,
+                       "format": model.source_format},
+        "lambda": recipe.lambda_,
+        "edits": [
+            {"concept": p.edit.concept, "replacement": p.edit.replacement, "attribute": p.edit.attribute,
+             "method": p.method, "method_reason": p.method_reason, "layers": list(p.layers),
+             "layers_source": p.layers_source, "prompt_pairs": len(p.pairs), "lambda": p.lam, "eos": p.edit.eos}
+            for p in result.plans
+        ],
+        "solves": result.solve_info,
+        "edited_tensors": sorted(result.new_tensors),
+        "timings_seconds": {k: round(v, 4) for k, v in timings.items()},
+        "outputs": outputs,
+    }
+
+
+def provenance_metadata(manifest: dict) -> dict[str, str]:
+    """Strings for safetensors ``__metadata__``: what was done to this file, and to what."""
+    layers = sorted({j for e in manifest["edits"] for j in e["layers"]})
+    return {
+        "editc.version": manifest["tool"]["version"],
+        "editc.recipe_sha256": manifest["recipe"]["sha256"],
+        "editc.recipe": manifest["recipe"]["text"],
+        "editc.base_model_sha256": manifest["base_model"]["sha256"],
+        "editc.edited_tensors": ",".join(manifest["edited_tensors"]),
+        "editc.method": ",".join(sorted({e["method"] for e in manifest["edits"]})),
+        "editc.lambda": str(manifest["lambda"]),
+        "editc.layers": ",".join(str(j) for j in layers),
+    }
+
+
+def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force: bool = False,
+                    verify: bool | None = None, progress: bool = True) -> dict:
+    """The full job behind ``editc compile``; returns the manifest (also written to disk)."""
+    from pathlib import Path
+
+    from compiler.export.diffusers_folder import (commit_output_dir, prepare_output_dir,
+                                                  write_diffusers_folder, write_manifest)
+    from compiler.models import load_model
+
+    say = _reporter(progress)
+    timings: dict[str, float] = {}
+    out = Path(out or recipe.outputs.dir or Path("out") / Path(recipe.path).stem)
+    formats = tuple(formats or recipe.outputs.formats)
+    if out.exists() and not force:
+        raise UserError(f"{out}: already exists; pass --force to overwrite it or choose another --out")
+
+    t0 = time.perf_counter()
+    say("load model")
+    loaded = load_model(model or recipe.model)
+    timings["load"] = time.perf_counter() - t0
+
+    say("plan edits (resolve, locate)")
+    t0 = time.perf_counter()
+    plans = plan_edits(recipe, loaded, locate_fn=_locate_fn(loaded, progress), progress=progress)
+    timings["locate"] = time.perf_counter() - t0
+
+    say("embed prompts and solve")
+    result = compile_edits(recipe, loaded, plans, progress=progress)
+    timings.update(result.timings)
+
+    t0 = time.perf_counter()
+    apply_to_pipeline(loaded.pipeline, result.new_tensors)
+    timings["fuse"] = time.perf_counter() - t0
+
+    say(f"write {', '.join(formats)} to {out}")
+    t0 = time.perf_counter()
+    tmp = prepare_output_dir(out, force)
+    outputs = {}
+    manifest = build_manifest(recipe, loaded, result, timings, outputs)
+    provenance = provenance_metadata(manifest)
+    try:
+        if "diffusers" in formats:
+            if loaded.source_format == "diffusers":
+                write_diffusers_folder(Path(loaded.source_path), result.new_tensors, tmp, provenance)
+            else:
+                loaded.pipeline.save_pretrained(tmp, safe_serialization=True)
+            outputs["diffusers"] = str(out)
+        _export_other_formats(loaded, result, formats, tmp, out, provenance, outputs)
+        timings["save"] = time.perf_counter() - t0
+        manifest["timings_seconds"] = {k: round(v, 4) for k, v in timings.items()}
+        write_manifest(tmp, manifest)
+        commit_output_dir(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    if verify if verify is not None else recipe.verify.enabled:
+        say("verify")
+        manifest["verify"] = _run_verify(recipe, loaded, out, progress)
+        write_manifest(out, manifest)
+    return manifest
+
+
+def _reporter(progress: bool):
+    import sys
+
+    def say(message: str) -> None:
+        if progress:
+            print(f"[editc] {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def _locate_fn(loaded, progress: bool):
+    """LocoGen for edits without a known location (cached by model hash and settings)."""
+
+    def run(edit: Edit):
+        from compiler.locate import locate_cached
+
+        return locate_cached(loaded, edit.concept, edit.replacement, edit.attribute, progress=progress)
+
+    return run
+
+
+def _export_other_formats(loaded, result, formats, tmp, out, provenance, outputs) -> None:
+    """single-file, delta and ONNX outputs, written into the same atomic folder."""
+    if "single-file" in formats:
+        from compiler.export.single_file import export_single_file
+
+        path = tmp / "model.safetensors"
+        export_single_file(result.new_tensors, loaded, path, provenance)
+        outputs["single-file"] = str(out / path.name)
+    if "delta" in formats:
+        from compiler.export.delta import export_delta
+
+        path = tmp / "delta.safetensors"
+        export_delta(result.new_tensors, loaded, path, provenance)
+        outputs["delta"] = str(out / path.name)
+    if "onnx" in formats:
+        from compiler.export.onnx import export_onnx
+
+        export_onnx(loaded.pipeline, tmp / "onnx")
+        outputs["onnx"] = str(out / "onnx")
+
+
+def _run_verify(recipe, loaded, out, progress) -> dict:
+    from compiler.verify import verify_compiled
+
+    return verify_compiled(recipe, edited_dir=out, base=loaded, progress=progress)

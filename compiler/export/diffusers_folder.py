@@ -1,0 +1,123 @@
+"""Write an edited model as a diffusers folder, touching only what changed.
+
+Components whose tensors did not change are hard-linked from the source folder (copied when
+the filesystem refuses links); a component with edited tensors gets its weight file rewritten
+with the same keys, order, dtypes and metadata, every other tensor bit-identical. The output
+is assembled in a temporary folder beside the target and renamed into place, so a reader never
+sees half a model, and the source is never opened for writing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from compiler.errors import UserError
+from compiler.fuse import split_name
+
+
+def prepare_output_dir(out: Path, force: bool) -> Path:
+    """A fresh temporary folder beside ``out``; refuses an existing ``out`` without force."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out}: already exists; pass --force to overwrite it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def commit_output_dir(tmp: Path, out: Path) -> None:
+    """Move the finished temporary folder into place (replacing ``out`` when forced)."""
+    out = Path(out)
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _patch_safetensors(src: Path, dst: Path, replacements: dict[str, torch.Tensor],
+                       extra_metadata: dict[str, str] | None = None) -> list[str]:
+    """Copy ``src`` to ``dst`` with some tensors replaced; returns the keys replaced."""
+    with safe_open(str(src), "pt") as f:
+        metadata = dict(f.metadata() or {})
+        metadata.update(extra_metadata or {})
+        keys = list(f.keys())
+        tensors = {k: f.get_tensor(k) for k in keys}
+    done = []
+    for key, value in replacements.items():
+        if key in tensors:
+            old = tensors[key]
+            tensors[key] = value.to(dtype=old.dtype).contiguous().reshape(old.shape)
+            done.append(key)
+    save_file(tensors, str(dst), metadata=metadata)
+    return done
+
+
+def _file_key(file_keys: set[str], param: str) -> str | None:
+    """The key a parameter has in a component's file (transformers may add or drop
+    ``text_model.``)."""
+    for candidate in (param, "text_model." + param, param.removeprefix("text_model.")):
+        if candidate in file_keys:
+            return candidate
+    return None
+
+
+def write_diffusers_folder(source: Path, new_tensors: dict[str, torch.Tensor], tmp: Path,
+                           extra_metadata: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Fill ``tmp`` from the diffusers folder ``source`` with ``new_tensors`` patched in.
+
+    Returns {component: [file keys replaced]}. Every new tensor must land somewhere.
+    """
+    source = Path(source)
+    by_component: dict[str, dict[str, torch.Tensor]] = {}
+    for qualified, value in new_tensors.items():
+        component, param = split_name(qualified)
+        by_component.setdefault(component, {})[param] = value
+    replaced: dict[str, list[str]] = {}
+    for path in sorted(source.rglob("*")):
+        if path.is_dir():
+            continue
+        rel = path.relative_to(source)
+        component = rel.parts[0] if len(rel.parts) > 1 else None
+        edits = by_component.get(component)
+        if edits and path.suffix == ".safetensors":
+            with safe_open(str(path), "pt") as f:
+                file_keys = set(f.keys())
+            mapped = {}
+            for param, value in edits.items():
+                key = _file_key(file_keys, param)
+                if key is not None:
+                    mapped[key] = value
+            if mapped:
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                done = _patch_safetensors(path, tmp / rel, mapped, extra_metadata)
+                replaced.setdefault(component, []).extend(done)
+                continue
+        link_or_copy(path, tmp / rel)
+    for component, edits in by_component.items():
+        if len(replaced.get(component, [])) != len(edits):
+            raise RuntimeError(f"{component}: could not place every edited tensor in {source / component}")
+    return replaced
+
+
+def write_manifest(tmp: Path, manifest: dict) -> None:
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")

@@ -1,0 +1,178 @@
+"""Resolve: turn each edit of a recipe into prompt pairs, token positions and embedding rows.
+
+An edit "concept -> replacement" becomes prompt pairs (the same template filled once with the
+concept and once with the replacement). For each pair we find the *last subject token* of the
+concept (and of the replacement), and optionally the end-of-text token, and read the states the
+model computes there:
+
+- for LocoEdit, the text encoder's output (the UNet's cross-attention context), so that the
+  edited ``to_k``/``to_v`` map the concept's rows onto what the old weights gave the target's;
+- for Diff-QuickFix, the inputs of the text encoder's layer-0 self-attention ``out_proj``.
+
+Templates follow the papers' shapes ("a house in the style of van gogh", "a photo of snoopy").
+Their subjects are plain English nouns, the same ones the toy world knows, so one template set
+serves the toy model and real checkpoints alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compiler.toy import world
+
+# Prefixes of the prompt templates used to *solve*; verify's held-out paraphrases differ.
+SOLVE_PREFIXES = ("", "a photo of ", "an image of ")
+HELDOUT_PREFIXES = world.HELDOUT_PREFIXES
+GENERIC_SUBJECTS = tuple(f"a {c} {o}" for o in world.OBJECTS for c in world.COLOURS)
+GENERIC_STYLES = (None, *world.STYLES)
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    """One template filled with the concept (``source``) and with the replacement (``target``)."""
+
+    source: str
+    target: str
+
+
+def style_prompts(phrase: str, prefixes=SOLVE_PREFIXES, subjects=GENERIC_SUBJECTS) -> list[str]:
+    return [f"{p}{s} in the style of {phrase}" for p in prefixes for s in subjects]
+
+
+def subject_prompts(phrase: str, prefixes=SOLVE_PREFIXES, styles=GENERIC_STYLES) -> list[str]:
+    """Prompts with ``phrase`` as the subject (objects, characters, facts' titles)."""
+    out = []
+    for p in (*prefixes, "a picture of ") if prefixes is SOLVE_PREFIXES else prefixes:
+        for st in styles:
+            out.append(f"{p}{phrase}" + (f" in the style of {st}" if st else ""))
+    return out
+
+
+def template_prompts(phrase: str, attribute: str, prefixes=SOLVE_PREFIXES) -> list[str]:
+    if attribute == "style":
+        return style_prompts(phrase, prefixes)
+    return subject_prompts(phrase, prefixes)
+
+
+def prompt_pairs(concept: str, replacement: str, attribute: str, extra_prompts=(), prefixes=SOLVE_PREFIXES) -> list[PromptPair]:
+    """The papers' templates for the attribute, plus the recipe's own prompts (which contain
+    the concept; their target swaps in the replacement)."""
+    sources = template_prompts(concept, attribute, prefixes)
+    targets = template_prompts(replacement, attribute, prefixes)
+    pairs = [PromptPair(s, t) for s, t in zip(sources, targets)]
+    for prompt in extra_prompts:
+        pairs.append(PromptPair(prompt, _replace_last(prompt, concept, replacement)))
+    return pairs
+
+
+def _replace_last(text: str, old: str, new: str) -> str:
+    i = text.lower().rfind(old.lower())
+    return text if i < 0 else text[:i] + new + text[i + len(old):]
+
+
+def default_preserve_prompts(avoid: list[str], count: int = 60) -> list[str]:
+    """Generic captions mentioning none of ``avoid``: UCE-style rows that keep the rest put."""
+    pool = []
+    for st in GENERIC_STYLES:
+        for subject in (*GENERIC_SUBJECTS, *world.CHARACTERS, *world.PEOPLE):
+            pool.append(subject + (f" in the style of {st}" if st else ""))
+    lowered = [a.lower() for a in avoid]
+    pool = [p for p in pool if not any(a in p for a in lowered)]
+    step = max(1, len(pool) // count)
+    return pool[::step][:count]
+
+
+# ----------------------------------------------------------------------------- tokens
+def last_token_index(tokenizer, prompt: str, phrase: str) -> int:
+    """Index (BOS = 0) of the last token of the last occurrence of ``phrase`` in ``prompt``.
+
+    CLIP's BPE splits at whitespace first, so tokenizing the prompt's prefix that ends with the
+    phrase gives exactly the prompt's tokens up to the phrase's last one.
+    """
+    i = prompt.lower().rfind(phrase.lower())
+    if i < 0:
+        raise ValueError(f"{phrase!r} does not occur in prompt {prompt!r}")
+    prefix_ids = tokenizer(prompt[: i + len(phrase)], add_special_tokens=False).input_ids
+    return len(prefix_ids)  # +1 for BOS, -1 for the last index
+
+
+def eos_index(tokenizer, prompt: str) -> int:
+    return len(tokenizer(prompt, add_special_tokens=False).input_ids) + 1
+
+
+# ----------------------------------------------------------------------------- states
+@torch.no_grad()
+def encode_context(pipe, prompts: list[str], batch: int = 256, *, full_length: bool = False,
+                   capture: torch.nn.Module | None = None) -> torch.Tensor:
+    """The cross-attention context the UNet sees for each prompt: (N, L, d), float32.
+
+    CLIP text encoders are causal: the state at a token depends only on the tokens before it.
+    So by default each batch is padded only to its longest prompt, not to 77 tokens, and every
+    state up to each prompt's EOS equals what the pipeline computes (positions after EOS are
+    not meaningful then). ``full_length=True`` (and SD-XL, whose two encoders are joined by
+    the pipeline) uses the pipeline's own ``encode_prompt`` with 77 tokens.
+
+    With ``capture``, the rows returned are instead what that text-encoder module received as
+    input (Diff-QuickFix's keys at layer 0's ``out_proj``). Repeated prompts are encoded once.
+    """
+    unique = list(dict.fromkeys(prompts))
+    rows = {}
+    device = pipe.device
+    fast = not full_length and not hasattr(pipe, "text_encoder_2")
+    seen: list[torch.Tensor] = []
+    hook = None
+    if capture is not None:
+        hook = capture.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
+    try:
+        _encode_unique(pipe, unique, batch, fast, capture, seen, rows, device)
+    finally:
+        if hook is not None:
+            hook.remove()
+    length = max(r.shape[0] for r in rows.values())
+    out = torch.zeros(len(prompts), length, next(iter(rows.values())).shape[-1])
+    for n, prompt in enumerate(prompts):
+        out[n, : rows[prompt].shape[0]] = rows[prompt]
+    return out
+
+
+def _encode_unique(pipe, unique, batch, fast, capture, seen, rows, device) -> None:
+    for i in range(0, len(unique), batch):
+        chunk = unique[i : i + batch]
+        if fast:
+            ids = pipe.tokenizer(chunk, padding="longest", truncation=True,
+                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
+            embeds = pipe.text_encoder(ids.to(device))[0]
+        elif hasattr(pipe, "text_encoder_2"):
+            embeds = pipe.encode_prompt(chunk, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
+        else:
+            embeds = pipe.encode_prompt(chunk, device, 1, False)[0]
+        if capture is not None:
+            embeds = seen.pop()
+        for prompt, state in zip(chunk, embeds.float().cpu()):
+            rows[prompt] = state
+
+
+def gather_rows(states: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:
+    """Rows ``states[n, p]`` for every prompt n and each of its positions p."""
+    return torch.cat([states[n, pos] for n, pos in enumerate(positions)])
+
+
+def pair_positions(tokenizer, pairs: list[PromptPair], concept: str, replacement: str, eos: bool) -> tuple[list[list[int]], list[list[int]]]:
+    """Matching positions in source and target prompts: last subject token (+ EOS)."""
+    src, tgt = [], []
+    for pair in pairs:
+        s = [last_token_index(tokenizer, pair.source, concept)]
+        t = [last_token_index(tokenizer, pair.target, replacement)]
+        if eos:
+            s.append(eos_index(tokenizer, pair.source))
+            t.append(eos_index(tokenizer, pair.target))
+        src.append(s)
+        tgt.append(t)
+    return src, tgt
+
+
+def all_token_positions(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """BOS through EOS of each prompt: the states preservation rows keep in place."""
+    return [list(range(eos_index(tokenizer, p) + 1)) for p in prompts]
