@@ -420,3 +420,22 @@ def test_low_rank_and_dense_paths_agree(rows):
     assert not big.has_row_factors and solve_ridge(big, weights).path == "dense"
     with pytest.raises(ValueError, match="low-rank"):
         solve_ridge(big, weights, path="low-rank")
+
+
+def test_bench_script_runs_small(tmp_path, capsys):
+    """bench/solve_scaling.py stays runnable (tiny sizes here; the real run is d = 768)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "solve_scaling.py"
+    spec = importlib.util.spec_from_file_location("solve_scaling", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "solve_scaling.json"
+    report = module.main(["--dim", "32", "--concepts", "1,3", "--rows-per-concept", "4", "--repeats", "1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["results"][0]["concepts"] == 1 and len(saved["results"]) == 2
+    assert all(entry["max_abs_difference_float64"] < 1e-9 for entry in report["results"])
+    assert all(entry["per_layer_equals_batched"] for entry in report["results"])
+    assert "naive/shared" in capsys.readouterr().out
