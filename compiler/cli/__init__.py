@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import sys
 
 import click
 
@@ -65,6 +64,3 @@ for _name in _COMMAND_MODULES:
     except ModuleNotFoundError as _err:  # a command whose module is not written yet
         if _err.name != f"compiler.cli.{_name}":
             raise
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
