@@ -1,0 +1,135 @@
+"""editc compile on a structurally real (quickly trained) toy model: the solve does what the
+papers' equations say on real embeddings, and the command writes what it promises."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compiler import compile as compile_stage
+from compiler import resolve
+from compiler.recipe import loads_recipe
+
+RECIPE = """
+model: {model}
+lambda: 0.01
+edits:
+  - concept: van gogh
+    replacement: a painting
+    attribute: style
+    method: {method}
+    layers: [2, 3, 4]
+"""
+
+
+@pytest.fixture(scope="module")
+def quick_toy(tmp_path_factory) -> Path:
+    """A toy model trained for a few steps: garbage pictures, exact structure."""
+    work = tmp_path_factory.mktemp("quick-toy")
+    subprocess.run([sys.executable, "-m", "compiler.toy.train", "--quick", "--workdir", str(work / "w"),
+                    "--out", str(work / "weights")], check=True, capture_output=True)
+    return work / "weights" / "pipeline"
+
+
+def _recipe(tmp_path: Path, model: Path, method: str = "locoedit") -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE.format(model=model, method=method))
+    return path
+
+
+def _tree_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(folder)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def test_locoedit_maps_concept_onto_replacement_and_keeps_the_rest(quick_toy, tmp_path):
+    from compiler.models import load_model
+
+    model = load_model(str(quick_toy))
+    recipe = loads_recipe(RECIPE.format(model=quick_toy, method="locoedit"), str(tmp_path / "r.yaml"))
+    plans = compile_stage.plan_edits(recipe, model)
+    result = compile_stage.compile_edits(recipe, model, plans)
+    pipe = model.pipeline
+    pair = resolve.PromptPair("a blue star in the style of van gogh", "a blue star in the style of a painting")
+    s_pos, t_pos = resolve.pair_positions(pipe.tokenizer, [pair], "van gogh", "a painting", eos=True)
+    ctx = resolve.encode_context(pipe, [pair.source, pair.target, "a green fish in the style of monet"])
+    x_src = resolve.gather_rows(ctx[:1], s_pos)
+    x_tgt = resolve.gather_rows(ctx[1:2], t_pos)
+    unrelated = ctx[2, :8]
+    errors, moves = [], []
+    for name, new in result.new_tensors.items():
+        old = compile_stage.get_parameter(pipe, name).detach()
+        want = x_tgt @ old.T
+        errors.append(((x_src @ new.T - want).norm() / want.norm()).item())
+        moves.append(((unrelated @ new.T - unrelated @ old.T).norm() / (unrelated @ old.T).norm()).item())
+    assert len(result.new_tensors) == 6  # 3 layers x (K, V)
+    # The edited layers now send the concept where the old ones sent the replacement...
+    assert max(errors) < 0.15, errors
+    # ...while an unrelated prompt's keys and values move much less.
+    assert max(moves) < 0.5 * max(errors) + 0.05, (moves, errors)
+
+
+def test_same_recipe_gives_bit_identical_tensors(quick_toy, tmp_path):
+    from compiler.models import load_model
+
+    recipe = loads_recipe(RECIPE.format(model=quick_toy, method="locoedit"), str(tmp_path / "r.yaml"))
+    runs = []
+    for _ in range(2):
+        model = load_model(str(quick_toy))
+        runs.append(compile_stage.compile_edits(recipe, model, compile_stage.plan_edits(recipe, model)).new_tensors)
+    assert runs[0].keys() == runs[1].keys()
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+@pytest.mark.parametrize("method,expected", [("locoedit", 6), ("quickfix", 1), ("neurons", 6)])
+def test_cli_compile_writes_folder_and_manifest_without_touching_input(quick_toy, tmp_path, method, expected):
+    before = _tree_hash(quick_toy)
+    out = tmp_path / "edited"
+    cmd = [sys.executable, "-m", "compiler.cli", "compile", str(_recipe(tmp_path, quick_toy, method)),
+           "--out", str(out), "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["edited_tensors"]) == expected
+    assert manifest["edits"][0]["method"] == method
+    assert set(manifest["timings_seconds"]) >= {"load", "embed", "solve", "fuse", "save"}
+    assert manifest["base_model"]["sha256"] and manifest["recipe"]["sha256"]
+    assert _tree_hash(quick_toy) == before  # the input checkpoint is never modified
+    # Components without edits are hard links of the input, not copies.
+    untouched = "vae/diffusion_pytorch_model.safetensors"
+    assert os.stat(out / untouched).st_ino == os.stat(quick_toy / untouched).st_ino
+    # An existing output is refused without --force: exit 2, one line.
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
+    assert "--force" in again.stderr
+
+
+def test_edited_folder_loads_and_holds_the_new_tensors(quick_toy, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "edited"
+    subprocess.run([sys.executable, "-m", "compiler.cli", "compile", str(_recipe(tmp_path, quick_toy)),
+                    "--out", str(out), "--quiet"], check=True, capture_output=True)
+    manifest = json.loads((out / "manifest.json").read_text())
+    base = StableDiffusionPipeline.from_pretrained(str(quick_toy))
+    edited = StableDiffusionPipeline.from_pretrained(str(out))
+    changed = 0
+    for name, param in edited.unet.named_parameters():
+        same = torch.equal(param, base.unet.get_parameter(name))
+        qualified = f"unet/{name}"
+        assert same != (qualified in manifest["edited_tensors"]), qualified
+        changed += not same
+        assert param.dtype == base.unet.get_parameter(name).dtype
+    assert changed == 6
