@@ -1,0 +1,24 @@
+"""Locate: where a model keeps a piece of knowledge.
+
+- ``locogen``: LocoGen's window search over the UNet's cross-attention layers (``locate``).
+- ``trace``: causal tracing of the text encoder and the UNet (``trace_text_encoder``,
+  ``trace_unet``).
+- ``routing``: the per-sample attention processor that feeds chosen layers another context.
+- ``engine``: batched seeded generation from precomputed embeddings.
+- ``cache``: results on disk, keyed by (model hash, concept, attribute, settings).
+- ``heatmap``: PNG heat maps and image grids drawn with PIL.
+- ``distributed``: sharding the samples of a sweep over ``torchrun`` processes.
+"""
+
+from compiler.locate.locogen import LocateResult, WindowScore, generate_with_windows, locate, write_outputs
+from compiler.locate.routing import cross_attention_modules, routed_cross_attention
+
+__all__ = [
+    "LocateResult",
+    "WindowScore",
+    "cross_attention_modules",
+    "generate_with_windows",
+    "locate",
+    "routed_cross_attention",
+    "write_outputs",
+]

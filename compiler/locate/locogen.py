@@ -1,0 +1,550 @@
+"""LocoGen (Basu et al., ICML 2024): find the window of cross-attention layers that holds a concept.
+
+For a window of m adjacent cross-attention layers ``j … j+m−1``, those layers see the context
+c′ of the prompt *without* the attribute ("a house in the style of a painting") while every
+other layer sees c ("a house in the style of van gogh"). If the generated images lose the
+attribute, the window holds it. A sweep tries every start j for m = 1 … max_m; the smallest m
+whose best window passes the threshold wins.
+
+How a window is scored:
+
+- the papers' measure: the mean CLIP-score of the images against the original prompt (style,
+  object: lower is better) or against the target prompt (fact: higher is better);
+- the judge's zero-shot *rate* of the judged phrase, when the judge can classify images (the toy
+  world's judge): the fraction of images showing the concept (style, object: lower is better)
+  or the fact's new answer (higher is better).
+
+Raw CLIP-scores differ between models and prompts, so a window passes when its *effect* reaches
+``threshold``: effect = (window − clean) / (replaced − clean), where "clean" is c in every layer
+and "replaced" is c′ in every layer (the most any window could do). Effect 0 is no change, 1 is
+as much as replacing the prompt everywhere. ``criterion`` says which measure decides: the
+judge's rate when it is available ("auto"), else the CLIP-score.
+
+Speed: prompts are encoded once; clean and replaced references are two more "windows" of the
+same sweep (so the clean images are generated once and serve every window); every sample of a
+batch carries its own window (``routing``), so the whole sweep is (#windows + 2) × prompts ×
+seeds samples in ``batch``-sized pipeline calls; results are cached on disk (``cache``); with
+several processes (``torchrun``) the samples are sharded over them (``distributed``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compiler.errors import UserError
+from compiler.locate import cache
+from compiler.locate.distributed import current_process_group
+from compiler.locate.engine import (
+    GenerationSettings,
+    PromptEmbeddings,
+    embed_prompts,
+    embed_unconditional,
+    generate_from_embeddings,
+)
+from compiler.locate.routing import cross_attention_modules, routed_cross_attention
+from compiler.locate.scoring import can_judge_presence, presence
+from compiler.models.families import LayerWindow
+from compiler.resolve import prompt_pairs
+
+ATTRIBUTES = ("style", "object", "fact")
+CRITERIA = ("auto", "accuracy", "clip")
+SCHEMA_VERSION = 1
+
+
+# ----------------------------------------------------------------------------- prompts
+def sweep_prompts(concept: str, replacement: str, attribute: str, prompts: list[str] | None = None,
+                  n_prompts: int = 8) -> tuple[list[str], list[str]]:
+    """(prompts with the concept, the same prompts with the replacement).
+
+    Without ``prompts``, ``n_prompts`` of the papers' templates for the attribute, spread
+    evenly over the template list (so they vary subject, prefix and style).
+    """
+    if prompts:
+        missing = [p for p in prompts if concept.lower() not in p.lower()]
+        if missing:
+            raise UserError(f"prompt {missing[0]!r} does not contain the concept {concept!r}; every "
+                            f"LocoGen prompt must mention it")
+        # Only the user's prompts: no templates (prefixes=()).
+        pairs = prompt_pairs(concept, replacement, attribute, extra_prompts=prompts, prefixes=())
+    else:
+        pairs = prompt_pairs(concept, replacement, attribute)
+        if n_prompts < 1:
+            raise UserError(f"--prompts must be at least 1, got {n_prompts}")
+        stride = max(1, len(pairs) // n_prompts)
+        pairs = pairs[::stride][:n_prompts]
+    return [p.source for p in pairs], [p.target for p in pairs]
+
+
+def sweep_windows(num_layers: int, max_m: int) -> list[LayerWindow]:
+    """Every window of m = 1 … max_m adjacent layers, by m then start."""
+    return [LayerWindow(j, m) for m in range(1, max_m + 1) for j in range(num_layers - m + 1)]
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class Measurement:
+    """Mean CLIP-score against the scoring prompts, and the judge's rate of the judged phrase."""
+
+    clip: float
+    rate: float | None
+
+
+@dataclass(frozen=True)
+class WindowScore:
+    start: int
+    size: int
+    clip: float
+    rate: float | None
+    clip_effect: float | None  # (clip − clean) / (replaced − clean); None: no contrast
+    rate_effect: float | None
+    passed: bool
+
+    @property
+    def window(self) -> LayerWindow:
+        return LayerWindow(self.start, self.size)
+
+
+@dataclass(frozen=True)
+class LocateSettings:
+    prompts: tuple[str, ...]  # with the concept: c
+    alternative_prompts: tuple[str, ...]  # with the replacement: c′
+    seeds: tuple[int, ...]
+    steps: int
+    guidance: float
+    height: int | None
+    width: int | None
+    max_m: int
+    threshold: float
+    criterion: str  # "accuracy" or "clip", after resolving "auto"
+
+    def key_fields(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LocateResult:
+    concept: str
+    replacement: str
+    attribute: str
+    model_hash: str
+    layer_names: tuple[str, ...]  # cross-attention layers in the papers' order
+    best_start: int
+    best_size: int
+    passed: bool  # False: no window of size ≤ max_m reached the threshold; best is the strongest
+    judged_phrase: str  # what the rate counts: the concept, or the fact's new answer
+    scored_against: str  # "original" (style, object) or "target" (fact) prompts
+    clean: Measurement
+    replaced: Measurement
+    windows: tuple[WindowScore, ...]
+    settings: LocateSettings
+    timings: dict
+    notes: tuple[str, ...] = ()
+    cached: bool = False
+    # clean / best window / replaced images, uint8 (N, H, W, 3): for the grid, not the JSON.
+    images: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def best(self) -> LayerWindow:
+        return LayerWindow(self.best_start, self.best_size)
+
+    @property
+    def best_layer_names(self) -> list[str]:
+        return [self.layer_names[i] for i in self.best.layers]
+
+    def window_score(self, start: int, size: int) -> WindowScore:
+        return next(w for w in self.windows if w.start == start and w.size == size)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "kind": "locogen",
+            "concept": self.concept,
+            "replacement": self.replacement,
+            "attribute": self.attribute,
+            "model_hash": self.model_hash,
+            "num_layers": len(self.layer_names),
+            "layer_names": list(self.layer_names),
+            "best": {"start": self.best_start, "size": self.best_size, "layers": self.best.layers,
+                     "layer_names": self.best_layer_names, "passed": self.passed},
+            "criterion": self.settings.criterion,
+            "threshold": self.settings.threshold,
+            "judged_phrase": self.judged_phrase,
+            "scored_against": self.scored_against,
+            "clean": asdict(self.clean),
+            "replaced": asdict(self.replaced),
+            "windows": [asdict(w) for w in self.windows],
+            "settings": asdict(self.settings),
+            "timings": dict(self.timings),
+            "notes": list(self.notes),
+            "cached": self.cached,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, payload: dict, images: dict | None = None, cached: bool = False) -> LocateResult:
+        settings = dict(payload["settings"])
+        for name in ("prompts", "alternative_prompts", "seeds"):
+            settings[name] = tuple(settings[name])
+        return cls(
+            concept=payload["concept"], replacement=payload["replacement"],
+            attribute=payload["attribute"], model_hash=payload["model_hash"],
+            layer_names=tuple(payload["layer_names"]),
+            best_start=payload["best"]["start"], best_size=payload["best"]["size"],
+            passed=payload["best"]["passed"], judged_phrase=payload["judged_phrase"],
+            scored_against=payload["scored_against"],
+            clean=Measurement(**payload["clean"]), replaced=Measurement(**payload["replaced"]),
+            windows=tuple(WindowScore(**w) for w in payload["windows"]),
+            settings=LocateSettings(**settings), timings=dict(payload["timings"]),
+            notes=tuple(payload.get("notes", ())), cached=cached, images=dict(images or {}),
+        )
+
+    def summary(self) -> str:
+        """One line for people: where the concept lives."""
+        w = self.window_score(self.best_start, self.best_size)
+        layers = f"layers {self.best_start}-{self.best_start + self.best_size - 1}"
+        verdict = "located" if self.passed else f"not located within m <= {self.settings.max_m}; strongest"
+        rate = "" if w.rate is None else (f", {self.judged_phrase!r} rate {w.rate:.2f} "
+                                          f"(clean {self.clean.rate:.2f}, c' everywhere {self.replaced.rate:.2f})")
+        return (f"{self.concept!r} ({self.attribute}) {verdict}: window j={self.best_start} "
+                f"m={self.best_size} ({layers}); CLIP-score {w.clip:.3f} vs clean "
+                f"{self.clean.clip:.3f}{rate}")
+
+
+# ----------------------------------------------------------------------------- scoring
+def _effect(value: float | None, clean: float | None, replaced: float | None, min_contrast: float) -> float | None:
+    """(value − clean) / (replaced − clean), or None when clean and replaced do not differ."""
+    if value is None or clean is None or replaced is None:
+        return None
+    contrast = replaced - clean
+    if abs(contrast) < min_contrast:
+        return None
+    return (value - clean) / contrast
+
+
+# A window's CLIP contrast below this (raw cosine) or rate contrast below one image in a
+# hundred is noise: no window can be said to pass.
+_MIN_CLIP_CONTRAST = 1e-3
+_MIN_RATE_CONTRAST = 1e-2
+
+
+def _rank_key(score: WindowScore, criterion: str, higher_is_better: bool) -> tuple:
+    sign = -1.0 if higher_is_better else 1.0
+    primary = score.rate if criterion == "accuracy" else score.clip
+    return (sign * primary, sign * score.clip, score.start)
+
+
+def choose_window(scores: list[WindowScore], criterion: str, higher_is_better: bool) -> tuple[WindowScore, bool]:
+    """The smallest m whose best window passes, and that window; else the strongest window."""
+    for m in sorted({s.size for s in scores}):
+        best = min((s for s in scores if s.size == m), key=lambda s: _rank_key(s, criterion, higher_is_better))
+        if best.passed:
+            return best, True
+
+    def strength(s: WindowScore) -> tuple:
+        effect = s.rate_effect if criterion == "accuracy" else s.clip_effect
+        return (-(effect if effect is not None else -math.inf), s.size, _rank_key(s, criterion, higher_is_better))
+
+    return min(scores, key=strength), False
+
+
+# ----------------------------------------------------------------------------- the sweep
+def _judged(attribute: str, concept: str, replacement: str) -> tuple[str, bool, str]:
+    """(phrase whose rate is measured, higher is better?, which prompts to CLIP-score against)."""
+    if attribute == "fact":
+        return replacement, True, "target"
+    return concept, False, "original"
+
+
+def locate(
+    pipe,
+    concept: str,
+    replacement: str,
+    attribute: str,
+    *,
+    judge,
+    prompts: list[str] | None = None,
+    n_prompts: int = 8,
+    seeds: tuple[int, ...] = (0,),
+    steps: int = 25,
+    guidance: float = 4.0,
+    height: int | None = None,
+    width: int | None = None,
+    max_m: int = 3,
+    threshold: float = 0.8,
+    criterion: str = "auto",
+    batch: int = 32,
+    model_hash: str | None = None,
+    use_cache: bool = True,
+    progress: bool = True,
+) -> LocateResult:
+    """Run LocoGen for one concept and return where it lives.
+
+    ``judge`` scores images (``clip_scores``; ``classify`` too for the accuracy criterion).
+    ``model_hash`` keys the cache (``LoadedModel.model_hash``); without it the weights are
+    hashed in memory. With ``torch.distributed`` initialized, the samples are sharded over the
+    ranks and every rank returns the same result; only rank 0 writes the cache.
+    """
+    started = time.perf_counter()
+    if attribute not in ATTRIBUTES:
+        raise UserError(f"attribute {attribute!r} is not one of {', '.join(ATTRIBUTES)}")
+    if criterion not in CRITERIA:
+        raise UserError(f"criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
+    if not concept.strip() or not replacement.strip():
+        raise UserError("concept and replacement must be non-empty phrases")
+    if steps < 1 or batch < 1 or not seeds:
+        raise UserError("steps and batch must be at least 1, and at least one seed is needed")
+    layers = cross_attention_modules(pipe.unet)
+    num_layers = len(layers)
+    if num_layers == 0:
+        raise UserError("the model's UNet has no cross-attention layers to locate in")
+    if not 1 <= max_m <= num_layers:
+        raise UserError(f"--max-m must be between 1 and {num_layers} (the model's cross-attention "
+                        f"layers), got {max_m}")
+
+    originals, alternatives = sweep_prompts(concept, replacement, attribute, prompts, n_prompts)
+    judged_phrase, higher_is_better, scored_against = _judged(attribute, concept, replacement)
+    if criterion == "auto":
+        criterion = "accuracy" if can_judge_presence(judge, judged_phrase) else "clip"
+    elif criterion == "accuracy" and not can_judge_presence(judge, judged_phrase):
+        raise UserError(f"criterion 'accuracy' needs a judge that can tell whether an image shows "
+                        f"{judged_phrase!r} (the toy world's); use --criterion clip")
+    settings = LocateSettings(tuple(originals), tuple(alternatives), tuple(int(s) for s in seeds),
+                              steps, guidance, height, width, max_m, threshold, criterion)
+    group = current_process_group()
+    if model_hash is None:
+        model_hash = cache.weights_fingerprint(pipe)
+    key = cache.settings_key({"model_hash": model_hash, "concept": concept, "replacement": replacement,
+                              "attribute": attribute, **settings.key_fields()})
+    entry = cache.entry_dir("locate", model_hash, f"{cache.slug(concept)}.{attribute}", key)
+    if use_cache:
+        hit = group.broadcast(cache.load_entry(entry, "locate.json") if group.is_main else None)
+        if hit is not None:
+            payload, images = hit
+            return LocateResult.from_dict(payload, images, cached=True)
+
+    # Every window of the sweep, plus the two references: clean (no layer gets c′) and
+    # replaced (every layer gets c′).
+    windows = sweep_windows(num_layers, max_m)
+    CLEAN, REPLACED = 0, 1
+    masks = torch.zeros(len(windows) + 2, num_layers, dtype=torch.bool)
+    masks[REPLACED] = True
+    for w, window in enumerate(windows):
+        masks[w + 2, window.start : window.start + window.size] = True
+
+    timings = {}
+    t0 = time.perf_counter()
+    embeddings = embed_prompts(pipe, originals)
+    alternative = embed_prompts(pipe, alternatives)
+    unconditional = embed_unconditional(pipe)
+    timings["encode_s"] = time.perf_counter() - t0
+
+    score_prompts = originals if scored_against == "original" else alternatives
+    generation = GenerationSettings(steps, guidance, height, width, batch)
+    # Samples ordered window-major: (window row of ``masks``, prompt index, seed).
+    samples = [(w, p, s) for w in range(masks.shape[0]) for p in range(len(originals)) for s in settings.seeds]
+
+    t0 = time.perf_counter()
+    local = group.shard(len(samples))
+    judges_presence = can_judge_presence(judge, judged_phrase)
+    clip, rate, kept = _run_routed(pipe, samples, local, masks, embeddings, alternative, unconditional,
+                                   score_prompts, judge, judged_phrase if judges_presence else None, generation,
+                                   keep_windows={CLEAN, REPLACED}, progress=progress, desc=f"locate {concept}")
+    clip, rate, kept = _merge(group, len(samples), clip, rate, kept)
+    timings["sweep_s"] = time.perf_counter() - t0
+
+    def measure(w: int) -> Measurement:
+        rows = [k for k, sample in enumerate(samples) if sample[0] == w]
+        return Measurement(float(np.mean(clip[rows])), float(np.mean(rate[rows])) if judges_presence else None)
+
+    clean, replaced = measure(CLEAN), measure(REPLACED)
+    notes = []
+    scores = []
+    for w, window in enumerate(windows):
+        m = measure(w + 2)
+        clip_effect = _effect(m.clip, clean.clip, replaced.clip, _MIN_CLIP_CONTRAST)
+        rate_effect = _effect(m.rate, clean.rate, replaced.rate, _MIN_RATE_CONTRAST)
+        decisive = rate_effect if criterion == "accuracy" else clip_effect
+        scores.append(WindowScore(window.start, window.size, m.clip, m.rate, clip_effect, rate_effect,
+                                  decisive is not None and decisive >= threshold))
+    contrast_ok = (_effect(replaced.rate, clean.rate, replaced.rate, _MIN_RATE_CONTRAST) if criterion == "accuracy"
+                   else _effect(replaced.clip, clean.clip, replaced.clip, _MIN_CLIP_CONTRAST))
+    if contrast_ok is None:
+        notes.append("c and c' give the same score (clean "
+                     f"{clean.rate if criterion == 'accuracy' else clean.clip:.3f}): the model does not "
+                     "show the concept, or the judge cannot tell; no window can pass")
+    expected_sign = 1.0 if higher_is_better else -1.0
+    delta = (replaced.rate - clean.rate) if criterion == "accuracy" else (replaced.clip - clean.clip)
+    if contrast_ok is not None and delta * expected_sign < 0:
+        notes.append("replacing the prompt everywhere moves the score the wrong way; the "
+                     "replacement may not be a neutral version of the concept")
+    best, passed = choose_window(scores, criterion, higher_is_better)
+
+    # The grid's third row: the winner's images, generated again (one window: 1/#windows of
+    # the sweep) rather than keeping every window's images in memory.
+    t0 = time.perf_counter()
+    best_row = torch.zeros(1, num_layers, dtype=torch.bool)
+    best_row[0, best.start : best.start + best.size] = True
+    best_samples = [(0, p, s) for p in range(len(originals)) for s in settings.seeds]
+    _, _, best_kept = _run_routed(pipe, best_samples, group.shard(len(best_samples)), best_row, embeddings,
+                                  alternative, unconditional, None, None, None, generation,
+                                  keep_windows={0}, progress=False, desc="best window")
+    _, _, best_kept = _merge(group, len(best_samples), None, None, best_kept)
+    timings["best_images_s"] = time.perf_counter() - t0
+
+    def stack(kept_images: dict, sample_list: list, w: int) -> np.ndarray:
+        return np.stack([kept_images[k] for k, sample in enumerate(sample_list) if sample[0] == w])
+
+    images = {"clean": stack(kept, samples, CLEAN), "best": stack(best_kept, best_samples, 0),
+              "replaced": stack(kept, samples, REPLACED)}
+    timings.update(samples=len(samples), processes=group.world_size,
+                   total_s=time.perf_counter() - started)
+    result = LocateResult(
+        concept=concept, replacement=replacement, attribute=attribute, model_hash=model_hash,
+        layer_names=tuple(layer.name for layer in layers), best_start=best.start, best_size=best.size,
+        passed=passed, judged_phrase=judged_phrase, scored_against=scored_against, clean=clean,
+        replaced=replaced, windows=tuple(scores), settings=settings,
+        timings={k: (round(v, 3) if isinstance(v, float) else v) for k, v in timings.items()},
+        notes=tuple(notes), images=images,
+    )
+    if use_cache and group.is_main:
+        cache.save_entry(entry, "locate.json", result.to_dict(), images)
+    return result
+
+
+def _run_routed(pipe, samples, local, masks, embeddings: PromptEmbeddings, alternative: PromptEmbeddings,
+                unconditional, score_prompts, judge, judged_phrase, generation, *, keep_windows,
+                progress, desc):
+    """Generate this rank's samples with per-sample windows; score them; keep some images.
+
+    Returns {sample: clip}, {sample: rate}, {sample: image} for the samples in ``local``;
+    nothing is scored without ``score_prompts``, no rate without ``judged_phrase``.
+    """
+    rows = [samples[k][1] for k in local]
+    seeds = [samples[k][2] for k in local]
+    sample_masks = masks[[samples[k][0] for k in local]] if local else masks[:0]
+    clip, rate, kept = {}, {}, {}
+    with routed_cross_attention(pipe.unet) as (routing, _):
+        def prepare(start: int, stop: int) -> None:
+            routing.set(alternative.context[rows[start:stop]], sample_masks[start:stop])
+
+        for start, stop, images in generate_from_embeddings(pipe, embeddings, unconditional, rows, seeds,
+                                                            generation, prepare=prepare, progress=progress,
+                                                            desc=desc):
+            chunk = local[start:stop]
+            if score_prompts is not None:
+                clips = judge.clip_scores(images, [score_prompts[samples[k][1]] for k in chunk])
+                rates = presence(judge, images, judged_phrase) if judged_phrase else None
+                for i, k in enumerate(chunk):
+                    clip[k] = float(clips[i])
+                    rate[k] = float(rates[i]) if rates is not None else math.nan
+            for i, k in enumerate(chunk):
+                if samples[k][0] in keep_windows:
+                    kept[k] = images[i]
+    return clip, rate, kept
+
+
+def _merge(group, count, clip, rate, kept):
+    """Every rank's per-sample results, as arrays over all samples (and the kept images)."""
+    parts = group.gather((clip, rate, kept))
+    merged_kept = {}
+    for _, _, part in parts:
+        merged_kept.update(part)
+    if clip is None:
+        return None, None, merged_kept
+    clip_all = np.full(count, np.nan)
+    rate_all = np.full(count, np.nan)
+    for part_clip, part_rate, _ in parts:
+        for k, v in part_clip.items():
+            clip_all[k] = v
+        for k, v in part_rate.items():
+            rate_all[k] = v
+    return clip_all, rate_all, merged_kept
+
+
+def generate_with_windows(pipe, prompts: list[str], alternative_prompts: list[str], seeds: list[int],
+                          windows: list[LayerWindow | None], generation: GenerationSettings = GenerationSettings(),
+                          *, progress: bool = False) -> np.ndarray:
+    """One image per sample k: prompt ``prompts[k]``, seed ``seeds[k]``, and the layers of
+    ``windows[k]`` fed ``alternative_prompts[k]`` (None: no layer, the clean image).
+
+    The routed generation LocoGen's sweep runs, for one explicit list of samples (tools, tests).
+    """
+    if not len(prompts) == len(alternative_prompts) == len(seeds) == len(windows):
+        raise ValueError("prompts, alternative prompts, seeds and windows must pair up")
+    num_layers = len(cross_attention_modules(pipe.unet))
+    masks = torch.zeros(len(windows), num_layers, dtype=torch.bool)
+    for k, window in enumerate(windows):
+        if window is not None:
+            if window.start < 0 or window.start + window.size > num_layers:
+                raise ValueError(f"window {window} does not fit in {num_layers} layers")
+            masks[k, window.start : window.start + window.size] = True
+    embeddings = embed_prompts(pipe, prompts)
+    alternative = embed_prompts(pipe, alternative_prompts)
+    unconditional = embed_unconditional(pipe)
+    rows = list(range(len(prompts)))
+    out = []
+    with routed_cross_attention(pipe.unet) as (routing, _):
+        def prepare(start: int, stop: int) -> None:
+            routing.set(alternative.context[start:stop], masks[start:stop])
+
+        for _, _, images in generate_from_embeddings(pipe, embeddings, unconditional, rows, seeds, generation,
+                                                     prepare=prepare, progress=progress, desc="windows"):
+            out.append(images)
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- outputs
+def heatmap_panels(result: LocateResult):
+    """Start j × size m heat maps of the deciding measure and of the CLIP-score."""
+    from compiler.locate.heatmap import HeatmapPanel
+
+    num_layers = len(result.layer_names)
+    sizes = list(range(1, result.settings.max_m + 1))
+    clip = np.full((len(sizes), num_layers), np.nan)
+    rate = np.full((len(sizes), num_layers), np.nan)
+    for w in result.windows:
+        clip[w.size - 1, w.start] = w.clip
+        if w.rate is not None:
+            rate[w.size - 1, w.start] = w.rate
+    highlight = (result.best_size - 1, result.best_start)
+    rows = [f"m={m}" for m in sizes]
+    cols = [str(j) for j in range(num_layers)]
+    better = "higher" if result.scored_against == "target" else "lower"
+    panels = []
+    if result.settings.criterion == "accuracy":
+        panels.append(HeatmapPanel(
+            f"{result.concept} -> {result.replacement}: judge's '{result.judged_phrase}' rate "
+            f"({better} is better; clean {result.clean.rate:.2f}, c' everywhere {result.replaced.rate:.2f})",
+            rate, rows, cols, "window size m", "first layer j", vmin=0.0, vmax=1.0, highlight=highlight))
+    panels.append(HeatmapPanel(
+        f"CLIP-score vs {result.scored_against} prompt ({better} is better; clean "
+        f"{result.clean.clip:.3f}, c' everywhere {result.replaced.clip:.3f})",
+        clip, rows, cols, "window size m", "first layer j", highlight=highlight, value_format="{:.3f}"))
+    return panels
+
+
+def write_outputs(result: LocateResult, folder: Path) -> list[Path]:
+    """``locate.json``, ``heatmap.png`` and ``grid.png`` into ``folder`` (which must exist)."""
+    from compiler.locate.heatmap import labelled_grid, save_heatmaps
+
+    folder = Path(folder)
+    (folder / "locate.json").write_text(result.to_json())
+    save_heatmaps(heatmap_panels(result), folder / "heatmap.png")
+    written = [folder / "locate.json", folder / "heatmap.png"]
+    if result.images:
+        w = result.best
+        rows = [("clean (c everywhere)", result.images["clean"]),
+                (f"c' in layers {w.start}-{w.start + w.size - 1}", result.images["best"]),
+                ("c' everywhere", result.images["replaced"])]
+        labelled_grid(rows).save(folder / "grid.png")
+        written.append(folder / "grid.png")
+    return written
