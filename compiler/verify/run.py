@@ -1,0 +1,186 @@
+"""Run verify: plan the probes, generate on both models, score, apply the gates.
+
+``run_verify`` works on pipelines already in memory (``editc compile`` calls it through
+``verify_compiled`` right after export); ``verify_paths`` is what ``editc verify`` runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from compiler.errors import UserError
+from compiler.recipe import Recipe
+from compiler.verify.gates import evaluate_gates
+from compiler.verify.judges import Judge, choose_judge
+from compiler.verify.metrics import generate_plan_images, score_plan
+from compiler.verify.probes import DEFAULT_NEIGHBOURS_PER_EDIT, DEFAULT_PROMPTS_PER_GROUP, plan_probes
+from compiler.verify.report import VerifyReport, write_reports
+
+TOY_GUIDANCE_SCALE = 4.0  # what the toy model was trained to be sampled with
+STABLE_DIFFUSION_GUIDANCE_SCALE = 7.5
+DEFAULT_BATCH = 64
+
+
+@dataclass
+class ModelInfo:
+    """What a report says about a model: where it came from and its hash."""
+
+    role: str  # "base" | "edited"
+    path: str
+    family: str = ""
+    sha256: str = ""
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "family": self.family, "sha256": self.sha256}
+
+
+def default_guidance(judge: Judge) -> float:
+    return TOY_GUIDANCE_SCALE if judge.is_toy_world else STABLE_DIFFUSION_GUIDANCE_SCALE
+
+
+def run_verify(recipe: Recipe, edited_pipe, base_pipe, judge: Judge, *, seeds: int | None = None,
+               steps: int | None = None, guidance: float | None = None, clip_scale: float = 1.0,
+               prompts_per_group: int = DEFAULT_PROMPTS_PER_GROUP,
+               neighbours_per_edit: int = DEFAULT_NEIGHBOURS_PER_EDIT, batch: int = DEFAULT_BATCH,
+               progress: bool = True, edited_info: ModelInfo | None = None,
+               base_info: ModelInfo | None = None) -> VerifyReport:
+    """Verify ``edited_pipe`` against ``base_pipe`` for every edit of ``recipe``.
+
+    ``seeds``, ``steps`` and ``guidance`` default to the recipe's ``verify`` section (guidance:
+    4 on the toy world, 7.5 otherwise). ``clip_scale`` multiplies every CLIP-score (100 gives
+    the papers' ×100 convention). ``judge`` must use an unedited text tower.
+    """
+    settings = recipe.verify
+    seeds = seeds or settings.seeds
+    steps = steps or settings.steps
+    guidance = guidance or settings.guidance_scale or default_guidance(judge)
+    timings: dict[str, float] = {}
+
+    plan = plan_probes(recipe, seeds=seeds, prompts_per_group=prompts_per_group,
+                       neighbours_per_edit=neighbours_per_edit)
+    for group in plan.groups:  # fail on phrases the judge cannot recognise before generating
+        for probe in group.probes:
+            judge.label_of(probe.subject, probe.kind)
+            if probe.replacement:
+                judge.label_of(probe.replacement, probe.kind)
+
+    keys = plan.image_keys()
+    bar = tqdm(total=2 * len(keys), desc="verify", unit="img", disable=not progress)
+    images = {}
+    try:
+        for role, pipe in (("base", base_pipe), ("edited", edited_pipe)):
+            bar.set_description(f"verify: {role} model")
+            pipe.set_progress_bar_config(disable=True)
+            started = time.perf_counter()
+            images[role] = generate_plan_images(pipe, plan, steps=steps, guidance=guidance, batch=batch,
+                                                progress=bar)
+            timings[f"generate_{role}"] = time.perf_counter() - started
+    finally:
+        bar.close()
+
+    started = time.perf_counter()
+    groups = score_plan(plan, images["base"], images["edited"], judge, clip_scale)
+    gates = evaluate_gates(recipe, groups)
+    timings["score"] = time.perf_counter() - started
+    height, width = images["base"].images.shape[1:3]
+    return VerifyReport(
+        recipe_path=str(recipe.path),
+        recipe_sha256=recipe.sha256,
+        edits=[{"concept": e.concept, "replacement": e.replacement, "attribute": e.attribute} for e in recipe.edits],
+        base_model=(base_info or ModelInfo("base", "(in memory)")).to_dict(),
+        edited_model=(edited_info or ModelInfo("edited", "(in memory)")).to_dict(),
+        judge=judge.description,
+        settings={
+            "seeds": list(plan.seeds), "steps": steps, "guidance_scale": guidance, "clip_scale": clip_scale,
+            "prompts_per_group": prompts_per_group, "neighbours_per_edit": neighbours_per_edit,
+            "images_per_model": len(keys), "image_size": [int(height), int(width)],
+            "thresholds": {
+                "efficacy_max_accuracy": settings.efficacy_max_accuracy,
+                "fact_min_accuracy": settings.fact_min_accuracy,
+                "generalization_max_accuracy": settings.generalization_max_accuracy,
+                "specificity_max_drop": settings.specificity_max_drop,
+            },
+        },
+        groups=groups,
+        gates=gates,
+        timings_seconds={k: round(v, 3) for k, v in timings.items()},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# From paths: what `editc verify` and `editc compile` call
+# --------------------------------------------------------------------------------------------
+
+
+def load_pipeline(path_or_toy: str | Path, role: str, device: str):
+    """Load a model for verify (float32: reproducible on CPU); bad paths are ``UserError``."""
+    from compiler.models.load import load_model
+
+    loaded = load_model(str(path_or_toy), dtype=torch.float32, device=device)
+    info = ModelInfo(role, str(loaded.source_path), loaded.family, loaded.model_hash)
+    return loaded, info
+
+
+def base_model_of(edited_dir: Path, recipe: Recipe) -> str:
+    """The base model an edited folder was compiled from (its manifest.json), else the
+    recipe's model."""
+    manifest_path = Path(edited_dir) / "manifest.json"
+    if manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"{manifest_path}: unreadable manifest ({err}); pass --base MODEL") from None
+        path = (manifest.get("base_model") or {}).get("path") if isinstance(manifest, dict) else None
+        if path:
+            return str(path)
+    return recipe.model
+
+
+def pick_device(device: str | None) -> str:
+    if device:
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def verify_paths(recipe: Recipe, *, edited: str | Path, base: str | Path | None = None,
+                 clip: str | Path | None = None, device: str | None = None, progress: bool = True,
+                 **options) -> VerifyReport:
+    """Load the edited and the base model and a judge, then :func:`run_verify`."""
+    edited_dir = Path(edited)
+    if not edited_dir.exists():
+        raise UserError(f"{edited}: no such edited model (--edited wants the folder editc compile wrote)")
+    device = pick_device(device)
+    base_spec = base if base is not None else base_model_of(edited_dir, recipe)
+    base_loaded, base_info = load_pipeline(base_spec, "base", device)
+    edited_loaded, edited_info = load_pipeline(edited_dir, "edited", device)
+    base_dir = Path(base_info.path) if Path(base_info.path).is_dir() else None
+    judge = choose_judge(clip, base_dir, base_loaded.pipeline.text_encoder)
+    return run_verify(recipe, edited_loaded.pipeline, base_loaded.pipeline, judge, progress=progress,
+                      edited_info=edited_info, base_info=base_info, **options)
+
+
+def verify_compiled(recipe: Recipe, *, edited_dir: str | Path, base, progress: bool = True,
+                    report_dir: str | Path | None = None) -> dict:
+    """Verify a freshly compiled folder and write its reports into ``edited_dir/verify``.
+
+    ``base`` is the model compile started from: a path, "toy", or a ``LoadedModel`` (whose
+    source is reloaded, because compile fuses the edit into its pipeline in place). Returns a
+    summary for the manifest: ``passed``, ``failed`` (gate names), ``gates``, ``report``.
+    """
+    base_spec = getattr(base, "source_path", base)
+    report = verify_paths(recipe, edited=edited_dir, base=base_spec, progress=progress)
+    directory = Path(report_dir) if report_dir is not None else Path(edited_dir) / "verify"
+    paths = write_reports(report, directory, force=True)
+    return {
+        "passed": report.passed,
+        "failed": [gate.name for gate in report.failed_gates],
+        "gates": {gate.name: ("skipped" if gate.skipped else "passed" if gate.passed else "failed")
+                  for gate in report.gates},
+        "report": str(paths["html"]),
+    }
