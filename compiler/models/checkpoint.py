@@ -122,6 +122,12 @@ def load_ckpt_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], int | Non
 
 _TORCH_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.float64: "F64", torch.int64: "I64", torch.int32: "I32"}
+_SAFETENSORS_DTYPES = {name: dtype for dtype, name in _TORCH_DTYPE_NAMES.items()}
+
+
+def torch_dtype(safetensors_dtype: str) -> torch.dtype | None:
+    """The torch dtype of a safetensors dtype name ("F16" -> torch.float16), None if unusual."""
+    return _SAFETENSORS_DTYPES.get(safetensors_dtype)
 
 
 def read_single_file(path: str | Path) -> SingleFileHeader:

@@ -1,0 +1,459 @@
+"""Loading models offline: diffusers folders and original single files, every family.
+
+Two steps, so that a bad checkpoint fails fast and clearly, before any weights are read:
+
+1. ``inspect_source(path)`` reads only headers and configs: it finds the format, detects the
+   family from keys and shapes (never trusting diffusers' silent "v1" fallback), infers the
+   component configs of a single file from its shapes, and checks that every tensor the
+   family's layout needs is present with the right shape. Anything wrong is a ``UserError``
+   (exit 2, one line) naming the path and what would be valid.
+2. ``load_model(path)`` then builds the diffusers pipeline: ``from_pretrained`` for a folder,
+   ``from_single_file`` with a local config folder (``compiler.models.configs``) for a single
+   file, always with ``local_files_only=True``.
+
+Components that editing and generation do not need (safety checker, feature extractor, IF's
+watermarker, image encoder) are not loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from compiler.errors import UserError
+from compiler.models.checkpoint import (SingleFileHeader, editc_metadata, load_ckpt_state_dict,
+                                        read_safetensors_header, read_single_file, torch_dtype)
+from compiler.models.configs import infer_single_file_configs
+from compiler.models.families import (FAMILIES, FamilyDetection, detect_family,
+                                      detect_family_from_diffusers)
+from compiler.models.hashing import file_sha256, folder_sha256
+from compiler.models.layout import SINGLE_FILE_COMPONENTS, component_to_original
+from compiler.models.registry import Registry, registry_from_components
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may ever be downloaded from a hub
+
+TOY_PIPELINE = Path(__file__).resolve().parents[1] / "toy" / "weights" / "pipeline"
+
+# Components a pipeline may list that editing and generation never need.
+SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder", "watermarker")
+MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+_VALID = ("valid: 'toy', a diffusers folder (sd1, sd2, sdxl, DeepFloyd IF stage I) or an "
+          "original single file (.safetensors/.ckpt) of sd1, sd2 or sdxl")
+
+
+@dataclass
+class ModelSource:
+    """What a model path holds, found from headers and configs alone."""
+
+    path: Path
+    format: str  # "diffusers" | "single-file"
+    family: str
+    detection: FamilyDetection
+    configs: dict[str, dict]  # "model_index" and each component's config
+    weight_files: list[Path]  # the files whose bytes are the model (hashed)
+    metadata: dict[str, str] = field(default_factory=dict)  # safetensors __metadata__
+    prediction_type: str | None = None
+    variant: str | None = None  # diffusers weight variant ("fp16") when only variants exist
+    notes: list[str] = field(default_factory=list)
+    stored_dtype: torch.dtype | None = None  # of the UNet's weights in the checkpoint
+
+    @property
+    def editc_metadata(self) -> dict[str, str]:
+        """Provenance an editc export wrote into the weights (``editc.*`` keys)."""
+        return editc_metadata(self.metadata)
+
+
+@dataclass
+class LoadedModel:
+    family: str
+    pipeline: object  # a diffusers DiffusionPipeline
+    source_path: Path
+    source_format: str  # "diffusers" | "single-file"
+    model_hash: str  # sha256 (see compiler.models.hashing)
+    registry: Registry
+    dtype: torch.dtype  # in memory
+    stored_dtype: torch.dtype | None = None  # of the UNet's weights in the checkpoint
+    prediction_type: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(path_or_toy: str | os.PathLike) -> Path:
+    if str(path_or_toy) == "toy":
+        if not (TOY_PIPELINE / "model_index.json").is_file():
+            raise UserError(f"the embedded toy model's weights are missing ({TOY_PIPELINE}); "
+                            f"`make train-toy` builds them")
+        return TOY_PIPELINE
+    path = Path(path_or_toy).expanduser()
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder; {_VALID}")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Meta-device components: tensor names and shapes without memory or weights
+# --------------------------------------------------------------------------------------------
+
+
+def _component_class(configs: dict, component: str):
+    library, class_name = configs["model_index"][component]
+    if library == "diffusers":
+        import diffusers.models as module
+    elif library == "transformers":
+        import transformers as module
+    else:
+        raise UserError(f"component {component}: unsupported library '{library}'")
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise UserError(f"component {component}: unknown class {library}.{class_name}")
+    return cls
+
+
+def _build_meta(configs: dict, component: str) -> torch.nn.Module:
+    cls = _component_class(configs, component)
+    config = configs[component]
+    with torch.device("meta"):
+        if hasattr(cls, "from_config") and not hasattr(cls, "config_class"):
+            return cls.from_config(config)  # diffusers
+        return cls(cls.config_class.from_dict(config))  # transformers
+
+
+def meta_components(source: ModelSource) -> dict[str, torch.nn.Module]:
+    """The source's model components instantiated on the meta device (no weights)."""
+    return {c: _build_meta(source.configs, c) for c in MODEL_COMPONENTS if c in source.configs}
+
+
+# --------------------------------------------------------------------------------------------
+# Single files
+# --------------------------------------------------------------------------------------------
+
+
+def _check_single_file_tensors(header: SingleFileHeader, family: str, configs: dict) -> None:
+    """Every tensor the family's layout needs is in the file, with the right shape."""
+    missing, wrong = [], []
+    for component in SINGLE_FILE_COMPONENTS[family]:
+        meta = _build_meta(configs, component)
+        config = configs[component] if component in ("unet", "vae") else {}
+        expected = component_to_original(family, component, meta.state_dict(), config)
+        for name, tensor in expected.items():
+            shape = header.shapes.get(name)
+            if shape is None:
+                missing.append(name)
+            elif tuple(shape) != tuple(tensor.shape):
+                wrong.append(f"{name} is {list(shape)}, expected {list(tensor.shape)}")
+    if missing:
+        raise UserError(f"{header.path}: incomplete {family} checkpoint — {len(missing)} tensors "
+                        f"of its layout are missing (e.g. {', '.join(sorted(missing)[:2])}); the "
+                        f"file is truncated, partial (UNet-only?) or not {family}")
+    if wrong:
+        raise UserError(f"{header.path}: inconsistent {family} checkpoint — {len(wrong)} tensors "
+                        f"have unexpected shapes (e.g. {wrong[0]})")
+
+
+def _inspect_single_file(path: Path, prediction_type: str | None) -> ModelSource:
+    header = read_single_file(path)
+    detection = detect_family(header.shapes, header.metadata, source=str(path))
+    family = detection.family
+    notes = []
+    if prediction_type is None:
+        prediction_type = detection.prediction_type
+    if prediction_type is None and family == "sd2":
+        if header.global_step == 875000:  # the step count of Stability's SD-2 512-base release
+            prediction_type = "epsilon"
+            notes.append("prediction type: epsilon (SD-2 512-base, from global_step 875000)")
+        else:
+            prediction_type = "v_prediction"
+            notes.append("prediction type not recorded in the file: assumed v_prediction "
+                         "(SD-2.x 768-v); pass prediction_type='epsilon' for a 512-base model")
+    configs = infer_single_file_configs(detection, header.shapes, prediction_type)
+    _check_single_file_tensors(header, family, configs)
+    if not detection.matches_reference_widths:
+        notes.append(f"text widths {detection.text_widths} are not the reference {family} model's: "
+                     f"component configs inferred from tensor shapes")
+    first_key = next(k for k in sorted(header.shapes) if k.endswith("attn2.to_k.weight"))
+    return ModelSource(path, "single-file", family, detection, configs, [path], header.metadata,
+                       prediction_type or configs["scheduler"].get("prediction_type", "epsilon"), None, notes,
+                       stored_dtype=torch_dtype(header.dtypes[first_key]))
+
+
+# --------------------------------------------------------------------------------------------
+# Diffusers folders
+# --------------------------------------------------------------------------------------------
+
+_WEIGHT_NAMES = ("diffusion_pytorch_model", "model", "pytorch_model")
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing {what}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise UserError(f"{path}: unreadable {what} ({err.__class__.__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: {what} is not a JSON object")
+    return data
+
+
+def _weight_files(folder: Path, variant: str | None) -> list[Path]:
+    """A component's weight files, as diffusers/transformers would pick them."""
+    infix = f".{variant}" if variant else ""
+    for ext in ("safetensors", "bin"):
+        for stem in _WEIGHT_NAMES:
+            single = folder / f"{stem}{infix}.{ext}"
+            if single.is_file():
+                return [single]
+            index = folder / f"{stem}{infix}.{ext}.index.json"
+            if index.is_file():
+                shards = sorted(set(_read_json(index, "weight index").get("weight_map", {}).values()))
+                files = [folder / s for s in shards]
+                for f in files:
+                    if not f.is_file():
+                        raise UserError(f"{f}: shard listed in {index.name} is missing")
+                return files
+    return []
+
+
+def _tensor_table(files: list[Path]) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+    """Shape and dtype of every tensor in a component's weight files."""
+    table: dict[str, tuple[tuple[int, ...], torch.dtype | None]] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            header, _ = read_safetensors_header(f)
+            table.update({k: (tuple(v["shape"]), torch_dtype(v["dtype"])) for k, v in header.items()})
+        else:
+            tensors, _ = load_ckpt_state_dict(f)
+            table.update({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()})
+    return table
+
+
+def _check_folder_tensors(folder: Path, configs: dict, files: dict[str, list[Path]],
+                          family: str) -> torch.dtype | None:
+    """The UNet (what editc edits) must hold exactly the tensors its config implies; the text
+    encoders at least the layer-0 projection editing reads. (Text-encoder files differ in
+    naming across transformers versions and tied weights, so they are not checked tensor by
+    tensor; transformers itself checks them on load.)"""
+    unet_table = _tensor_table(files["unet"])
+    unet_shapes = {k: shape for k, (shape, _) in unet_table.items()}
+    expected = _build_meta(configs, "unet").state_dict()
+    missing = [n for n in expected if n not in unet_shapes]
+    if missing:
+        raise UserError(f"{folder / 'unet'}: {len(missing)} UNet tensors that unet/config.json "
+                        f"implies are missing from the weights (e.g. {sorted(missing)[0]}); the "
+                        f"weights are truncated or do not belong to this config")
+    wrong = [n for n, t in expected.items() if tuple(unet_shapes[n]) != tuple(t.shape)]
+    if wrong:
+        n = wrong[0]
+        raise UserError(f"{folder / 'unet'}: {len(wrong)} UNet tensors do not match unet/config.json "
+                        f"(e.g. {n} is {list(unet_shapes[n])}, expected {list(expected[n].shape)})")
+    for spec in FAMILIES[family].text_encoders:
+        if spec.component not in files:
+            continue
+        names = {n.removeprefix("text_model.") for n in _tensor_table(files[spec.component])}
+        meta = _build_meta(configs, spec.component)
+        from compiler.models.registry import text_layer0
+
+        layer0 = text_layer0(family, spec.component, meta)
+        if layer0.weight.removeprefix("text_model.") not in names:
+            raise UserError(f"{folder / spec.component}: the weights lack {layer0.weight}; not a "
+                            f"{spec.name} encoder matching its config")
+    first_key = next(k for k in sorted(expected) if k.endswith((".to_k.weight", ".add_k_proj.weight")))
+    return unet_table[first_key][1]
+
+
+def _inspect_diffusers(folder: Path) -> ModelSource:
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        hint = (" (this looks like a single component's folder; point at the pipeline folder "
+                "above it)" if (folder / "config.json").is_file() else "")
+        raise UserError(f"{folder}: not a diffusers pipeline folder — no model_index.json{hint}; "
+                        f"{_VALID}")
+    model_index = _read_json(index_path, "model_index.json")
+    configs: dict[str, dict] = {"model_index": model_index}
+    needed = [name for name, value in model_index.items()
+              if not name.startswith("_") and isinstance(value, list) and len(value) == 2
+              and value[0] is not None and name not in SKIPPED_COMPONENTS]
+    for name in ("unet", "scheduler", "tokenizer", "text_encoder"):
+        if name not in needed:
+            raise UserError(f"{index_path}: the pipeline has no '{name}' component; editc needs "
+                            f"a complete text-to-image pipeline ({_VALID})")
+
+    variant = None
+    files: dict[str, list[Path]] = {}
+    for name in needed:
+        sub = folder / name
+        if not sub.is_dir():
+            raise UserError(f"{folder}: component '{name}' listed in model_index.json is missing "
+                            f"(no {name}/ folder); copy the complete pipeline")
+        if name == "scheduler":
+            configs[name] = _read_json(sub / "scheduler_config.json", "scheduler config")
+        elif name.startswith("tokenizer"):
+            if not any((sub / f).is_file() for f in ("tokenizer.json", "vocab.json", "spiece.model",
+                                                     "tokenizer_config.json")):
+                raise UserError(f"{sub}: no tokenizer files (tokenizer_config.json, vocab.json, "
+                                f"tokenizer.json or spiece.model)")
+        elif name in MODEL_COMPONENTS:
+            configs[name] = _read_json(sub / "config.json", f"{name} config")
+            found = _weight_files(sub, variant)
+            if not found and variant is None:
+                variants = sorted({m[1] for f in sub.iterdir()
+                                   if (m := re.fullmatch(r"(?:%s)\.(\w+)\.(?:safetensors|bin)"
+                                                         % "|".join(_WEIGHT_NAMES), f.name))})
+                if len(variants) == 1:
+                    variant = variants[0]
+                    found = _weight_files(sub, variant)
+            if not found:
+                raise UserError(f"{sub}: no weights (expected diffusion_pytorch_model.safetensors "
+                                f"or model.safetensors); the folder is incomplete")
+            files[name] = found
+
+    text_configs = {c: configs[c] for c in ("text_encoder", "text_encoder_2") if c in configs}
+    detection = detect_family_from_diffusers(model_index, configs["unet"], text_configs,
+                                             source=str(folder))
+    family = detection.family
+    if family != "if" and "vae" not in files:
+        raise UserError(f"{index_path}: the pipeline has no 'vae' component; {family} needs one")
+    stored_dtype = _check_folder_tensors(folder, configs, files, family)
+
+    metadata: dict[str, str] = {}
+    for component_files in files.values():
+        for f in component_files:
+            if f.suffix == ".safetensors":
+                metadata.update(read_safetensors_header(f)[1])
+    notes = []
+    if not detection.matches_reference_widths:
+        notes.append(f"text widths {detection.text_widths} are not the reference {family} "
+                     f"model's: the papers' layer locations do not apply")
+    prediction_type = configs["scheduler"].get("prediction_type", "epsilon")
+    weight_files = [f for c in sorted(files) for f in files[c]]
+    return ModelSource(folder, "diffusers", family, detection, configs, weight_files, metadata,
+                       prediction_type, variant, notes, stored_dtype=stored_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------
+
+
+def inspect_source(path_or_toy: str | os.PathLike, prediction_type: str | None = None) -> ModelSource:
+    """Validate a model path and describe it, reading headers and configs only."""
+    if prediction_type not in (None, "epsilon", "v_prediction"):
+        raise UserError(f"prediction_type '{prediction_type}' is not one of epsilon, v_prediction")
+    path = resolve_model_path(path_or_toy)
+    if path.is_dir():
+        return _inspect_diffusers(path)
+    return _inspect_single_file(path, prediction_type)
+
+
+def source_hash(source: ModelSource) -> str:
+    if source.format == "single-file":
+        return file_sha256(source.path)
+    return folder_sha256(source.path, source.weight_files)
+
+
+def detect_pipeline_family(pipeline) -> FamilyDetection:
+    """The family of an already-built diffusers pipeline object."""
+    components = pipeline.components
+    text_configs = {c: components[c].config.to_dict() for c in ("text_encoder", "text_encoder_2")
+                    if components.get(c) is not None}
+    model_index = {"_class_name": type(pipeline).__name__}
+    return detect_family_from_diffusers(model_index, dict(components["unet"].config), text_configs,
+                                        source=type(pipeline).__name__)
+
+
+@contextlib.contextmanager
+def _quiet_hub_libraries() -> Iterator[None]:
+    """No progress bars or info chatter from diffusers/transformers while loading."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    saved = (diffusers_logging.get_verbosity(), transformers_logging.get_verbosity(),
+             diffusers_logging.is_progress_bar_enabled(),
+             transformers_logging.is_progress_bar_enabled())
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(saved[0])
+        transformers_logging.set_verbosity(saved[1])
+        if saved[2]:
+            diffusers_logging.enable_progress_bar()
+        if saved[3]:
+            transformers_logging.enable_progress_bar()
+
+
+def _load_pipeline(source: ModelSource, dtype: torch.dtype, device: str | torch.device):
+    from compiler.models.configs import config_folder
+
+    with _quiet_hub_libraries():
+        import diffusers
+
+        cls = getattr(diffusers, FAMILIES[source.family].pipeline_class)
+        try:
+            if source.format == "diffusers":
+                skipped = {c: None for c in SKIPPED_COMPONENTS
+                           if c in source.configs["model_index"]}
+                extra = {"requires_safety_checker": False} if "safety_checker" in skipped else {}
+                return cls.from_pretrained(source.path, dtype=dtype, local_files_only=True,
+                                           variant=source.variant, **skipped, **extra)
+            with config_folder(source.family, source.configs) as folder:
+                return cls.from_single_file(str(source.path), config=str(folder),
+                                            local_files_only=True, dtype=dtype)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+            raise UserError(f"{source.path}: could not be loaded as {source.family} "
+                            f"({err.__class__.__name__}: {first[:300]})") from None
+
+
+def _move(pipeline, device: str | torch.device):
+    with _quiet_hub_libraries():
+        return pipeline.to(device)
+
+
+def load_model(path_or_toy: str | os.PathLike = "toy", dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu", prediction_type: str | None = None) -> LoadedModel:
+    """Load a model offline.
+
+    ``path_or_toy``: "toy" (the embedded toy model), a diffusers folder (sd1, sd2, sdxl, IF
+    stage I), or an original single file (.safetensors/.ckpt) of sd1, sd2, sdxl.
+    ``dtype``: the dtype of every component in memory. None means float32, whatever the file
+    stores (left to themselves, diffusers and transformers would mix: an fp16 folder gives a
+    float32 UNet and a float16 text encoder); ``stored_dtype`` reports what the file holds.
+    ``prediction_type``: only for SD-2.x single files without ModelSpec metadata, where the file
+    cannot tell 512-base ("epsilon") from 768-v ("v_prediction", the default).
+    """
+    source = inspect_source(path_or_toy, prediction_type)
+    pipeline = _load_pipeline(source, dtype or torch.float32, device)
+    pipeline = _move(pipeline, device)
+    registry = registry_from_components(source.family, pipeline.components,
+                                        source.detection.matches_reference_widths)
+    registry.notes[:0] = source.notes
+    return LoadedModel(
+        family=source.family,
+        pipeline=pipeline,
+        source_path=source.path,
+        source_format=source.format,
+        model_hash=source_hash(source),
+        registry=registry,
+        dtype=pipeline.unet.dtype,
+        stored_dtype=source.stored_dtype,
+        prediction_type=source.prediction_type,
+        metadata=dict(source.metadata),
+        notes=registry.notes,
+    )
