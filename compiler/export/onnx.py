@@ -34,6 +34,7 @@ float32 PyTorch model on the same (fp16-rounded) inputs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -42,7 +43,7 @@ import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -351,6 +352,26 @@ def _finalize_onnx(scratch_file: Path, final_file: Path, metadata: Mapping[str, 
     return EXTERNAL_DATA_FILE if external else None
 
 
+@contextlib.contextmanager
+def _eager_attention(module: torch.nn.Module) -> Iterator[None]:
+    """Run a transformers model with its eager attention while it is traced.
+
+    The TorchScript exporter's symbolic for ``scaled_dot_product_attention`` with a float mask
+    computes in float32 and leaves the rest of an fp16 CLIP graph in float32 (onnxruntime then
+    rejects the mixed-type LayerNormalization); the eager path casts explicitly.
+    """
+    config = getattr(module, "config", None)
+    saved = getattr(config, "_attn_implementation", None)
+    if saved is None or not hasattr(module, "set_attn_implementation"):
+        yield
+        return
+    module.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        module.set_attn_implementation(saved)
+
+
 def _export_graph(pipeline, graph: ComponentGraph, dtype_name: str, out_folder: Path, *,
                   exporter: str, opset: int, external_data_threshold_bytes: int,
                   metadata: Mapping[str, str]) -> dict:
@@ -364,7 +385,7 @@ def _export_graph(pipeline, graph: ComponentGraph, dtype_name: str, out_folder: 
     started = time.perf_counter()
     used = exporter
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _eager_attention(module):
             if exporter == "dynamo":
                 try:
                     _export_dynamo(graph_module, graph, inputs, scratch / "model.onnx", opset)
@@ -554,9 +575,7 @@ def check_onnx_parity(onnx_dir: str | os.PathLike, reference, *, family: str | N
     for graph in component_graphs(pipeline, model.family):
         session = ort_session(onnx_dir / graph.name / "model.onnx")
         input_dtypes = _session_input_dtypes(session)
-        graph_dtype = next((d for n, d in input_dtypes.items() if n not in graph.float_inputs_keep_fp32
-                            and np.issubdtype(d, np.floating)), np.float32)
-        dtype_name = "fp16" if graph_dtype == np.float16 else "fp32"
+        dtype_name = "fp16" if session.get_outputs()[0].type == "tensor(float16)" else "fp32"
         module = getattr(pipeline, graph.source_component)
         reference_module = module if module.dtype == torch.float32 else copy.deepcopy(module).float()
         graph_module = graph.make_graph(reference_module).eval()

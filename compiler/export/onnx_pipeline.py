@@ -1,0 +1,167 @@
+"""Text-to-image on onnxruntime alone: an exported folder, numpy, and nothing from torch.
+
+``OnnxTextToImage(folder)`` reads what ``export_onnx`` wrote (``editc_onnx.json``, the scheduler
+config, the tokenizer files) and generates images of an SD-1/SD-2 model with deterministic DDIM
+(η = 0) and classifier-free guidance, in numpy. The DDIM schedule is computed from the
+scheduler config's betas exactly as diffusers' ``DDIMScheduler`` computes it, whatever scheduler
+class the config names: DDIM is a valid sampler for any epsilon- or v-prediction model trained
+on those betas. Tokenization uses the exported tokenizer files (``transformers``' CLIP tokenizer,
+which needs no torch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from compiler.errors import UserError
+from compiler.export.onnx import ort_session
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+@dataclass
+class DDIMSchedule:
+    """Deterministic DDIM (η = 0) from a diffusers scheduler config, in numpy."""
+
+    alphas_cumprod: np.ndarray  # float32, one per training timestep
+    final_alpha_cumprod: float
+    num_train_timesteps: int
+    steps_offset: int
+    timestep_spacing: str
+    prediction_type: str
+    clip_sample: bool
+    clip_sample_range: float
+
+    @classmethod
+    def from_config(cls, config: dict) -> DDIMSchedule:
+        n = int(config.get("num_train_timesteps", 1000))
+        start, end = float(config.get("beta_start", 0.0001)), float(config.get("beta_end", 0.02))
+        schedule = config.get("beta_schedule", "linear")
+        if config.get("trained_betas") is not None:
+            betas = np.asarray(config["trained_betas"], dtype=np.float32)
+        elif schedule == "linear":
+            betas = np.linspace(start, end, n, dtype=np.float32)
+        elif schedule == "scaled_linear":
+            betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float32) ** 2
+        else:
+            raise UserError(f"scheduler config: beta_schedule '{schedule}' is not supported by the "
+                            f"onnxruntime sampler; valid: linear, scaled_linear, trained_betas")
+        if config.get("rescale_betas_zero_snr") or config.get("thresholding"):
+            raise UserError("scheduler config: rescale_betas_zero_snr and thresholding are not "
+                            "supported by the onnxruntime sampler")
+        alphas_cumprod = np.cumprod(1.0 - betas, dtype=np.float32)
+        set_alpha_to_one = config.get("set_alpha_to_one", True)
+        prediction = config.get("prediction_type", "epsilon")
+        if prediction not in ("epsilon", "v_prediction", "sample"):
+            raise UserError(f"scheduler config: prediction_type '{prediction}' is not supported")
+        return cls(alphas_cumprod, 1.0 if set_alpha_to_one else float(alphas_cumprod[0]), n,
+                   int(config.get("steps_offset", 0)), config.get("timestep_spacing", "leading"),
+                   prediction, bool(config.get("clip_sample", False)),
+                   float(config.get("clip_sample_range", 1.0)))
+
+    def timesteps(self, steps: int) -> np.ndarray:
+        """The inference timesteps, as diffusers' DDIMScheduler.set_timesteps makes them."""
+        n = self.num_train_timesteps
+        if self.timestep_spacing == "leading":
+            ratio = n // steps
+            return (np.arange(steps) * ratio).round()[::-1].astype(np.int64) + self.steps_offset
+        if self.timestep_spacing == "trailing":
+            return (np.round(np.arange(n, 0, -n / steps)) - 1).astype(np.int64)
+        if self.timestep_spacing == "linspace":
+            return np.linspace(0, n - 1, steps).round()[::-1].astype(np.int64)
+        raise UserError(f"scheduler config: timestep_spacing '{self.timestep_spacing}' is not "
+                        f"supported; valid: leading, trailing, linspace")
+
+    def step(self, model_output: np.ndarray, timestep: int, sample: np.ndarray, steps: int) -> np.ndarray:
+        previous = timestep - self.num_train_timesteps // steps
+        alpha = self.alphas_cumprod[timestep]
+        alpha_prev = self.alphas_cumprod[previous] if previous >= 0 else self.final_alpha_cumprod
+        beta = 1 - alpha
+        if self.prediction_type == "epsilon":
+            original = (sample - beta**0.5 * model_output) / alpha**0.5
+            epsilon = model_output
+        elif self.prediction_type == "sample":
+            original = model_output
+            epsilon = (sample - alpha**0.5 * original) / beta**0.5
+        else:  # v_prediction
+            original = alpha**0.5 * sample - beta**0.5 * model_output
+            epsilon = alpha**0.5 * model_output + beta**0.5 * sample
+        if self.clip_sample:
+            original = np.clip(original, -self.clip_sample_range, self.clip_sample_range)
+        return (alpha_prev**0.5 * original + (1 - alpha_prev) ** 0.5 * epsilon).astype(np.float32)
+
+
+class OnnxTextToImage:
+    """Generate images from an ``export_onnx`` folder of an SD-1/SD-2 model on onnxruntime."""
+
+    def __init__(self, folder: str | os.PathLike, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+        from transformers import CLIPTokenizer
+
+        self.folder = Path(folder)
+        description_file = self.folder / "editc_onnx.json"
+        if not description_file.is_file():
+            raise UserError(f"{self.folder}: not an editc ONNX export (no editc_onnx.json)")
+        self.description = json.loads(description_file.read_text())
+        if self.description["family"] not in ("sd1", "sd2"):
+            raise UserError(f"{self.folder}: the onnxruntime sampler runs sd1/sd2 exports; this one "
+                            f"is {self.description['family']}")
+        scheduler_config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
+        self.schedule = DDIMSchedule.from_config(scheduler_config)
+        self.tokenizer = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer"))
+        self.text_encoder = ort_session(self.folder / "text_encoder" / "model.onnx", providers)
+        self.unet = ort_session(self.folder / "unet" / "model.onnx", providers)
+        self.vae_decoder = ort_session(self.folder / "vae_decoder" / "model.onnx", providers)
+        self._unet_types = {i.name: _NUMPY_TYPES[i.type] for i in self.unet.get_inputs()}
+        self._decoder_type = _NUMPY_TYPES[self.vae_decoder.get_inputs()[0].type]
+
+    def encode_prompts(self, prompts: list[str]) -> np.ndarray:
+        length = min(int(self.tokenizer.model_max_length), 77)
+        ids = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                             return_tensors="np").input_ids.astype(np.int64)
+        return self.text_encoder.run(["last_hidden_state"], {"input_ids": ids})[0]
+
+    def initial_latents(self, seeds: list[int], height: int, width: int) -> np.ndarray:
+        """Standard normal noise per seed (numpy's PCG64): the same seed, the same image."""
+        channels = self.description["latent_channels"]
+        return np.stack([np.random.default_rng(int(seed)).standard_normal((channels, height, width))
+                         for seed in seeds]).astype(np.float32)
+
+    def __call__(self, prompts: list[str], seeds: list[int] | None = None, *, steps: int = 25,
+                 guidance: float = 4.0, height: int | None = None, width: int | None = None,
+                 latents: np.ndarray | None = None, batch: int = 64) -> np.ndarray:
+        """One image per prompt, uint8 (N, H, W, 3). ``latents`` (N, C, h, w) overrides seeds."""
+        scale = self.description["vae_scale_factor"]
+        default = self.description["default_latent_size"] * scale
+        height, width = height or default, width or default
+        if latents is None:
+            if seeds is None or len(seeds) != len(prompts):
+                raise ValueError("give one seed per prompt, or latents")
+            latents = self.initial_latents(seeds, height // scale, width // scale)
+        if len(latents) != len(prompts):
+            raise ValueError("give one latent per prompt")
+        images = [self._generate(list(prompts[i:i + batch]), np.asarray(latents[i:i + batch], np.float32),
+                                 steps, guidance) for i in range(0, len(prompts), batch)]
+        return np.concatenate(images)
+
+    def _generate(self, prompts: list[str], latents: np.ndarray, steps: int, guidance: float) -> np.ndarray:
+        n = len(prompts)
+        context = np.concatenate([self.encode_prompts([""] * n), self.encode_prompts(prompts)])
+        context = context.astype(self._unet_types["encoder_hidden_states"])
+        for timestep in self.schedule.timesteps(steps):
+            doubled = np.concatenate([latents, latents]).astype(self._unet_types["sample"])
+            feed = {"sample": doubled, "encoder_hidden_states": context,
+                    "timestep": np.array([timestep], dtype=self._unet_types["timestep"])}
+            prediction = self.unet.run(["out_sample"], feed)[0].astype(np.float32)
+            unconditional, conditional = prediction[:n], prediction[n:]
+            guided = unconditional + guidance * (conditional - unconditional)
+            latents = self.schedule.step(guided, int(timestep), latents, steps)
+        scaled = latents / self.description["vae_scaling_factor"] + self.description["vae_shift_factor"]
+        decoded = self.vae_decoder.run(["sample"], {"latent_sample": scaled.astype(self._decoder_type)})[0]
+        pixels = np.clip(decoded.astype(np.float32) / 2 + 0.5, 0, 1)
+        return (pixels.transpose(0, 2, 3, 1) * 255 + 0.5).astype(np.uint8)
