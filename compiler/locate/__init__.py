@@ -10,7 +10,14 @@
 - ``distributed``: sharding the samples of a sweep over ``torchrun`` processes.
 """
 
-from compiler.locate.locogen import LocateResult, WindowScore, generate_with_windows, locate, write_outputs
+from compiler.locate.locogen import (
+    LocateResult,
+    WindowScore,
+    generate_with_windows,
+    locate,
+    locate_cached,
+    write_outputs,
+)
 from compiler.locate.routing import cross_attention_modules, routed_cross_attention
 
 __all__ = [
@@ -19,6 +26,7 @@ __all__ = [
     "cross_attention_modules",
     "generate_with_windows",
     "locate",
+    "locate_cached",
     "routed_cross_attention",
     "write_outputs",
 ]

@@ -155,6 +155,11 @@ class LocateResult:
         return LayerWindow(self.best_start, self.best_size)
 
     @property
+    def layers(self) -> tuple[int, ...]:
+        """The located cross-attention layers (papers' indices): what an edit should touch."""
+        return tuple(self.best.layers)
+
+    @property
     def best_layer_names(self) -> list[str]:
         return [self.layer_names[i] for i in self.best.layers]
 
@@ -418,6 +423,26 @@ def locate(
     if use_cache and group.is_main:
         cache.save_entry(entry, "locate.json", result.to_dict(), images)
     return result
+
+
+def locate_cached(loaded, concept: str, replacement: str, attribute: str, *, judge=None,
+                  progress: bool = True, **settings) -> LocateResult:
+    """LocoGen for ``compile``: reuse any cached sweep of this model, concept, replacement and
+    attribute (whatever its settings, newest first), else run ``locate`` with ``settings``.
+
+    ``loaded`` is a ``LoadedModel``; without ``judge`` the model's own judge is used (the toy
+    world's), and a model without one needs a ``judge``.
+    """
+    name = f"{cache.slug(concept)}.{attribute}"
+    for payload in cache.cached_entries("locate", loaded.model_hash, name, "locate.json"):
+        if payload.get("replacement") == replacement and payload.get("schema_version") == SCHEMA_VERSION:
+            return LocateResult.from_dict(payload, cached=True)
+    if judge is None:
+        from compiler.locate.scoring import load_judge_for
+
+        judge = load_judge_for(loaded.source_path)
+    return locate(loaded.pipeline, concept, replacement, attribute, judge=judge,
+                  model_hash=loaded.model_hash, progress=progress, **settings)
 
 
 def _run_routed(pipe, samples, local, masks, embeddings: PromptEmbeddings, alternative: PromptEmbeddings,

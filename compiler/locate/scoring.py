@@ -111,24 +111,21 @@ class ClipFolderJudge:
         return np.concatenate(scores) if scores else np.zeros(0)
 
 
-def load_judge_for(model: str, judge_dir: str | None):
-    """The judge for ``--model``/``--judge`` on the command line.
+def load_judge_for(model_path: str | Path, judge_dir: str | Path | None = None):
+    """The judge for a model (a diffusers folder) and an optional ``--judge`` folder.
 
-    The toy model (or a toy-world pipeline folder with a ``judge`` folder beside it) is judged
-    by the toy world's CLIP; anything else needs ``--judge`` naming a local CLIP folder.
+    A toy-world judge folder (``vision.safetensors``: the vision tower, which joins the
+    pipeline's own text tower) is used for the embedded toy model and for any toy-world
+    pipeline folder with a ``judge`` folder beside it; any other ``--judge`` is a local
+    transformers CLIP folder. Without either, there is nothing to score images with.
     """
-    from compiler.toy import JUDGE_DIR, PIPELINE_DIR
     from compiler.toy.judge import load_judge
 
-    if model == "toy":
-        pipeline_dir, default_judge = PIPELINE_DIR, JUDGE_DIR
-    else:
-        pipeline_dir = Path(model)
-        default_judge = pipeline_dir.parent / "judge"
-    toy_judge = Path(judge_dir) if judge_dir else default_judge
+    pipeline_dir = Path(model_path)
+    toy_judge = Path(judge_dir) if judge_dir else pipeline_dir.parent / "judge"
     if (toy_judge / "vision.safetensors").is_file() and (pipeline_dir / "text_encoder").is_dir():
         return load_judge(pipeline_dir, toy_judge)
     if judge_dir:
         return ClipFolderJudge(judge_dir)
-    raise UserError(f"--model {model}: no judge to score images with; pass --judge DIR, a local "
+    raise UserError(f"{pipeline_dir}: no judge to score images with; pass --judge DIR, a local "
                     f"CLIP model folder (the toy model brings its own)")

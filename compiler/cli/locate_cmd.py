@@ -1,0 +1,114 @@
+"""``editc locate``: LocoGen, the window of cross-attention layers that holds a concept."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from compiler.cli import main
+from compiler.errors import UserError
+
+
+def parse_seed_list(text: str) -> tuple[int, ...]:
+    """'0' -> (0,); '0-3' -> (0, 1, 2, 3); '1,5,9' -> (1, 5, 9)."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                low, high = part.split("-", 1)
+                seeds.extend(range(int(low), int(high) + 1))
+            else:
+                seeds.append(int(part))
+    except ValueError:
+        raise UserError(f"--seeds: {text!r} is not a seed list; use e.g. 0, 0-7 or 1,5,9") from None
+    if not seeds:
+        raise UserError("--seeds: no seeds given")
+    return tuple(seeds)
+
+
+def load_for_sweep(model_path: str, device: str | None):
+    """Load the model on this process's device (``torchrun``: one GPU per rank)."""
+    from compiler.locate.distributed import init_from_environment
+    from compiler.models.load import load_model
+
+    process_device = init_from_environment()  # joins torchrun's process group, if any
+    loaded = load_model(model_path, device=device or str(process_device))
+    loaded.pipeline.set_progress_bar_config(disable=True)
+    return loaded
+
+
+def default_out(kind: str, name: str) -> Path:
+    folder = Path("out") / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / name
+
+
+@main.command("locate")
+@click.option("--model", "model_path", default="toy", show_default=True,
+              help="Model folder, single file, or 'toy'.")
+@click.option("--concept", required=True, help="The phrase to locate, e.g. 'van gogh'.")
+@click.option("--replacement", required=True,
+              help="The neutral phrase layers in the window see instead, e.g. 'a painting'.")
+@click.option("--attribute", type=click.Choice(["style", "object", "fact"]), required=True)
+@click.option("--prompt", "prompt_list", multiple=True,
+              help="A prompt containing the concept (repeatable); default: the papers' templates.")
+@click.option("--prompts", "n_prompts", default=8, show_default=True,
+              help="How many template prompts to sweep (without --prompt).")
+@click.option("--seeds", default="0", show_default=True, help="Seed, range (0-3) or list (1,5,9).")
+@click.option("--steps", default=25, show_default=True, help="DDIM steps of the sweep.")
+@click.option("--guidance", default=4.0, show_default=True, help="Classifier-free guidance scale.")
+@click.option("--resolution", type=int, default=None,
+              help="Image side in pixels for the sweep (default: the model's).")
+@click.option("--max-m", "max_m", default=3, show_default=True, help="Largest window size to try.")
+@click.option("--threshold", default=0.8, show_default=True,
+              help="A window passes when its effect (0: clean, 1: as if the prompt were replaced "
+                   "in every layer) reaches this.")
+@click.option("--criterion", type=click.Choice(["auto", "accuracy", "clip"]), default="auto",
+              show_default=True, help="What decides: the judge's zero-shot rate, or CLIP-score.")
+@click.option("--batch", default=32, show_default=True, help="Samples per pipeline call.")
+@click.option("--judge", "judge_dir", default=None,
+              help="Judge folder (a local CLIP model); the toy model brings its own.")
+@click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
+@click.option("--out", "out_dir", default=None,
+              help="Folder for locate.json, heatmap.png, grid.png [default: out/locate/CONCEPT.ATTRIBUTE].")
+@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--no-cache", is_flag=True, help="Sweep again even when a cached result exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def locate_command(model_path, concept, replacement, attribute, prompt_list, n_prompts, seeds, steps,
+                   guidance, resolution, max_m, threshold, criterion, batch, judge_dir, device, out_dir,
+                   force, no_cache, as_json):
+    """Find the cross-attention layers that hold CONCEPT (LocoGen): every window of m adjacent
+    layers is fed the prompt with REPLACEMENT instead, and the smallest m whose best window
+    removes the concept (or, for a fact, brings in the replacement) wins."""
+    from compiler.export.atomic import atomic_output_dir, check_output_path
+    from compiler.locate import locate, write_outputs
+    from compiler.locate.cache import slug
+    from compiler.locate.distributed import current_process_group
+    from compiler.locate.scoring import load_judge_for
+
+    out = Path(out_dir) if out_dir else default_out("locate", f"{slug(concept)}.{attribute}")
+    check_output_path(out, force=force)  # fail before the sweep, not after
+    seed_list = parse_seed_list(seeds)
+    if resolution is not None and resolution < 8:
+        raise UserError(f"--resolution must be at least 8 pixels, got {resolution}")
+    loaded = load_for_sweep(model_path, device)
+    judge = load_judge_for(loaded.source_path, judge_dir)
+    result = locate(loaded.pipeline, concept, replacement, attribute, judge=judge,
+                    prompts=list(prompt_list) or None, n_prompts=n_prompts, seeds=seed_list,
+                    steps=steps, guidance=guidance, height=resolution, width=resolution,
+                    max_m=max_m, threshold=threshold, criterion=criterion, batch=batch,
+                    model_hash=loaded.model_hash, use_cache=not no_cache)
+    if not current_process_group().is_main:
+        return
+    with atomic_output_dir(out, force=force) as folder:
+        write_outputs(result, folder)
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "out": str(out)}, indent=2))
+        return
+    click.echo(result.summary())
+    click.echo(f"  layers: {', '.join(result.best_layer_names)}")
+    timing = "cached" if result.cached else f"{result.timings['total_s']:.1f} s, {result.timings['samples']} samples"
+    click.echo(f"  wrote {out}/locate.json, heatmap.png, grid.png ({timing})")

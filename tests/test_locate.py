@@ -1,0 +1,214 @@
+"""LocoGen on a quickly trained toy model (garbage pictures, exact SD-1.5 structure): the
+per-sample routing is exact, the sweep's result has its schema, the cache answers without
+generating, and the CLI's exit codes hold."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from compiler.errors import UserError
+from compiler.locate import generate_with_windows, locate, write_outputs
+from compiler.locate import locogen
+from compiler.locate.engine import GenerationSettings
+from compiler.locate.routing import ContextRouting, cross_attention_modules
+from compiler.models.families import LayerWindow
+
+PROMPTS = ["a red house in the style of van gogh", "a blue star in the style of van gogh"]
+ALTERNATIVES = [p.replace("van gogh", "a painting") for p in PROMPTS]
+FAST = GenerationSettings(steps=2, guidance=4.0, batch=8)
+
+
+def quick_toy_weights(tmp_path_factory) -> Path:
+    """The --quick toy model, trained once per session (shared with test_trace.py)."""
+    weights = tmp_path_factory.getbasetemp() / "locate-quick-toy" / "weights"
+    if not (weights / "pipeline" / "model_index.json").is_file():
+        subprocess.run([sys.executable, "-m", "compiler.toy.train", "--quick", "--workdir",
+                        str(weights.parent / "work"), "--out", str(weights)], check=True, capture_output=True)
+    return weights
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from compiler.models.load import load_model
+    from compiler.toy.judge import load_judge
+
+    weights = quick_toy_weights(tmp_path_factory)
+    loaded = load_model(str(weights / "pipeline"))
+    loaded.pipeline.set_progress_bar_config(disable=True)
+    return loaded, load_judge(weights / "pipeline", weights / "judge")
+
+
+# ----------------------------------------------------------------------------- routing
+def test_routing_swaps_only_masked_conditional_rows():
+    routing = ContextRouting()
+    uncond, cond, alt = torch.zeros(3, 4, 2), torch.ones(3, 4, 2), torch.full((3, 4, 2), 7.0)
+    routing.set(alt, torch.tensor([[True, False], [False, False], [True, True]]))
+    routed = routing.route(0, torch.cat([uncond, cond]))  # CFG: [unconditional, conditional]
+    assert torch.equal(routed[:3], uncond)  # the unconditional half is never touched
+    assert torch.equal(routed[3:], torch.stack([alt[0], cond[1], alt[2]]))
+    assert torch.equal(routing.route(1, cond)[2], alt[2])  # no CFG: all rows are conditional
+    assert torch.equal(routing.route(1, cond)[:2], cond[:2])
+    routing.clear()
+    assert torch.equal(routing.route(0, cond), cond)
+
+
+def test_layers_in_papers_order_match_the_registry(toy):
+    loaded, _ = toy
+    names = [layer.name for layer in cross_attention_modules(loaded.pipeline.unet)]
+    assert names == [layer.module_name for layer in loaded.registry.cross_attention]
+    assert len(names) == 16 and names[6].startswith("mid_block")
+
+
+def test_window_covering_no_layer_reproduces_clean_images_exactly(toy):
+    from compiler.generate import generate_images
+
+    pipe = toy[0].pipeline
+    clean = generate_images(pipe, PROMPTS, [0, 1], steps=FAST.steps, guidance=FAST.guidance, progress=False)
+    routed = generate_with_windows(pipe, PROMPTS, ALTERNATIVES, [0, 1], [None, None], FAST)
+    assert np.array_equal(clean, routed)
+    windowed = generate_with_windows(pipe, PROMPTS, ALTERNATIVES, [0, 1], [LayerWindow(0, 16)] * 2, FAST)
+    assert not np.array_equal(clean, windowed)  # c' everywhere does change the pictures
+    # The processors are removed afterwards: the plain pipeline is unchanged.
+    again = generate_images(pipe, PROMPTS, [0, 1], steps=FAST.steps, guidance=FAST.guidance, progress=False)
+    assert np.array_equal(clean, again)
+
+
+def test_per_sample_routing_equals_each_window_alone(toy):
+    pipe = toy[0].pipeline
+    first, second = LayerWindow(2, 3), LayerWindow(9, 2)
+    # Same batch shape throughout, so any difference comes from routing, not from batching.
+    mixed = generate_with_windows(pipe, PROMPTS, ALTERNATIVES, [0, 1], [first, second], FAST)
+    only_first = generate_with_windows(pipe, PROMPTS, ALTERNATIVES, [0, 1], [first, first], FAST)
+    only_second = generate_with_windows(pipe, PROMPTS, ALTERNATIVES, [0, 1], [second, second], FAST)
+    assert np.array_equal(mixed[0], only_first[0])
+    assert np.array_equal(mixed[1], only_second[1])
+    assert not np.array_equal(only_first[1], only_second[1])
+
+
+# ----------------------------------------------------------------------------- choosing
+def _score(start, size, rate, clip, passed):
+    return locogen.WindowScore(start, size, clip, rate, None, 1.0 - rate, passed)
+
+
+def test_smallest_passing_size_wins_and_ties_break_on_clip():
+    scores = [_score(0, 1, 0.9, 0.30, False), _score(1, 1, 0.8, 0.29, False),
+              _score(0, 2, 0.1, 0.25, True), _score(1, 2, 0.1, 0.20, True), _score(0, 3, 0.0, 0.1, True)]
+    best, passed = locogen.choose_window(scores, "accuracy", higher_is_better=False)
+    assert passed and (best.start, best.size) == (1, 2)
+    nothing = [_score(0, 1, 0.9, 0.3, False), _score(0, 2, 0.4, 0.3, False), _score(1, 2, 0.6, 0.3, False)]
+    best, passed = locogen.choose_window(nothing, "accuracy", higher_is_better=False)
+    assert not passed and (best.start, best.size) == (0, 2)  # the strongest effect
+    facts = [_score(0, 1, 0.2, 0.3, True), _score(1, 1, 0.9, 0.3, True)]
+    best, _ = locogen.choose_window(facts, "accuracy", higher_is_better=True)
+    assert best.start == 1
+
+
+# ----------------------------------------------------------------------------- the sweep
+def test_locate_result_schema_cache_hit_and_outputs(toy, tmp_path, monkeypatch):
+    loaded, judge = toy
+    kwargs = dict(judge=judge, n_prompts=1, steps=1, max_m=2, batch=16, model_hash=loaded.model_hash,
+                  progress=False)
+    result = locate(loaded.pipeline, "van gogh", "a painting", "style", **kwargs)
+    payload = json.loads(result.to_json())
+    assert payload["kind"] == "locogen" and payload["num_layers"] == 16
+    assert len(payload["windows"]) == 16 + 15
+    assert {"start", "size", "clip", "rate", "clip_effect", "rate_effect", "passed"} == set(payload["windows"][0])
+    assert payload["criterion"] == "accuracy"  # the toy judge can tell whether van gogh is there
+    assert payload["best"]["layers"] == list(range(result.best_start, result.best_start + result.best_size))
+    assert payload["settings"]["prompts"] == ["a red circle in the style of van gogh"]
+    assert payload["settings"]["alternative_prompts"] == ["a red circle in the style of a painting"]
+    assert payload["timings"]["samples"] == 16 + 15 + 2
+    assert result.images["clean"].shape == result.images["best"].shape == (1, 32, 32, 3)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a cache hit must not generate")
+
+    monkeypatch.setattr(locogen, "generate_from_embeddings", no_generation)
+    again = locate(loaded.pipeline, "van gogh", "a painting", "style", **kwargs)
+    assert again.cached and not result.cached
+    assert {**again.to_dict(), "cached": False} == result.to_dict()
+    assert np.array_equal(again.images["best"], result.images["best"])
+    with pytest.raises(AssertionError, match="cache hit"):  # other settings: another entry
+        locate(loaded.pipeline, "van gogh", "a painting", "style", **{**kwargs, "steps": 2})
+
+    written = write_outputs(again, tmp_path)
+    from PIL import Image
+
+    assert sorted(p.name for p in written) == ["grid.png", "heatmap.png", "locate.json"]
+    assert Image.open(tmp_path / "heatmap.png").size[0] > 16 * 30
+    assert json.loads((tmp_path / "locate.json").read_text())["best"] == payload["best"]
+
+
+def test_locate_rejects_bad_input_before_generating(toy):
+    loaded, judge = toy
+    with pytest.raises(UserError, match="max-m"):
+        locate(loaded.pipeline, "van gogh", "a painting", "style", judge=judge, max_m=17)
+    with pytest.raises(UserError, match="does not contain"):
+        locate(loaded.pipeline, "van gogh", "a painting", "style", judge=judge, prompts=["a red house"])
+    with pytest.raises(UserError, match="attribute"):
+        locate(loaded.pipeline, "van gogh", "a painting", "colour", judge=judge)
+
+
+def test_sharded_samples_merge_to_the_single_process_result(toy):
+    """What torch.distributed ranks compute, run here one rank after the other."""
+    from compiler.locate.distributed import ProcessGroup
+    from compiler.locate.engine import embed_prompts, embed_unconditional
+
+    pipe, judge = toy[0].pipeline, toy[1]
+    masks = torch.zeros(3, 16, dtype=torch.bool)
+    masks[1, 4:7] = True
+    masks[2] = True
+    samples = [(w, p, 0) for w in range(3) for p in range(2)]
+    args = (masks, embed_prompts(pipe, PROMPTS), embed_prompts(pipe, ALTERNATIVES), embed_unconditional(pipe),
+            PROMPTS, judge, "van gogh", FAST)
+
+    def run(group):
+        return locogen._run_routed(pipe, samples, group.shard(len(samples)), *args, keep_windows={0},
+                                   progress=False, desc="")
+
+    single = locogen._merge(ProcessGroup(0, 1), len(samples), *run(ProcessGroup(0, 1)))
+    parts = [run(ProcessGroup(rank, 2)) for rank in range(2)]
+    assert sorted(k for part in parts for k in part[0]) == list(range(len(samples)))
+
+    class TwoRanks(ProcessGroup):
+        def gather(self, payload):
+            return parts
+
+    sharded = locogen._merge(TwoRanks(0, 2), len(samples), *parts[0])
+    np.testing.assert_allclose(sharded[0], single[0], atol=2e-3)  # batches differ: float noise
+    assert sorted(sharded[2]) == sorted(single[2]) == [0, 1]
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_locate_json_files_and_exit_codes(toy, tmp_path, tmp_path_factory):
+    from compiler.cli import main
+
+    pipeline = quick_toy_weights(tmp_path_factory) / "pipeline"
+    out = tmp_path / "loc"
+    args = ["locate", "--model", str(pipeline), "--concept", "snoopy", "--replacement", "a dog",
+            "--attribute", "object", "--steps", "1", "--prompts", "1", "--max-m", "1", "--out", str(out)]
+    runner = CliRunner()
+    ok = runner.invoke(main, [*args, "--json"])
+    assert ok.exit_code == 0, ok.output
+    payload = json.loads(ok.stdout[ok.stdout.index("{"):])
+    assert payload["attribute"] == "object" and payload["judged_phrase"] == "snoopy"
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "heatmap.png", "locate.json"]
+
+    exists = runner.invoke(main, args)  # never overwrite without --force
+    assert exists.exit_code == 2 and "already exists" in exists.stderr
+    assert len(exists.stderr.strip().splitlines()) == 1
+    forced = runner.invoke(main, [*args, "--force"])
+    assert forced.exit_code == 0 and "window j=" in forced.stdout and "cached" in forced.stdout
+
+    bad_seeds = runner.invoke(main, [*args, "--force", "--seeds", "x"])
+    assert bad_seeds.exit_code == 2 and "--seeds" in bad_seeds.stderr
+    bad_attribute = runner.invoke(main, [*args[:-2], "--attribute", "colour"])
+    assert bad_attribute.exit_code == 2
