@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--model", default="toy")
     args = parser.parse_args()
-    from compiler.models import load_model
+    from compiler.models.load import load_model
     from compiler.toy.judge import load_judge
 
     judge = load_judge()

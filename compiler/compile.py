@@ -21,6 +21,7 @@ import torch
 from compiler import resolve, solve
 from compiler.errors import UserError
 from compiler.fuse import fuse_weights, get_parameter
+from compiler.models.families import known_location
 from compiler.recipe import Edit, Recipe
 
 METHODS = ("locoedit", "quickfix", "neurons")
@@ -90,7 +91,9 @@ def plan_edits(recipe: Recipe, model, locate_fn=None, progress: bool = True) -> 
 def _layers_for(edit: Edit, model, locate_fn, progress: bool) -> tuple[tuple[int, ...], str]:
     if isinstance(edit.layers, tuple):
         return edit.layers, "recipe"
-    known = model.known_location(edit.attribute)
+    known = None
+    if model.registry.matches_reference_widths:  # the papers' table holds at reference widths only
+        known = known_location(model.family, edit.attribute)
     if known is not None and edit.layers in ("auto", "default", None):
         return tuple(known.layers), "family default (papers' table)"
     if edit.layers == "default":
@@ -228,7 +231,7 @@ def _solve_quickfix(model, plans, preserve, recipe_lam):
     pipe = model.pipeline
     tokenizer = pipe.tokenizer
     spec = model.registry.text_layer0[0]
-    out_proj = pipe.text_encoder.get_submodule(spec.module_name)
+    out_proj = getattr(pipe, spec.component).get_submodule(spec.module_name)
     t0 = time.perf_counter()
     sources = [pr.source for p in plans for pr in p.pairs]
     targets = [pr.target for p in plans for pr in p.pairs]
@@ -248,7 +251,7 @@ def _solve_quickfix(model, plans, preserve, recipe_lam):
     preserve_keys = resolve.gather_rows(pres_in, resolve.all_token_positions(tokenizer, preserve))
     t_embed = time.perf_counter() - t0
     t0 = time.perf_counter()
-    qualified = f"text_encoder/{spec.weight}"
+    qualified = f"{spec.component}/{spec.weight}"
     old = get_parameter(pipe, qualified).detach()
     values = target_keys.double() @ old.double().T  # what the unedited layer gives the replacement
     result = solve.solve_quickfix(keys, values, old, lam=recipe_lam, preserve_keys=preserve_keys, name=qualified)
@@ -309,7 +312,7 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
 
     from compiler.export.diffusers_folder import (commit_output_dir, prepare_output_dir,
                                                   write_diffusers_folder, write_manifest)
-    from compiler.models import load_model
+    from compiler.models.load import load_model
 
     say = _reporter(progress)
     timings: dict[str, float] = {}

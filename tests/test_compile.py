@@ -25,8 +25,7 @@ edits:
     replacement: a painting
     attribute: style
     method: {method}
-    layers: [2, 3, 4]
-"""
+{layers}"""
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +37,14 @@ def quick_toy(tmp_path_factory) -> Path:
     return work / "weights" / "pipeline"
 
 
+def _recipe_text(model: Path, method: str = "locoedit") -> str:
+    layers = "" if method == "quickfix" else "    layers: [2, 3, 4]\n"
+    return RECIPE.format(model=model, method=method, layers=layers)
+
+
 def _recipe(tmp_path: Path, model: Path, method: str = "locoedit") -> Path:
     path = tmp_path / "recipe.yaml"
-    path.write_text(RECIPE.format(model=model, method=method))
+    path.write_text(_recipe_text(model, method))
     return path
 
 
@@ -54,10 +58,10 @@ def _tree_hash(folder: Path) -> str:
 
 
 def test_locoedit_maps_concept_onto_replacement_and_keeps_the_rest(quick_toy, tmp_path):
-    from compiler.models import load_model
+    from compiler.models.load import load_model
 
     model = load_model(str(quick_toy))
-    recipe = loads_recipe(RECIPE.format(model=quick_toy, method="locoedit"), str(tmp_path / "r.yaml"))
+    recipe = loads_recipe(_recipe_text(quick_toy), str(tmp_path / "r.yaml"))
     plans = compile_stage.plan_edits(recipe, model)
     result = compile_stage.compile_edits(recipe, model, plans)
     pipe = model.pipeline
@@ -81,9 +85,9 @@ def test_locoedit_maps_concept_onto_replacement_and_keeps_the_rest(quick_toy, tm
 
 
 def test_same_recipe_gives_bit_identical_tensors(quick_toy, tmp_path):
-    from compiler.models import load_model
+    from compiler.models.load import load_model
 
-    recipe = loads_recipe(RECIPE.format(model=quick_toy, method="locoedit"), str(tmp_path / "r.yaml"))
+    recipe = loads_recipe(_recipe_text(quick_toy), str(tmp_path / "r.yaml"))
     runs = []
     for _ in range(2):
         model = load_model(str(quick_toy))

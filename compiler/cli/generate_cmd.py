@@ -41,7 +41,7 @@ def generate_command(prompts, model_path, seeds, steps, guidance, scale, out_pat
     from PIL import Image
 
     from compiler.generate import generate_images, image_grid
-    from compiler.models import load_model
+    from compiler.models.load import load_model
 
     seed_list = parse_seeds(seeds)
     if not out_path.lower().endswith(".png"):
