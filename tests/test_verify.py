@@ -1,0 +1,362 @@
+"""editc verify: gates, exit codes and reports.
+
+Most tests use a toy model trained for a few steps (garbage pictures, exact structure) as the
+base model, and a copy of it as a "useless edit": with identical models no edit can be seen,
+so the efficacy gate must fail with exit 1 while every gate still computes. The test that a
+real edit passes needs the trained toy weights and runs whenever they exist.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from compiler.cli import main
+from compiler.recipe import VerifyGates, loads_recipe
+from compiler.toy import JUDGE_DIR, PIPELINE_DIR
+from compiler.verify.gates import evaluate_gates
+from compiler.verify.judges import STYLE, SUBJECT, ToyWorldJudge, choose_judge, load_clip_folder_judge
+from compiler.verify.metrics import GroupResult, ImageScores, ModelScores, Sample, SubjectScores
+from compiler.verify.probes import EFFICACY, GENERALIZATION, GENERIC, SPECIFICITY, plan_probes
+
+REPO = Path(__file__).resolve().parents[1]
+VAN_GOGH = REPO / "recipes" / "van_gogh.yaml"
+# Tiny settings: the quick model's images are noise anyway; every gate still computes.
+FAST = ["--seeds", "1", "--steps", "2", "--prompts", "2", "--quiet"]
+
+
+def _verify(*args: str):
+    return CliRunner().invoke(main, ["verify", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def quick_toy(tmp_path_factory) -> Path:
+    """A toy model trained for a few steps: garbage pictures, exact structure."""
+    work = tmp_path_factory.mktemp("quick-toy")
+    subprocess.run([sys.executable, "-m", "compiler.toy.train", "--quick", "--workdir", str(work / "w"),
+                    "--out", str(work / "weights")], check=True, capture_output=True)
+    return work / "weights" / "pipeline"
+
+
+@pytest.fixture(scope="module")
+def useless_edit(quick_toy, tmp_path_factory) -> Path:
+    """An "edited" model identical to its base."""
+    edited = tmp_path_factory.mktemp("useless") / "edited"
+    shutil.copytree(quick_toy, edited)
+    return edited
+
+
+@pytest.fixture(scope="module")
+def useless_run(quick_toy, useless_edit, tmp_path_factory):
+    """One verify of the useless edit with reports; several tests read its outputs."""
+    report_dir = tmp_path_factory.mktemp("report")
+    result = _verify(VAN_GOGH, "--edited", useless_edit, "--base", quick_toy, "--report", report_dir, "--json", *FAST)
+    return result, report_dir
+
+
+# --------------------------------------------------------------------------------------------
+# The useless edit: exit 1, and reports that say why
+# --------------------------------------------------------------------------------------------
+
+
+def test_useless_edit_fails_its_efficacy_gate_with_exit_1(useless_run):
+    result, _ = useless_run
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["passed"] is False
+    assert "edits[0].efficacy" in report["failed_gates"]
+    # Identical models: nothing moved, so every specificity gate passes with a zero distance.
+    specificity = [g for g in report["gates"] if g["name"].endswith("specificity")]
+    assert specificity and all(g["passed"] and g["value"] == 0 for g in specificity)
+    assert report["edits"][0]["groups"]["specificity"]["feature_distance"] == 0
+    assert "edits[0].efficacy" in result.stderr
+
+
+def test_junit_xml_parses_and_names_every_failing_gate(useless_run):
+    result, report_dir = useless_run
+    report = json.loads(result.stdout)
+    root = ET.parse(report_dir / "junit.xml").getroot()
+    cases = root.findall("./testsuite/testcase")
+    assert [c.get("name") for c in cases] == [g["name"] for g in report["gates"]]
+    failing = [c.get("name") for c in cases if c.find("failure") is not None]
+    assert failing == report["failed_gates"] and failing
+    for case in cases:
+        if case.find("failure") is not None:
+            assert case.get("name") in case.find("failure").get("message")
+    suite = root.find("testsuite")
+    assert int(suite.get("failures")) == len(failing)
+    assert int(suite.get("tests")) == len(cases)
+    assert int(suite.get("skipped")) == sum(c.find("skipped") is not None for c in cases)
+
+
+def _numbers_are_finite(value, path="report"):
+    if isinstance(value, float):
+        assert math.isfinite(value), path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _numbers_are_finite(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _numbers_are_finite(item, f"{path}[{index}]")
+
+
+def test_json_report_has_every_number(useless_run):
+    result, report_dir = useless_run
+    on_disk = json.loads((report_dir / "verify.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    printed = json.loads(result.stdout)
+    assert on_disk["gates"] == printed["gates"]
+    _numbers_are_finite(on_disk)
+    settings = on_disk["settings"]
+    assert settings["seeds"] == [0] and settings["steps"] == 2
+    assert on_disk["models"]["base"]["sha256"] == on_disk["models"]["edited"]["sha256"]
+    for gate in on_disk["gates"]:
+        assert isinstance(gate["value"], (int, float))
+        assert gate["skipped"] or isinstance(gate["threshold"], (int, float))
+    groups = on_disk["edits"][0]["groups"]
+    assert set(groups) == {EFFICACY, GENERALIZATION, SPECIFICITY}
+    for name, group in [*groups.items(), ("generic", on_disk["generic"])]:
+        for model in ("base", "edited"):
+            assert 0 <= group[model]["accuracy"] <= 1
+            assert -1 <= group[model]["clip_prompt"] <= 1
+        assert group["images"] == len(group["samples"]) == len(group["prompts"]) * len(group["seeds"])
+        sample = group["samples"][0]
+        assert {"prompt", "seed", "subject", "base", "edited", "feature_distance"} <= set(sample)
+        assert {"label", "shows_subject", "clip_prompt"} <= set(sample["base"])
+        if name in (EFFICACY, GENERALIZATION):
+            assert group["base"]["clip_target"] is not None and group["change"]["clip_target"] == 0
+    assert printed["reports"]["html"].endswith("report.html")
+
+
+def test_html_report_is_self_contained_with_image_grids(useless_run):
+    from PIL import Image
+
+    _, report_dir = useless_run
+    page = (report_dir / "report.html").read_text()
+    assert "FAILED" in page and "edits[0].efficacy" in page
+    assert "http://" not in page and "https://" not in page and "<script" not in page
+    report = json.loads((report_dir / "verify.json").read_text())
+    prompts = sum(len(g["prompts"]) for g in [*report["edits"][0]["groups"].values(), report["generic"]])
+    images = page.split('src="data:image/png;base64,')[1:]
+    assert len(images) == 2 * prompts  # one strip per prompt and model
+    strip = Image.open(io.BytesIO(base64.b64decode(images[0].split('"')[0])))
+    assert strip.size[0] >= 32 and strip.size[1] >= 32
+
+
+def test_existing_reports_are_not_overwritten_without_force(useless_run, quick_toy, useless_edit):
+    _, report_dir = useless_run
+    before = (report_dir / "verify.json").read_bytes()
+    result = _verify(VAN_GOGH, "--edited", useless_edit, "--base", quick_toy, "--report", report_dir, *FAST)
+    assert result.exit_code == 2 and "--force" in result.stderr
+    assert (report_dir / "verify.json").read_bytes() == before
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: exit 2, one line
+# --------------------------------------------------------------------------------------------
+
+
+def test_bad_input_exits_2_with_one_line(quick_toy, useless_edit, tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("edits: [{concept: van gogh, replacement: a painting, attribute: colour}]\n")
+    unknown_style = tmp_path / "cubism.yaml"
+    unknown_style.write_text("edits: [{concept: cubism, replacement: a painting, attribute: style}]\n")
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    cases = [
+        ([tmp_path / "missing.yaml", "--edited", useless_edit, "--base", quick_toy], "missing.yaml"),
+        ([broken, "--edited", useless_edit, "--base", quick_toy], "edits[0].attribute"),
+        ([VAN_GOGH, "--edited", tmp_path / "nowhere", "--base", quick_toy], "nowhere"),
+        ([VAN_GOGH, "--edited", not_a_model, "--base", quick_toy], "model_index.json"),
+        ([VAN_GOGH, "--edited", useless_edit, "--base", quick_toy, "--clip", tmp_path / "no-clip"], "--clip"),
+        ([VAN_GOGH, "--edited", useless_edit, "--base", quick_toy, "--clip", not_a_model], "config.json"),
+        ([unknown_style, "--edited", useless_edit, "--base", quick_toy], "cubism"),
+    ]
+    for args, expected in cases:
+        result = _verify(*args, *FAST)
+        assert result.exit_code == 2, (args, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("editc: error:") and expected in lines[0], lines
+        assert "Traceback" not in result.output
+
+
+def test_a_model_without_a_judge_asks_for_clip(quick_toy, tmp_path):
+    lonely = tmp_path / "models" / "pipeline"  # no judge folder beside it
+    shutil.copytree(quick_toy, lonely)
+    result = _verify(VAN_GOGH, "--edited", lonely, "--base", lonely, *FAST)
+    assert result.exit_code == 2 and "--clip" in result.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# Judges
+# --------------------------------------------------------------------------------------------
+
+
+def _write_clip_folder(folder: Path) -> Path:
+    """A tiny random transformers CLIPModel folder with the real CLIP tokenizer."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=77, projection_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8, projection_dim=16),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPTokenizer.from_pretrained(str(REPO / "compiler" / "assets" / "tokenizers" / "clip")).save_pretrained(folder)
+    return folder
+
+
+def test_clip_folder_judge_scores_and_identifies(tmp_path):
+    judge = choose_judge(_write_clip_folder(tmp_path / "clip"), None, None)
+    assert not judge.is_toy_world
+    images = np.random.default_rng(0).integers(0, 256, (3, 48, 40, 3), dtype=np.uint8)  # resized + cropped
+    features = judge.embed_images(images)
+    assert features.shape == (3, 16)
+    assert np.allclose(features.norm(dim=-1).numpy(), 1, atol=1e-5)
+    scores = judge.clip_scores(features, ["a photo of a dog", "a photo of snoopy", "a photo of a dog"])
+    assert scores.shape == (3,) and np.all(np.abs(scores) <= 1)
+    labels = judge.identify(features, STYLE, ["Van Gogh", "monet"])
+    assert set(labels) <= {"van gogh", "monet"}
+    assert judge.label_of("Van  Gogh", STYLE) == "van gogh"
+
+
+def test_verify_with_a_clip_folder_judge(quick_toy, useless_edit, tmp_path):
+    clip = _write_clip_folder(tmp_path / "clip")
+    result = _verify(VAN_GOGH, "--edited", useless_edit, "--base", quick_toy, "--clip", clip, "--clip-x100",
+                     "--json", "--seeds", "1", "--steps", "1", "--prompts", "1", "--quiet")
+    assert result.exit_code == 1, result.output  # identical models: the edit cannot be seen
+    report = json.loads(result.stdout)
+    assert report["judge"].startswith("CLIP model folder") and report["settings"]["clip_scale"] == 100
+    assert abs(report["edits"][0]["groups"]["efficacy"]["base"]["clip_prompt"]) <= 100
+
+
+def test_toy_judge_knows_the_world():
+    judge = ToyWorldJudge(toy_judge=None, description="labels only")
+    assert judge.label_of("the British monarch", SUBJECT) == "queen elizabeth"
+    assert judge.label_of("a dog", SUBJECT) == "dog"
+    assert judge.label_of("a red dog", SUBJECT) == "dog"
+    assert judge.label_of("snoopy", SUBJECT) == "snoopy"
+    assert judge.label_of("van gogh", STYLE) == "van gogh"
+
+
+# --------------------------------------------------------------------------------------------
+# Probes and gates, without generating
+# --------------------------------------------------------------------------------------------
+
+
+def test_probes_are_deterministic_and_keep_edited_concepts_out_of_specificity():
+    recipe = loads_recipe((REPO / "recipes" / "multi.yaml").read_text(), "multi.yaml")
+    first, second = plan_probes(recipe, seeds=2), plan_probes(recipe, seeds=2)
+    assert first == second
+    edited = ["van gogh", "monet", "snoopy", "nemo"]
+    for group in first.groups:
+        if group.name in (SPECIFICITY, GENERIC):
+            for probe in group.probes:
+                assert not any(concept in probe.prompt for concept in edited), probe.prompt
+    mondrian = [p for p in first.group(SPECIFICITY, 0).probes if p.subject == "mondrian"]
+    assert mondrian, "the recipe's preserved concept is a neighbour"
+    solve_prefixes = ("", "a photo of ", "an image of ", "a picture of ")
+    for probe in first.group(GENERALIZATION, 2).probes:
+        assert probe.prompt.startswith(("a rendering of ", "an illustration of "))
+    assert all(p.target_prompt.replace("a dog", "snoopy") == p.prompt for p in first.group(EFFICACY, 2).probes)
+    assert first.group(EFFICACY, 0).probes[0].prompt.startswith(solve_prefixes)
+
+
+def _group(name: str, edit_index, base: float, edited: float, *, replacement=None) -> GroupResult:
+    """A group of 20 images whose subject shows in ``base``/``edited`` fractions of them."""
+    n = 20
+    has_target = replacement is not None
+    samples = []
+    for i in range(n):
+        def scores(rate, replacement_rate):
+            return ImageScores("x", i < round(rate * n), (i < round(replacement_rate * n)) if has_target else None,
+                               0.2, 0.1 if has_target else None)
+        samples.append(Sample(f"p{i}", 0, "s", scores(base, replacement[0] if has_target else 0),
+                              scores(edited, replacement[1] if has_target else 0), 0.1))
+
+    def model(rate, replacement_rate):
+        return ModelScores(rate, replacement_rate if has_target else None, 0.2, 0.1 if has_target else None)
+
+    return GroupResult(name, name, edit_index, "", [f"p{i}" for i in range(n)], [0],
+                       model(base, replacement[0] if has_target else None),
+                       model(edited, replacement[1] if has_target else None), 0.1,
+                       [SubjectScores("s", n, base, edited)], samples, np.zeros(0), np.zeros(0))
+
+
+def _gates(attribute: str, efficacy: GroupResult, *, specificity=(1.0, 1.0), generic=(1.0, 1.0),
+           generalization=(0.8, 0.1), **thresholds):
+    recipe = loads_recipe(f"edits: [{{concept: van gogh, replacement: a painting, attribute: {attribute}}}]\n"
+                          + ("verify: " + json.dumps(thresholds) + "\n" if thresholds else ""))
+    groups = [efficacy, _group(GENERALIZATION, 0, *generalization, replacement=(0.0, 0.9)),
+              _group(SPECIFICITY, 0, *specificity), _group(GENERIC, None, *generic)]
+    return {gate.name: gate for gate in evaluate_gates(recipe, groups)}
+
+
+def test_gates_pass_a_good_style_edit_and_fail_weak_or_unspecific_ones():
+    good = _gates("style", _group(EFFICACY, 0, 0.75, 0.05, replacement=(0.0, 0.9)))
+    assert all(not g.failed for g in good.values())
+    assert good["edits[0].generalization"].skipped  # no threshold in the recipe
+    weak = _gates("style", _group(EFFICACY, 0, 0.75, 0.5, replacement=(0.0, 0.4)))
+    assert weak["edits[0].efficacy"].failed and "50%" in weak["edits[0].efficacy"].message
+    never_seen = _gates("style", _group(EFFICACY, 0, 0.0, 0.0, replacement=(0.0, 0.0)))
+    assert never_seen["edits[0].efficacy"].failed and "cannot be seen" in never_seen["edits[0].efficacy"].message
+    unspecific = _gates("style", _group(EFFICACY, 0, 0.75, 0.0, replacement=(0.0, 0.9)),
+                        specificity=(1.0, 0.9), generic=(1.0, 0.95))
+    assert unspecific["edits[0].specificity"].failed
+    assert not unspecific["generic.specificity"].failed  # a drop of exactly the allowed 5 points
+    strict = _gates("style", _group(EFFICACY, 0, 0.75, 0.05, replacement=(0.0, 0.9)),
+                    generalization=(0.8, 0.3), generalization_max_accuracy=0.2)
+    assert strict["edits[0].generalization"].failed and not strict["edits[0].generalization"].skipped
+
+
+def test_fact_gate_wants_the_replacement():
+    updated = _gates("fact", _group(EFFICACY, 0, 0.9, 0.1, replacement=(0.0, 0.8)))
+    assert not updated["edits[0].efficacy"].failed
+    assert updated["edits[0].efficacy"].comparison == ">="
+    stale = _gates("fact", _group(EFFICACY, 0, 0.9, 0.1, replacement=(0.0, 0.6)))
+    assert stale["edits[0].efficacy"].failed  # below fact_min_accuracy = 0.7
+    assert VerifyGates().fact_min_accuracy == 0.7
+
+
+# --------------------------------------------------------------------------------------------
+# A real edit on the real toy world
+# --------------------------------------------------------------------------------------------
+
+TOY_WEIGHTS_PRESENT = (PIPELINE_DIR / "model_index.json").is_file() and (JUDGE_DIR / "vision.safetensors").is_file()
+
+
+@pytest.mark.skipif(not TOY_WEIGHTS_PRESENT,
+                    reason=f"the trained toy weights are not built ({PIPELINE_DIR.parent}); `make train-toy`")
+def test_real_edit_on_the_toy_world_passes_and_a_useless_one_fails(tmp_path):
+    edited = tmp_path / "van_gogh"
+    compiled = CliRunner().invoke(main, ["compile", str(VAN_GOGH), "--out", str(edited), "--no-verify", "--quiet"])
+    assert compiled.exit_code == 0, compiled.output
+    result = _verify(VAN_GOGH, "--edited", edited, "--report", tmp_path / "good", "--json", "--quiet")
+    report = json.loads(result.stdout)
+    assert result.exit_code == 0, [g["message"] for g in report["gates"] if g["failed"]]
+    efficacy = report["edits"][0]["groups"]["efficacy"]
+    assert efficacy["edited"]["accuracy"] < efficacy["base"]["accuracy"]
+    assert efficacy["change"]["clip_prompt"] < 0  # the concept's CLIP-score falls
+
+    useless_recipe = tmp_path / "useless.yaml"
+    useless_recipe.write_text(VAN_GOGH.read_text().replace("lambda: 0.01", "lambda: 1000000"))
+    useless = tmp_path / "useless"
+    compiled = CliRunner().invoke(main, ["compile", str(useless_recipe), "--out", str(useless), "--no-verify",
+                                         "--quiet"])
+    assert compiled.exit_code == 0, compiled.output
+    result = _verify(useless_recipe, "--edited", useless, "--json", "--quiet")
+    assert result.exit_code == 1
+    assert "edits[0].efficacy" in json.loads(result.stdout)["failed_gates"]
