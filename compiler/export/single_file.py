@@ -1,0 +1,358 @@
+"""Edited models as original single files (the layout A1111 and ComfyUI load).
+
+From a single-file source the output is the source **copied byte for byte and patched tensor
+by tensor**: the same tensor table (keys, dtypes, shapes, order, byte offsets), every other
+tensor (EMA weights, vendor keys) untouched, the source's metadata kept, ModelSpec keys added
+where missing, and the ``editc.*`` provenance added. Only the safetensors header is rewritten
+(its metadata grows); the data section is streamed and the edited byte ranges overwritten.
+
+From a diffusers folder the output is the family's original layout (``compiler.models.layout``
+converts names and tensors), each tensor in the dtype of the source's weights.
+
+Names of edited tensors are qualified diffusers names, ``<component>/<parameter>``, as
+``compiler.fuse`` uses them. Where the original layout differs from diffusers' (OpenCLIP's
+fused ``in_proj`` for q/k/v, the transposed ``text_projection``, the VAE attention's 1×1
+convolutions), a patch rewrites the affected part of the original tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compiler.errors import UserError
+from compiler.export.atomic import atomic_output_file
+from compiler.export.provenance import check_provenance
+
+# safetensors dtype names <-> torch dtypes
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+_OPENCLIP_QKV = re.compile(r"self_attn\.(q|k|v)_proj\.(weight|bias)$")
+_COPY_CHUNK = 16 * 1024 * 1024
+
+# ModelSpec (https://github.com/Stability-AI/ModelSpec) architecture ids per family.
+_MODELSPEC_IMPLEMENTATION = {
+    "sd1": "https://github.com/CompVis/stable-diffusion",
+    "sd2": "https://github.com/Stability-AI/stablediffusion",
+    "sdxl": "https://github.com/Stability-AI/generative-models",
+}
+
+
+def modelspec_architecture(family: str, prediction_type: str | None) -> str:
+    if family == "sd1":
+        return "stable-diffusion-v1"
+    if family == "sd2":
+        return "stable-diffusion-v2-512" if prediction_type == "epsilon" else "stable-diffusion-v2-768-v"
+    if family == "sdxl":
+        return "stable-diffusion-xl-v1-base"
+    raise UserError(f"{family} has no single-file format (valid: sd1, sd2, sdxl)")
+
+
+def modelspec_metadata(source_metadata: Mapping[str, str], family: str, prediction_type: str | None,
+                       provenance: Mapping[str, str]) -> dict[str, str]:
+    """Source metadata, ModelSpec keys added where missing or updated, then the provenance."""
+    metadata = dict(source_metadata)
+    metadata.setdefault("modelspec.sai_model_spec", "1.0.0")
+    metadata.setdefault("modelspec.architecture", modelspec_architecture(family, prediction_type))
+    metadata.setdefault("modelspec.implementation", _MODELSPEC_IMPLEMENTATION[family])
+    if prediction_type is not None:
+        metadata.setdefault("modelspec.prediction_type", "v" if prediction_type == "v_prediction" else "epsilon")
+    title = metadata.get("modelspec.title", "")
+    if provenance and "(edited by editc)" not in title:
+        metadata["modelspec.title"] = f"{title} (edited by editc)".strip()
+    if provenance:
+        method = provenance.get("editc.method", "edit")
+        note = (f"editc {method} edit, recipe sha256 {provenance.get('editc.recipe_sha256', '?')[:12]}, "
+                f"base sha256 {provenance.get('editc.base_model_sha256', '?')[:12]}")
+        description = metadata.get("modelspec.description", "")
+        metadata["modelspec.description"] = f"{description}\n{note}".strip() if description else note
+    metadata.update(provenance)
+    return metadata
+
+
+# --------------------------------------------------------------------------------------------
+# Name and value mapping between the layouts
+# --------------------------------------------------------------------------------------------
+
+
+def split_qualified(qualified: str) -> tuple[str, str]:
+    component, _, parameter = qualified.partition("/")
+    if not parameter:
+        raise ValueError(f"{qualified!r} is not '<component>/<parameter>'")
+    return component, parameter
+
+
+def original_name(family: str, qualified: str, configs: Mapping[str, Mapping]) -> str:
+    """The single-file name holding diffusers tensor ``<component>/<parameter>``."""
+    from compiler.models.layout import component_name_to_original
+
+    component, parameter = split_qualified(qualified)
+    config = configs.get(component, {}) if component in ("unet", "vae") else {}
+    try:
+        return component_name_to_original(family, component, parameter, config)
+    except (KeyError, StopIteration) as err:
+        raise UserError(f"{qualified}: no {family} single-file name for this tensor ({err})") from None
+
+
+def original_names(family: str, qualified_names: Iterable[str], configs: Mapping[str, Mapping]) -> dict[str, str]:
+    return {name: original_name(family, name, configs) for name in sorted(qualified_names)}
+
+
+def to_original_value(qualified: str, original: str, value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """The new content of original tensor ``original`` (now ``current``) once diffusers tensor
+    ``qualified`` becomes ``value``, in ``current``'s dtype and shape."""
+    value = value.detach().to("cpu")
+    if original.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
+        which = "qkv".index(_OPENCLIP_QKV.search(qualified)[1])
+        rows = current.shape[0] // 3
+        patched = current.clone()
+        patched[which * rows:(which + 1) * rows] = value.to(current.dtype)
+        return patched
+    if original.endswith("text_projection") and not original.endswith(".weight"):
+        value = value.t()
+    if value.numel() != current.numel():
+        raise UserError(f"{qualified}: new tensor has shape {list(value.shape)}, but {original} in "
+                        f"the checkpoint is {list(current.shape)}; the edit was made for another model")
+    return value.reshape(current.shape).to(current.dtype).contiguous()
+
+
+def from_original_value(qualified: str, original: str, stored: torch.Tensor) -> torch.Tensor:
+    """The diffusers tensor ``qualified`` read out of original tensor ``stored`` (inverse of
+    :func:`to_original_value`; VAE 1×1 convolutions stay 4-D, compare by values)."""
+    if original.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
+        which = "qkv".index(_OPENCLIP_QKV.search(qualified)[1])
+        rows = stored.shape[0] // 3
+        return stored[which * rows:(which + 1) * rows]
+    if original.endswith("text_projection") and not original.endswith(".weight"):
+        return stored.t()
+    return stored
+
+
+# --------------------------------------------------------------------------------------------
+# Patching a safetensors file in place of a copy
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SafetensorsTable:
+    path: Path
+    entries: dict[str, dict]  # in file order: name -> {dtype, shape, data_offsets}
+    metadata: dict[str, str]
+    data_start: int  # byte offset of the data section
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> SafetensorsTable:
+        from compiler.models.checkpoint import read_safetensors_header
+
+        path = Path(path)
+        entries, metadata = read_safetensors_header(path)  # validated against the file size
+        with path.open("rb") as f:
+            (header_length,) = struct.unpack("<Q", f.read(8))
+        return cls(path, entries, metadata, 8 + header_length)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), "pt") as f:
+            return f.get_tensor(name)
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
+def _header_bytes(entries: Mapping[str, dict], metadata: Mapping[str, str]) -> bytes:
+    header = {"__metadata__": dict(metadata)} if metadata else {}
+    header.update(entries)
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def patch_safetensors_copy(source: SafetensorsTable, out_file: Path,
+                           replacements: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
+    """Write ``source`` to ``out_file`` with the tensors in ``replacements`` overwritten.
+
+    The tensor table is kept as is (each replacement has the stored dtype and shape, hence the
+    same byte range); only the header's metadata changes. ``out_file`` is written, never the
+    source.
+    """
+    patches = []
+    for name, tensor in replacements.items():
+        entry = source.entries.get(name)
+        if entry is None:
+            raise UserError(f"{source.path}: has no tensor '{name}' to patch")
+        if SAFETENSORS_DTYPES.get(entry["dtype"]) != tensor.dtype or list(tensor.shape) != list(entry["shape"]):
+            raise ValueError(f"{name}: patch is {tensor.dtype} {list(tensor.shape)}, the file holds "
+                             f"{entry['dtype']} {entry['shape']}")
+        start, end = entry["data_offsets"]
+        data = _tensor_bytes(tensor)
+        if len(data) != end - start:
+            raise ValueError(f"{name}: patch is {len(data)} bytes, the file's range is {end - start}")
+        patches.append((start, data))
+    with source.path.open("rb") as src, out_file.open("wb") as dst:
+        dst.write(_header_bytes(source.entries, metadata))
+        src.seek(source.data_start)
+        shutil.copyfileobj(src, dst, _COPY_CHUNK)
+        data_start = dst.tell() - (source.path.stat().st_size - source.data_start)
+        for start, data in sorted(patches, key=lambda p: p[0]):
+            dst.seek(data_start + start)
+            dst.write(data)
+
+
+def original_replacements(family: str, edited: Mapping[str, torch.Tensor], configs: Mapping[str, Mapping],
+                          read_current) -> dict[str, torch.Tensor]:
+    """Original-layout tensors to write for the diffusers-named ``edited`` tensors.
+
+    ``read_current(original_name)`` returns the tensor the checkpoint holds now; several
+    diffusers tensors may patch one original tensor (OpenCLIP's q/k/v in one ``in_proj``).
+    """
+    replacements: dict[str, torch.Tensor] = {}
+    for qualified in sorted(edited):
+        original = original_name(family, qualified, configs)
+        current = replacements.get(original)
+        if current is None:
+            current = read_current(original)
+        replacements[original] = to_original_value(qualified, original, edited[qualified], current)
+    return replacements
+
+
+# --------------------------------------------------------------------------------------------
+# The export
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Source:
+    path: Path
+    format: str  # "diffusers" | "single-file"
+    family: str
+    configs: dict[str, dict]
+    metadata: dict[str, str]
+    prediction_type: str | None
+    pipeline: object | None = None  # loaded pipeline, when the caller had one
+
+
+def _describe_source(source) -> _Source:
+    from compiler.models.load import LoadedModel, inspect_source
+
+    if isinstance(source, LoadedModel):
+        inspected = inspect_source(source.source_path, source.prediction_type)
+        return _Source(Path(source.source_path), source.source_format, source.family,
+                       inspected.configs, dict(source.metadata), source.prediction_type, source.pipeline)
+    inspected = inspect_source(source)
+    return _Source(inspected.path, inspected.format, inspected.family, inspected.configs,
+                   dict(inspected.metadata), inspected.prediction_type)
+
+
+def export_single_file(edited: Mapping[str, torch.Tensor], source, out_path: str | os.PathLike,
+                       provenance: Mapping[str, str] | None = None, *, force: bool = False) -> Path:
+    """Write the edited model as an original single file at ``out_path`` (``.safetensors``).
+
+    ``edited``: qualified diffusers names (``unet/...attn2.to_k.weight``) -> new tensors.
+    ``source``: the unedited model, a ``LoadedModel`` or a path (single file or diffusers folder).
+    ``provenance``: ``editc.*`` strings for the metadata. The write is atomic; an existing
+    ``out_path`` is replaced only with ``force``; the source is never modified.
+    """
+    metadata_in = check_provenance(provenance or {})
+    described = _describe_source(source)
+    from compiler.models.families import FAMILIES
+
+    if not FAMILIES[described.family].has_single_file_format:
+        raise UserError(f"{described.path}: {described.family} has no single-file format; export "
+                        f"a diffusers folder or a delta instead")
+    out = Path(out_path)
+    if out.suffix.lower() != ".safetensors":
+        raise UserError(f"{out}: single-file output must end in .safetensors")
+    metadata = modelspec_metadata(described.metadata, described.family, described.prediction_type,
+                                  metadata_in)
+    with atomic_output_file(out, force=force, inputs=[described.path]) as temporary:
+        if described.format == "single-file" and described.path.suffix.lower() == ".safetensors":
+            table = SafetensorsTable.read(described.path)
+            replacements = original_replacements(described.family, edited, described.configs, table.tensor)
+            patch_safetensors_copy(table, temporary, replacements, metadata)
+        elif described.format == "single-file":
+            _write_from_ckpt(described, edited, temporary, metadata)
+        else:
+            _write_from_diffusers(described, edited, temporary, metadata)
+    return out.absolute()
+
+
+def _write_from_ckpt(described: _Source, edited, out_file: Path, metadata: Mapping[str, str]) -> None:
+    """A .ckpt source: its state dict as safetensors, in the file's key order, patched."""
+    from safetensors.torch import save_file
+
+    from compiler.models.checkpoint import load_ckpt_state_dict
+
+    tensors, _ = load_ckpt_state_dict(described.path)
+    replacements = original_replacements(described.family, edited, described.configs, tensors.__getitem__)
+    tensors.update(replacements)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_file), metadata=dict(metadata))
+
+
+def _source_dtypes(folder: Path, component: str) -> dict[str, torch.dtype]:
+    """The stored dtype of each tensor in a diffusers component's safetensors files."""
+    from compiler.models.checkpoint import read_safetensors_header
+
+    dtypes: dict[str, torch.dtype] = {}
+    for weights in sorted((folder / component).glob("*.safetensors")):
+        if len(weights.name.split(".")) > 2:  # a variant (model.fp16.safetensors): not the default
+            continue
+        entries, _ = read_safetensors_header(weights)
+        for name, entry in entries.items():
+            dtypes[name.removeprefix("text_model.")] = SAFETENSORS_DTYPES[entry["dtype"]]
+    return dtypes
+
+
+def _write_from_diffusers(described: _Source, edited, out_file: Path, metadata: Mapping[str, str]) -> None:
+    """A diffusers source: every component converted to the family's original layout."""
+    from safetensors.torch import save_file
+
+    from compiler.models.layout import SINGLE_FILE_COMPONENTS, component_to_original
+
+    pipeline = described.pipeline
+    if pipeline is None:
+        from compiler.models.load import load_model
+
+        pipeline = load_model(described.path).pipeline
+    tensors: dict[str, torch.Tensor] = {}
+    by_component: dict[str, dict[str, torch.Tensor]] = {}
+    for qualified, value in edited.items():
+        component, parameter = split_qualified(qualified)
+        by_component.setdefault(component, {})[parameter] = value
+    for component in SINGLE_FILE_COMPONENTS[described.family]:
+        module = getattr(pipeline, component)
+        state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
+        for parameter, value in by_component.pop(component, {}).items():
+            key = parameter if parameter in state else "text_model." + parameter.removeprefix("text_model.")
+            if key not in state:
+                key = parameter.removeprefix("text_model.")
+            if key not in state:
+                raise UserError(f"{component}/{parameter}: no such tensor in the model")
+            state[key] = value.detach().cpu().reshape(state[key].shape)
+        stored = _source_dtypes(described.path, component)
+        for name in list(state):
+            dtype = stored.get(name.removeprefix("text_model."), state[name].dtype)
+            state[name] = state[name].to(dtype)
+        config = described.configs.get(component, {}) if component in ("unet", "vae") else {}
+        tensors.update(component_to_original(described.family, component, state, config))
+    if by_component:
+        raise UserError(f"edited tensors of {', '.join(sorted(by_component))} have no place in a "
+                        f"{described.family} single file")
+    # The configs ride along, so that a model off the family's conventions (the toy model's
+    # widths and heads, its VAE scaling factor, its scheduler) loads back exactly.
+    from compiler.models.configs import config_metadata
+
+    metadata = {**config_metadata(pipeline.components), **metadata}
+    ordered = {name: tensors[name].contiguous() for name in sorted(tensors)}
+    save_file(ordered, str(out_file), metadata=dict(sorted(metadata.items())))
