@@ -1,0 +1,261 @@
+"""Delta files: only the edited tensors, and ``apply_delta`` to put them into a checkpoint.
+
+A delta is a ``.safetensors`` file whose tensors are the edited ones under their qualified
+diffusers names (``unet/…attn2.to_k.weight``), each in the dtype the base model stores it in;
+a few hundred KB to a few MB for the papers' edits. Its ``__metadata__`` holds the edit's
+provenance (``editc.*``) and:
+
+- ``editc.delta.format``               ``editc-delta/1``
+- ``editc.delta.family``               sd1 | sd2 | sdxl | if
+- ``editc.delta.base_format``          the layout of the base it was made from
+- ``editc.delta.base_model_sha256``    the base's hash (``compiler.models.hashing``)
+- ``editc.delta.base_tensors_sha256``  hash of the base's values of the edited tensors, which
+  is the same in both layouts (a diffusers folder and its single file hash differently)
+- ``editc.delta.original_names``       JSON: qualified diffusers name -> single-file name
+
+``apply_delta`` accepts a checkpoint in either layout as the delta's base when its hash is the
+recorded one, or when it holds the recorded base values of every edited tensor (the same model
+in the other layout); anything else is refused unless ``force``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from compiler.errors import UserError
+from compiler.export.atomic import atomic_output_dir, atomic_output_file
+from compiler.export.provenance import check_provenance
+from compiler.export.single_file import (SafetensorsTable, export_single_file, from_original_value,
+                                        original_names, split_qualified)
+
+FORMAT = "editc-delta/1"
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+# --------------------------------------------------------------------------------------------
+# Reading tensors of a checkpoint by their diffusers names, in either layout
+# --------------------------------------------------------------------------------------------
+
+
+def _component_files(source, component: str) -> list[Path]:
+    return [f for f in source.weight_files if f.parent.name == component]
+
+
+def read_base_tensors(source, qualified_names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The tensors a checkpoint holds under these diffusers names, as stored (dtype, values).
+
+    ``source`` is a ``ModelSource`` (``compiler.models.load.inspect_source``). Tensors that the
+    single-file layout stores differently come back in diffusers form (a slice of OpenCLIP's
+    ``in_proj``, the transposed ``text_projection``); VAE attention weights stay 1×1 convs.
+    """
+    from safetensors import safe_open
+
+    from compiler.models.checkpoint import load_ckpt_state_dict
+
+    names = sorted(qualified_names)
+    out: dict[str, torch.Tensor] = {}
+    if source.format == "diffusers":
+        for qualified in names:
+            component, parameter = split_qualified(qualified)
+            for weights in _component_files(source, component):
+                if weights.suffix != ".safetensors":
+                    state, _ = load_ckpt_state_dict(weights)
+                    keys = state.keys()
+                else:
+                    with safe_open(str(weights), "pt") as f:
+                        keys = set(f.keys())
+                key = next((k for k in (parameter, "text_model." + parameter,
+                                        parameter.removeprefix("text_model.")) if k in keys), None)
+                if key is not None:
+                    if weights.suffix == ".safetensors":
+                        with safe_open(str(weights), "pt") as f:
+                            out[qualified] = f.get_tensor(key)
+                    else:
+                        out[qualified] = state[key]
+                    break
+            else:
+                raise UserError(f"{source.path}: holds no tensor {qualified}; the delta was made "
+                                f"for another model")
+        return out
+    originals = original_names(source.family, names, source.configs)
+    if source.path.suffix.lower() == ".safetensors":
+        table = SafetensorsTable.read(source.path)
+        read = table.tensor
+        present = table.entries
+    else:
+        state, _ = load_ckpt_state_dict(source.path)
+        read = state.__getitem__
+        present = state
+    for qualified, original in originals.items():
+        if original not in present:
+            raise UserError(f"{source.path}: holds no tensor {original} ({qualified}); the delta "
+                            f"was made for another model")
+        out[qualified] = from_original_value(qualified, original, read(original))
+    return out
+
+
+def base_tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A layout-independent hash of tensor values: name and float32 values, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        values = tensors[name].detach().to(torch.float32).contiguous().reshape(-1)
+        digest.update(name.encode() + b"\n")
+        digest.update(values.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------
+
+
+def _base_source(base):
+    """A ModelSource for the base (LoadedModel or path), or None for a bare hash."""
+    from compiler.models.load import LoadedModel, inspect_source
+
+    if isinstance(base, LoadedModel):
+        return inspect_source(base.source_path, base.prediction_type), base.model_hash
+    if isinstance(base, str) and _SHA256.fullmatch(base) and not Path(base).exists():
+        return None, base
+    from compiler.models.load import source_hash
+
+    source = inspect_source(base)
+    return source, source_hash(source)
+
+
+def export_delta(edited: Mapping[str, torch.Tensor], base, out_path: str | os.PathLike,
+                 provenance: Mapping[str, str] | None = None, *, force: bool = False) -> Path:
+    """Write the edited tensors as a delta file at ``out_path`` (``.safetensors``).
+
+    ``edited``: qualified diffusers names -> new tensors. ``base``: the unedited model as a
+    ``LoadedModel`` or a path (then each tensor is stored in the base's dtype, and the base's
+    values are hashed so that the delta also applies to the base in the other layout), or just
+    the base's SHA-256 (then only a checkpoint with that hash is its base).
+    """
+    if not edited:
+        raise UserError("the delta would be empty: no edited tensors")
+    out = Path(out_path)
+    if out.suffix.lower() != ".safetensors":
+        raise UserError(f"{out}: a delta file must end in .safetensors")
+    metadata = dict(check_provenance(provenance or {}))
+    source, base_hash = _base_source(base)
+    metadata["editc.delta.format"] = FORMAT
+    metadata["editc.delta.base_model_sha256"] = base_hash
+    metadata.setdefault("editc.base_model_sha256", base_hash)
+    tensors = {name: value.detach().cpu().contiguous() for name, value in sorted(edited.items())}
+    if source is not None:
+        from compiler.models.families import FAMILIES
+
+        stored = read_base_tensors(source, tensors)
+        for name, value in tensors.items():
+            if value.numel() != stored[name].numel():
+                raise UserError(f"{name}: edited tensor has shape {list(value.shape)}, the base "
+                                f"holds {list(stored[name].shape)}")
+            tensors[name] = value.to(stored[name].dtype).reshape(value.shape).contiguous()
+        metadata["editc.delta.family"] = source.family
+        metadata["editc.delta.base_format"] = source.format
+        metadata["editc.delta.base_tensors_sha256"] = base_tensors_sha256(stored)
+        if FAMILIES[source.family].has_single_file_format:
+            metadata["editc.delta.original_names"] = json.dumps(
+                original_names(source.family, tensors, source.configs), sort_keys=True)
+    from safetensors.torch import save_file
+
+    with atomic_output_file(out, force=force) as temporary:
+        save_file(tensors, str(temporary), metadata=dict(sorted(metadata.items())))
+    return out.absolute()
+
+
+# --------------------------------------------------------------------------------------------
+# Applying
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Delta:
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+    @property
+    def provenance(self) -> dict[str, str]:
+        """The edit's provenance, without the delta-only keys."""
+        return {k: v for k, v in self.metadata.items()
+                if k.startswith("editc.") and not k.startswith("editc.delta.")}
+
+
+def read_delta(delta_path: str | os.PathLike) -> Delta:
+    from safetensors import safe_open
+
+    from compiler.models.checkpoint import read_safetensors_header
+
+    path = Path(delta_path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such delta file")
+    _, metadata = read_safetensors_header(path)
+    if metadata.get("editc.delta.format") != FORMAT:
+        raise UserError(f"{path}: not an editc delta file (metadata editc.delta.format is "
+                        f"{metadata.get('editc.delta.format')!r}, expected '{FORMAT}')")
+    with safe_open(str(path), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return Delta(path, tensors, metadata)
+
+
+@dataclass
+class AppliedDelta:
+    out: Path
+    base_match: str  # "hash" | "tensors" (same weights, other layout) | "forced"
+    tensors: int
+
+
+def apply_delta(delta_path: str | os.PathLike, checkpoint_path: str | os.PathLike,
+                out_path: str | os.PathLike, force: bool = False) -> AppliedDelta:
+    """Apply a delta to a checkpoint (diffusers folder or single file), writing ``out_path``.
+
+    The output has the checkpoint's layout: a diffusers folder (unchanged files hard-linked) or
+    a patched copy of the single file. A checkpoint that is not the delta's base is refused
+    unless ``force``; ``force`` also allows replacing an existing ``out_path``. The checkpoint
+    itself is never modified.
+    """
+    from compiler.export.diffusers_folder import write_diffusers_folder
+    from compiler.models.load import inspect_source, source_hash
+
+    delta = read_delta(delta_path)
+    source = inspect_source(checkpoint_path)
+    family = delta.metadata.get("editc.delta.family")
+    if family is not None and family != source.family:
+        raise UserError(f"{source.path}: is a {source.family} model, but the delta {delta.path} was "
+                        f"made for {family}")
+    expected_hash = delta.metadata["editc.delta.base_model_sha256"]
+    if source_hash(source) == expected_hash:
+        match = "hash"
+    else:
+        current = read_base_tensors(source, delta.tensors)
+        if base_tensors_sha256(current) == delta.metadata.get("editc.delta.base_tensors_sha256"):
+            match = "tensors"
+        elif force:
+            match = "forced"
+        else:
+            raise UserError(f"{source.path}: is not the delta's base model (its sha256 is "
+                            f"{source_hash(source)[:16]}…, the delta was made for "
+                            f"{expected_hash[:16]}…, and the edited tensors' base values differ); "
+                            f"pass --force to apply it anyway")
+    provenance = delta.provenance
+    if source.format == "diffusers":
+        out = Path(out_path)
+        with atomic_output_dir(out, force=force, inputs=[source.path]) as folder:
+            write_diffusers_folder(source.path, delta.tensors, folder, provenance)
+        written = out.absolute()
+    else:
+        if Path(out_path).suffix.lower() != ".safetensors":
+            raise UserError(f"{out_path}: the output of a single-file checkpoint must end in "
+                            f".safetensors")
+        written = export_single_file(delta.tensors, source.path, out_path, provenance, force=force)
+    return AppliedDelta(written, match, len(delta.tensors))
