@@ -26,7 +26,7 @@ from compiler.cli import main
 from compiler.recipe import VerifyGates, loads_recipe
 from compiler.toy import JUDGE_DIR, PIPELINE_DIR
 from compiler.verify.gates import evaluate_gates
-from compiler.verify.judges import STYLE, SUBJECT, ToyWorldJudge, choose_judge, load_clip_folder_judge
+from compiler.verify.judges import STYLE, SUBJECT, ToyWorldJudge, choose_judge
 from compiler.verify.metrics import GroupResult, ImageScores, ModelScores, Sample, SubjectScores
 from compiler.verify.probes import EFFICACY, GENERALIZATION, GENERIC, SPECIFICITY, plan_probes
 
@@ -268,11 +268,12 @@ def test_probes_are_deterministic_and_keep_edited_concepts_out_of_specificity():
                 assert not any(concept in probe.prompt for concept in edited), probe.prompt
     mondrian = [p for p in first.group(SPECIFICITY, 0).probes if p.subject == "mondrian"]
     assert mondrian, "the recipe's preserved concept is a neighbour"
-    solve_prefixes = ("", "a photo of ", "an image of ", "a picture of ")
+    held_out = ("a rendering of ", "an illustration of ")
     for probe in first.group(GENERALIZATION, 2).probes:
-        assert probe.prompt.startswith(("a rendering of ", "an illustration of "))
-    assert all(p.target_prompt.replace("a dog", "snoopy") == p.prompt for p in first.group(EFFICACY, 2).probes)
-    assert first.group(EFFICACY, 0).probes[0].prompt.startswith(solve_prefixes)
+        assert probe.prompt.startswith(held_out)
+    for probe in first.group(EFFICACY, 2).probes:
+        assert not probe.prompt.startswith(held_out)
+        assert probe.target_prompt.replace("a dog", "snoopy") == probe.prompt
 
 
 def _group(name: str, edit_index, base: float, edited: float, *, replacement=None) -> GroupResult:

@@ -31,6 +31,7 @@ class ImageSet:
 
     keys: list[tuple[str, int]]
     images: np.ndarray  # uint8 (N, H, W, 3), in the order of ``keys``
+    index: dict[tuple[str, int], int] = field(init=False, repr=False)
 
     def __post_init__(self):
         self.index = {key: i for i, key in enumerate(self.keys)}

@@ -203,8 +203,11 @@ def _candidates(groups: list[ProbeGroup]) -> dict[str, tuple[str, ...]]:
         for probe in group.probes:
             target = styles if probe.kind == STYLE else subjects
             target.extend(p for p in (probe.subject, probe.replacement) if p)
-    unique = lambda phrases: tuple(dict.fromkeys(normalize_phrase(p) for p in phrases))  # noqa: E731
-    return {STYLE: unique(styles), SUBJECT: unique(subjects)}
+    return {STYLE: _unique_phrases(styles), SUBJECT: _unique_phrases(subjects)}
+
+
+def _unique_phrases(phrases: list[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(normalize_phrase(p) for p in phrases))
 
 
 def plan_probes(recipe: Recipe, *, seeds: int, prompts_per_group: int = DEFAULT_PROMPTS_PER_GROUP,
