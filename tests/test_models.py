@@ -213,6 +213,51 @@ def test_dtype_is_uniform_and_stored_dtype_reported(tiny, tmp_path):
             for p in getattr(model.pipeline, c).parameters()} == {torch.float32}
 
 
+def test_configs_stored_in_metadata_win_over_conventions(tmp_path):
+    """A model whose heads, VAE scale and scheduler its shapes cannot tell (like the toy model)
+    round-trips through a single file when its configs are stored in the metadata."""
+    from diffusers import DDIMScheduler
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from compiler.models.configs import config_metadata
+    from compiler.models.layout import pipeline_to_original
+    from compiler.models.load import load_model
+    from compiler.testing.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd1")
+    config = pipe.text_encoder.config.to_dict()
+    config["num_attention_heads"] = 4  # the convention would say 1 at width 32
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_dict(config))
+    text_encoder.load_state_dict(pipe.text_encoder.state_dict())
+    pipe.text_encoder = text_encoder
+    pipe.vae.register_to_config(scaling_factor=4.0)
+    pipe.scheduler = DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
+    state = pipeline_to_original("sd1", pipe.components)
+
+    save_file(state, tmp_path / "plain.safetensors")
+    plain = load_model(tmp_path / "plain.safetensors").pipeline
+    assert plain.text_encoder.config.num_attention_heads == 1  # what shapes alone can tell
+
+    save_file(state, tmp_path / "described.safetensors", metadata=config_metadata(pipe.components))
+    model = load_model(tmp_path / "described.safetensors")
+    assert model.pipeline.text_encoder.config.num_attention_heads == 4
+    assert model.pipeline.vae.config.scaling_factor == 4.0
+    assert type(model.pipeline.scheduler).__name__ == "DDIMScheduler"
+    assert torch.equal(model.pipeline.text_encoder.state_dict()["encoder.layers.1.mlp.fc2.weight"],
+                       pipe.text_encoder.state_dict()["encoder.layers.1.mlp.fc2.weight"])
+
+
+def test_variant_only_folder_loads(tmp_path):
+    from compiler.models.load import load_model
+    from compiler.testing.tiny import build_tiny_pipeline
+
+    build_tiny_pipeline("sd1").save_pretrained(tmp_path / "fp16", variant="fp16")
+    assert not (tmp_path / "fp16" / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    model = load_model(tmp_path / "fp16")
+    assert len(model.registry.cross_attention) == 16
+
+
 def test_sd2_prediction_type(tiny):
     from compiler.models.load import inspect_source
 

@@ -13,6 +13,12 @@ off the tensors and written over the shipped config. What shapes cannot tell fol
 family's convention: UNet attention heads (SD-1: 8 heads; SD-2/SD-XL: 64 channels per head)
 and text-encoder heads (64 channels per head), with at least one head. For a reference-size
 checkpoint the inferred values equal the shipped ones, and the shipped folder is used as is.
+
+A model that departs from those conventions (the toy model: 4 text heads of 32 channels, its own
+VAE scaling factor and scheduler) cannot be described by its shapes. When editc writes such a
+model as a single file it stores the component configs in the safetensors ``__metadata__``
+under ``editc.diffusers_config`` (``config_metadata()``), and loading uses them instead; the
+tensors are still checked against them.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from pathlib import Path
 
 from compiler.errors import UserError
 from compiler.models.families import FAMILIES, UNET_PREFIX, VAE_PREFIX, FamilyDetection
+
+CONFIG_METADATA_KEY = "editc.diffusers_config"
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "assets" / "configs"
 HEAD_CHANNELS = 64  # channels per attention head in CLIP/OpenCLIP text towers and SD-2/XL UNets
@@ -200,6 +208,48 @@ def infer_single_file_configs(
             configs["unet"]["sample_size"] = 64
             configs["vae"]["sample_size"] = 512
     return configs
+
+
+# --------------------------------------------------------------------------------------------
+# Configs carried in a single file's metadata
+# --------------------------------------------------------------------------------------------
+
+_CONFIG_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler")
+
+
+def config_metadata(components: Mapping[str, object]) -> dict[str, str]:
+    """safetensors metadata that lets a single file written from ``components`` (e.g.
+    ``pipeline.components``) load back with exactly their configs: ``{CONFIG_METADATA_KEY: json}``."""
+    stored = {}
+    for name in _CONFIG_COMPONENTS:
+        module = components.get(name)
+        if module is None:
+            continue
+        config = module.config
+        if hasattr(config, "to_dict"):  # transformers
+            stored[name] = config.to_dict()
+        else:  # diffusers: the class is not part of .config until saved
+            stored[name] = {"_class_name": type(module).__name__, **dict(config)}
+    return {CONFIG_METADATA_KEY: json.dumps(stored, sort_keys=True, default=str)}
+
+
+def apply_config_metadata(configs: Mapping[str, Mapping], stored_json: str, source: str) -> dict[str, dict]:
+    """``configs`` with each component's config replaced by the one stored in the file."""
+    try:
+        stored = json.loads(stored_json)
+        if not isinstance(stored, dict) or not all(isinstance(v, dict) for v in stored.values()):
+            raise ValueError("not an object of component configs")
+    except ValueError as err:
+        raise UserError(f"{source}: unreadable {CONFIG_METADATA_KEY} metadata ({err})") from None
+    out = copy.deepcopy(dict(configs))
+    for name, config in stored.items():
+        if name not in _CONFIG_COMPONENTS or name not in out:
+            raise UserError(f"{source}: {CONFIG_METADATA_KEY} metadata holds a config for "
+                            f"'{name}', which this family does not have")
+        out[name] = dict(config)
+    if "scheduler" in stored and "_class_name" in stored["scheduler"]:
+        out["model_index"]["scheduler"] = ["diffusers", stored["scheduler"]["_class_name"]]
+    return out
 
 
 # --------------------------------------------------------------------------------------------

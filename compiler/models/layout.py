@@ -316,6 +316,9 @@ def pipeline_to_original(family: str, components: Mapping[str, torch.nn.Module])
 
     ``components`` maps diffusers component names (``unet``, ``vae``, ``text_encoder``, …) to the
     loaded modules, e.g. ``pipeline.components``. Only the components a single file holds are read.
+    A model whose configs depart from the family's conventions (heads, VAE scaling factor,
+    scheduler; see ``compiler.models.configs``) should be saved with
+    ``compiler.models.configs.config_metadata(components)`` as the file's metadata.
     """
     if family not in SINGLE_FILE_COMPONENTS:
         raise ValueError(f"{family} has no single-file format")

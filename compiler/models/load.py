@@ -30,8 +30,9 @@ import torch
 from compiler.errors import UserError
 from compiler.models.checkpoint import (SingleFileHeader, editc_metadata, load_ckpt_state_dict,
                                         read_safetensors_header, read_single_file, torch_dtype)
-from compiler.models.configs import infer_single_file_configs
-from compiler.models.families import (FAMILIES, FamilyDetection, detect_family,
+from compiler.models.configs import (CONFIG_METADATA_KEY, apply_config_metadata,
+                                     infer_single_file_configs)
+from compiler.models.families import (FAMILIES, VAE_PREFIX, FamilyDetection, detect_family,
                                       detect_family_from_diffusers)
 from compiler.models.hashing import file_sha256, folder_sha256
 from compiler.models.layout import SINGLE_FILE_COMPONENTS, component_to_original
@@ -140,6 +141,10 @@ def meta_components(source: ModelSource) -> dict[str, torch.nn.Module]:
 # --------------------------------------------------------------------------------------------
 
 
+def _count(items: list, noun: str) -> str:
+    return f"{len(items)} {noun}{'' if len(items) == 1 else 's'}"
+
+
 def _check_single_file_tensors(header: SingleFileHeader, family: str, configs: dict) -> None:
     """Every tensor the family's layout needs is in the file, with the right shape."""
     missing, wrong = [], []
@@ -154,37 +159,52 @@ def _check_single_file_tensors(header: SingleFileHeader, family: str, configs: d
             elif tuple(shape) != tuple(tensor.shape):
                 wrong.append(f"{name} is {list(shape)}, expected {list(tensor.shape)}")
     if missing:
-        raise UserError(f"{header.path}: incomplete {family} checkpoint — {len(missing)} tensors "
-                        f"of its layout are missing (e.g. {', '.join(sorted(missing)[:2])}); the "
+        raise UserError(f"{header.path}: incomplete {family} checkpoint — {_count(missing, 'tensor')} "
+                        f"of its layout missing (e.g. {', '.join(sorted(missing)[:2])}); the "
                         f"file is truncated, partial (UNet-only?) or not {family}")
     if wrong:
-        raise UserError(f"{header.path}: inconsistent {family} checkpoint — {len(wrong)} tensors "
-                        f"have unexpected shapes (e.g. {wrong[0]})")
+        raise UserError(f"{header.path}: inconsistent {family} checkpoint — {_count(wrong, 'tensor')} "
+                        f"with unexpected shapes (e.g. {wrong[0]})")
 
 
 def _inspect_single_file(path: Path, prediction_type: str | None) -> ModelSource:
     header = read_single_file(path)
     detection = detect_family(header.shapes, header.metadata, source=str(path))
     family = detection.family
+    if not any(k.startswith(VAE_PREFIX) for k in header.shapes):
+        raise UserError(f"{path}: no VAE weights ({VAE_PREFIX}*) — a UNet-only or partial "
+                        f"{family} file; editc needs a full checkpoint (UNet, VAE, text encoder)")
     notes = []
-    if prediction_type is None:
-        prediction_type = detection.prediction_type
-    if prediction_type is None and family == "sd2":
-        if header.global_step == 875000:  # the step count of Stability's SD-2 512-base release
-            prediction_type = "epsilon"
+    stored_configs = header.metadata.get(CONFIG_METADATA_KEY)
+    # Prediction type, most specific first: the caller, configs editc stored in the file,
+    # ModelSpec metadata, and for SD-2 (whose two variants share their keys) the global_step of
+    # Stability's 512-base release, else 768-v.
+    guess = prediction_type or detection.prediction_type
+    if guess is None and family == "sd2" and not stored_configs:
+        if header.global_step == 875000:
+            guess = "epsilon"
             notes.append("prediction type: epsilon (SD-2 512-base, from global_step 875000)")
         else:
-            prediction_type = "v_prediction"
+            guess = "v_prediction"
             notes.append("prediction type not recorded in the file: assumed v_prediction "
                          "(SD-2.x 768-v); pass prediction_type='epsilon' for a 512-base model")
-    configs = infer_single_file_configs(detection, header.shapes, prediction_type)
-    _check_single_file_tensors(header, family, configs)
-    if not detection.matches_reference_widths:
+    try:
+        configs = infer_single_file_configs(detection, header.shapes, guess)
+    except KeyError as err:
+        raise UserError(f"{path}: incomplete {family} checkpoint — tensor {err} of its layout is "
+                        f"missing; the file is truncated, partial or not {family}") from None
+    if stored_configs:
+        configs = apply_config_metadata(configs, stored_configs, source=str(path))
+        notes.append(f"component configs from the file's {CONFIG_METADATA_KEY} metadata")
+    elif not detection.matches_reference_widths:
         notes.append(f"text widths {detection.text_widths} are not the reference {family} model's: "
                      f"component configs inferred from tensor shapes")
+    if prediction_type is not None:
+        configs["scheduler"]["prediction_type"] = prediction_type
+    _check_single_file_tensors(header, family, configs)
     first_key = next(k for k in sorted(header.shapes) if k.endswith("attn2.to_k.weight"))
     return ModelSource(path, "single-file", family, detection, configs, [path], header.metadata,
-                       prediction_type or configs["scheduler"].get("prediction_type", "epsilon"), None, notes,
+                       configs["scheduler"].get("prediction_type", "epsilon"), None, notes,
                        stored_dtype=torch_dtype(header.dtypes[first_key]))
 
 
@@ -209,22 +229,39 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def _weight_files(folder: Path, variant: str | None) -> list[Path]:
-    """A component's weight files, as diffusers/transformers would pick them."""
-    infix = f".{variant}" if variant else ""
+    """A component's weight files, as diffusers/transformers pick them: one file
+    (``model.safetensors``, ``model.fp16.safetensors``) or the shards an index lists
+    (``model.safetensors.index.json``, or ``model.safetensors.index.fp16.json`` for a variant)."""
     for ext in ("safetensors", "bin"):
         for stem in _WEIGHT_NAMES:
-            single = folder / f"{stem}{infix}.{ext}"
+            single = folder / (f"{stem}.{variant}.{ext}" if variant else f"{stem}.{ext}")
             if single.is_file():
                 return [single]
-            index = folder / f"{stem}{infix}.{ext}.index.json"
-            if index.is_file():
-                shards = sorted(set(_read_json(index, "weight index").get("weight_map", {}).values()))
-                files = [folder / s for s in shards]
-                for f in files:
-                    if not f.is_file():
-                        raise UserError(f"{f}: shard listed in {index.name} is missing")
-                return files
+            indexes = ([folder / f"{stem}.{ext}.index.{variant}.json",
+                        folder / f"{stem}.{variant}.{ext}.index.json"] if variant
+                       else [folder / f"{stem}.{ext}.index.json"])
+            for index in indexes:
+                if index.is_file():
+                    weight_map = _read_json(index, "weight index").get("weight_map", {})
+                    files = [folder / s for s in sorted(set(weight_map.values()))]
+                    for f in files:
+                        if not f.is_file():
+                            raise UserError(f"{f}: shard listed in {index.name} is missing")
+                    return files
     return []
+
+
+_VARIANT_FILE = re.compile(r"(?:%s)(?:\.(\w+)\.(?:safetensors|bin)|\.(?:safetensors|bin)\.index\.(\w+)\.json)"
+                           % "|".join(_WEIGHT_NAMES))
+
+
+def _variants(folder: Path) -> set[str]:
+    """Weight variants present in a component folder ("fp16", ...)."""
+    found = set()
+    for f in folder.iterdir():
+        if m := _VARIANT_FILE.fullmatch(f.name):
+            found.add(m[1] or m[2])
+    return found
 
 
 def _tensor_table(files: list[Path]) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
@@ -251,13 +288,13 @@ def _check_folder_tensors(folder: Path, configs: dict, files: dict[str, list[Pat
     expected = _build_meta(configs, "unet").state_dict()
     missing = [n for n in expected if n not in unet_shapes]
     if missing:
-        raise UserError(f"{folder / 'unet'}: {len(missing)} UNet tensors that unet/config.json "
-                        f"implies are missing from the weights (e.g. {sorted(missing)[0]}); the "
+        raise UserError(f"{folder / 'unet'}: {_count(missing, 'UNet tensor')} that unet/config.json "
+                        f"implies missing from the weights (e.g. {sorted(missing)[0]}); the "
                         f"weights are truncated or do not belong to this config")
     wrong = [n for n, t in expected.items() if tuple(unet_shapes[n]) != tuple(t.shape)]
     if wrong:
         n = wrong[0]
-        raise UserError(f"{folder / 'unet'}: {len(wrong)} UNet tensors do not match unet/config.json "
+        raise UserError(f"{folder / 'unet'}: {_count(wrong, 'UNet tensor')} not matching unet/config.json "
                         f"(e.g. {n} is {list(unet_shapes[n])}, expected {list(expected[n].shape)})")
     for spec in FAMILIES[family].text_encoders:
         if spec.component not in files:
@@ -307,11 +344,13 @@ def _inspect_diffusers(folder: Path) -> ModelSource:
                                 f"tokenizer.json or spiece.model)")
         elif name in MODEL_COMPONENTS:
             configs[name] = _read_json(sub / "config.json", f"{name} config")
-            found = _weight_files(sub, variant)
+            # With a variant, a component without variant files falls back to its default
+            # weights, as in diffusers.
+            found = _weight_files(sub, variant) or _weight_files(sub, None)
             if not found and variant is None:
-                variants = sorted({m[1] for f in sub.iterdir()
-                                   if (m := re.fullmatch(r"(?:%s)\.(\w+)\.(?:safetensors|bin)"
-                                                         % "|".join(_WEIGHT_NAMES), f.name))})
+                # Only variant weights here (e.g. an fp16-only download): load that variant,
+                # for every component, as diffusers' variant= does.
+                variants = sorted(_variants(sub))
                 if len(variants) == 1:
                     variant = variants[0]
                     found = _weight_files(sub, variant)
