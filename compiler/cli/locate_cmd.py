@@ -55,20 +55,20 @@ def default_out(kind: str, name: str) -> Path:
 @click.option("--attribute", type=click.Choice(["style", "object", "fact"]), required=True)
 @click.option("--prompt", "prompt_list", multiple=True,
               help="A prompt containing the concept (repeatable); default: the papers' templates.")
-@click.option("--prompts", "n_prompts", default=8, show_default=True,
+@click.option("--prompts", "n_prompts", type=click.IntRange(min=1), default=8, show_default=True,
               help="How many template prompts to sweep (without --prompt).")
 @click.option("--seeds", default="0", show_default=True, help="Seed, range (0-3) or list (1,5,9).")
-@click.option("--steps", default=25, show_default=True, help="DDIM steps of the sweep.")
+@click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="DDIM steps of the sweep.")
 @click.option("--guidance", default=4.0, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--resolution", type=int, default=None,
+@click.option("--resolution", type=click.IntRange(min=8), default=None,
               help="Image side in pixels for the sweep (default: the model's).")
-@click.option("--max-m", "max_m", default=3, show_default=True, help="Largest window size to try.")
+@click.option("--max-m", "max_m", type=click.IntRange(min=1), default=3, show_default=True, help="Largest window size to try.")
 @click.option("--threshold", default=0.8, show_default=True,
               help="A window passes when its effect (0: clean, 1: as if the prompt were replaced "
                    "in every layer) reaches this.")
 @click.option("--criterion", type=click.Choice(["auto", "accuracy", "clip"]), default="auto",
               show_default=True, help="What decides: the judge's zero-shot rate, or CLIP-score.")
-@click.option("--batch", default=32, show_default=True, help="Samples per pipeline call.")
+@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Samples per pipeline call.")
 @click.option("--judge", "judge_dir", default=None,
               help="Judge folder (a local CLIP model); the toy model brings its own.")
 @click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
@@ -92,8 +92,6 @@ def locate_command(model_path, concept, replacement, attribute, prompt_list, n_p
     out = Path(out_dir) if out_dir else default_out("locate", f"{slug(concept)}.{attribute}")
     check_output_path(out, force=force)  # fail before the sweep, not after
     seed_list = parse_seed_list(seeds)
-    if resolution is not None and resolution < 8:
-        raise UserError(f"--resolution must be at least 8 pixels, got {resolution}")
     loaded = load_for_sweep(model_path, device)
     judge = load_judge_for(loaded.source_path, judge_dir)
     result = locate(loaded.pipeline, concept, replacement, attribute, judge=judge,

@@ -53,6 +53,15 @@ def _text_width(draw: ImageDraw.ImageDraw, text: str, font) -> int:
     return right - left
 
 
+def _rotated_text(text: str, font) -> Image.Image:
+    """``text`` reading upwards, on a transparent background (for column and axis labels)."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left, top, right, bottom = probe.textbbox((0, 0), text, font=font)
+    label = Image.new("RGBA", (right - left + 4, bottom - top + 6), (255, 255, 255, 0))
+    ImageDraw.Draw(label).text((2 - left, 2 - top), text, fill="black", font=font)
+    return label.rotate(90, expand=True)
+
+
 def _panel_image(panel: HeatmapPanel, cell: int) -> Image.Image:
     values = np.asarray(panel.values, dtype=np.float64)
     rows, cols = values.shape
@@ -99,14 +108,11 @@ def _panel_image(panel: HeatmapPanel, cell: int) -> Image.Image:
         tw = _text_width(draw, text, small)
         draw.text((left - 4 - tw, top + r * cell + cell / 2 - 6), text, fill="black", font=small)
     for c, text in enumerate(panel.col_labels):
-        label = Image.new("RGBA", (_text_width(draw, text, small) + 4, 14), (255, 255, 255, 0))
-        ImageDraw.Draw(label).text((0, 0), text, fill="black", font=small)
-        label = label.rotate(90, expand=True)
-        image.paste(label, (left + c * cell + cell // 2 - 7, top + grid_h + 4), label)
-    axis = Image.new("RGBA", (_text_width(draw, panel.row_axis, small) + 4, 14), (255, 255, 255, 0))
-    ImageDraw.Draw(axis).text((0, 0), panel.row_axis, fill="black", font=small)
-    axis = axis.rotate(90, expand=True)
-    image.paste(axis, (4, top + max(0, (grid_h - axis.height) // 2)), axis)
+        label = _rotated_text(text, small)
+        image.paste(label, (left + c * cell + cell // 2 - label.width // 2, top + grid_h + 4), label)
+    if panel.row_axis:
+        axis = _rotated_text(panel.row_axis, small)
+        image.paste(axis, (4, top + max(0, (grid_h - axis.height) // 2)), axis)
     tw = _text_width(draw, panel.col_axis, small)
     draw.text((left + (grid_w - tw) / 2, top + grid_h + col_label_h + 4), panel.col_axis,
               fill="black", font=small)
