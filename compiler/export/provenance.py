@@ -116,7 +116,10 @@ def describe_provenance(metadata: Mapping[str, str]) -> list[str]:
         if key == "editc.recipe":
             continue
         if key == "editc.edited_tensors":
-            names = json.loads(value)
+            try:
+                names = json.loads(value)
+            except ValueError:  # a comma-separated list
+                names = [n for n in value.split(",") if n]
             shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
             lines.append(f"{key}: {shown}")
         else:
