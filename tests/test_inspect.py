@@ -156,6 +156,14 @@ def _missing_component(tiny, tmp_path):
     return folder
 
 
+def _truncated_component(tiny, tmp_path):
+    folder = tmp_path / "cut"
+    shutil.copytree(tiny("sd1"), folder)
+    weights = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    return folder
+
+
 def _no_model_index(tiny, tmp_path):
     folder = tmp_path / "noindex"
     shutil.copytree(tiny("sd1"), folder)
@@ -203,6 +211,7 @@ BAD = {
     "truncated-ckpt": (_truncated_ckpt, "truncated or corrupt .ckpt"),
     "pickled-ckpt": (_pickled_ckpt, "weights_only"),
     "missing-component": (_missing_component, "component 'vae' listed in model_index.json is missing"),
+    "truncated-component": (_truncated_component, "truncated"),
     "no-model-index": (_no_model_index, "no model_index.json"),
     "config-mismatch": (_config_does_not_match_weights, "do not belong to this config"),
     "if-super-resolution": (_superres_stage, "super-resolution stage"),

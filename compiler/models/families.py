@@ -206,12 +206,13 @@ def detect_family(
 ) -> FamilyDetection:
     """Tell the family of an original single-file checkpoint from its tensor names and shapes.
 
-    ``keys_and_shapes`` maps every tensor name to its shape (no tensor data is needed), and
-    ``metadata`` is the safetensors ``__metadata__`` (ModelSpec keys are read when present).
-    Raises ``UserError`` naming ``source`` for anything that is not a full sd1/sd2/sdxl checkpoint.
+    ``keys_and_shapes`` maps every tensor name to its shape (no tensor data is needed; a state
+    dict of tensors works too), and ``metadata`` is the safetensors ``__metadata__`` (ModelSpec
+    keys are read when present). Raises ``UserError`` naming ``source`` for anything that is not
+    a full sd1/sd2/sdxl checkpoint.
     """
     metadata = dict(metadata or {})
-    keys = keys_and_shapes
+    keys = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in keys_and_shapes.items()}
 
     # Adapters and partial files first: they are common, and "unknown" would not help.
     architecture = metadata.get("modelspec.architecture", "")
@@ -346,6 +347,9 @@ def detect_family_from_diffusers(
         family = "if"
         text_widths = (width("text_encoder"),) if "text_encoder" in text_encoder_configs else (
             int(unet_config["encoder_hid_dim"]),)
+        if text_widths[0] != unet_config["encoder_hid_dim"]:
+            raise UserError(f"{source}: inconsistent IF model — T5 width {text_widths[0]} but the "
+                            f"UNet's encoder_hid_dim is {unet_config['encoder_hid_dim']}")
         # The added K/V projections read the T5 states after the UNet's encoder_hid_proj, so
         # their context is the UNet's cross_attention_dim.
         evidence = (f"IFPipeline; T5 width {text_widths[0]} projected by encoder_hid_proj to "

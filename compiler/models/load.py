@@ -36,7 +36,7 @@ from compiler.models.families import (FAMILIES, VAE_PREFIX, FamilyDetection, det
                                       detect_family_from_diffusers)
 from compiler.models.hashing import file_sha256, folder_sha256
 from compiler.models.layout import SINGLE_FILE_COMPONENTS, component_to_original
-from compiler.models.registry import Registry, registry_from_components
+from compiler.models.registry import Registry, registry_from_components, text_layer0
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may ever be downloaded from a hub
 
@@ -108,32 +108,40 @@ def resolve_model_path(path_or_toy: str | os.PathLike) -> Path:
 # --------------------------------------------------------------------------------------------
 
 
-def _component_class(configs: dict, component: str):
-    library, class_name = configs["model_index"][component]
+def _component_class(model_index: dict, component: str, source: str = "model"):
+    library, class_name = model_index[component]
     if library == "diffusers":
         import diffusers.models as module
     elif library == "transformers":
         import transformers as module
     else:
-        raise UserError(f"component {component}: unsupported library '{library}'")
+        raise UserError(f"{source}: component {component} comes from '{library}'; editc loads "
+                        f"diffusers and transformers components")
     cls = getattr(module, class_name, None)
     if cls is None:
-        raise UserError(f"component {component}: unknown class {library}.{class_name}")
+        raise UserError(f"{source}: component {component} is a {library}.{class_name}, which "
+                        f"{library} does not have")
     return cls
 
 
-def _build_meta(configs: dict, component: str) -> torch.nn.Module:
-    cls = _component_class(configs, component)
+def _build_meta(configs: dict, component: str, source: str = "model") -> torch.nn.Module:
+    cls = _component_class(configs["model_index"], component, source)
     config = configs[component]
-    with torch.device("meta"):
-        if hasattr(cls, "from_config") and not hasattr(cls, "config_class"):
-            return cls.from_config(config)  # diffusers
-        return cls(cls.config_class.from_dict(config))  # transformers
+    try:
+        with torch.device("meta"):
+            if hasattr(cls, "from_config") and not hasattr(cls, "config_class"):
+                return cls.from_config(config)  # diffusers
+            return cls(cls.config_class.from_dict(config))  # transformers
+    except (TypeError, ValueError, KeyError, AttributeError, AssertionError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+        raise UserError(f"{source}: the {component} config does not describe a valid "
+                        f"{cls.__name__} ({first[:200]})") from None
 
 
 def meta_components(source: ModelSource) -> dict[str, torch.nn.Module]:
     """The source's model components instantiated on the meta device (no weights)."""
-    return {c: _build_meta(source.configs, c) for c in MODEL_COMPONENTS if c in source.configs}
+    return {c: _build_meta(source.configs, c, str(source.path))
+            for c in MODEL_COMPONENTS if c in source.configs}
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,7 +157,7 @@ def _check_single_file_tensors(header: SingleFileHeader, family: str, configs: d
     """Every tensor the family's layout needs is in the file, with the right shape."""
     missing, wrong = [], []
     for component in SINGLE_FILE_COMPONENTS[family]:
-        meta = _build_meta(configs, component)
+        meta = _build_meta(configs, component, str(header.path))
         config = configs[component] if component in ("unet", "vae") else {}
         expected = component_to_original(family, component, meta.state_dict(), config)
         for name, tensor in expected.items():
@@ -283,9 +291,12 @@ def _check_folder_tensors(folder: Path, configs: dict, files: dict[str, list[Pat
     encoders at least the layer-0 projection editing reads. (Text-encoder files differ in
     naming across transformers versions and tied weights, so they are not checked tensor by
     tensor; transformers itself checks them on load.)"""
+    for component, component_files in files.items():  # every header: catches truncated files
+        if component not in ("unet", *(t.component for t in FAMILIES[family].text_encoders)):
+            _tensor_table(component_files)
     unet_table = _tensor_table(files["unet"])
     unet_shapes = {k: shape for k, (shape, _) in unet_table.items()}
-    expected = _build_meta(configs, "unet").state_dict()
+    expected = _build_meta(configs, "unet", str(folder)).state_dict()
     missing = [n for n in expected if n not in unet_shapes]
     if missing:
         raise UserError(f"{folder / 'unet'}: {_count(missing, 'UNet tensor')} that unet/config.json "
@@ -300,9 +311,7 @@ def _check_folder_tensors(folder: Path, configs: dict, files: dict[str, list[Pat
         if spec.component not in files:
             continue
         names = {n.removeprefix("text_model.") for n in _tensor_table(files[spec.component])}
-        meta = _build_meta(configs, spec.component)
-        from compiler.models.registry import text_layer0
-
+        meta = _build_meta(configs, spec.component, str(folder))
         layer0 = text_layer0(family, spec.component, meta)
         if layer0.weight.removeprefix("text_model.") not in names:
             raise UserError(f"{folder / spec.component}: the weights lack {layer0.weight}; not a "
@@ -328,13 +337,24 @@ def _inspect_diffusers(folder: Path) -> ModelSource:
             raise UserError(f"{index_path}: the pipeline has no '{name}' component; editc needs "
                             f"a complete text-to-image pipeline ({_VALID})")
 
+    for name in needed:
+        if not (folder / name).is_dir():
+            raise UserError(f"{folder}: component '{name}' listed in model_index.json is missing "
+                            f"(no {name}/ folder); copy the complete pipeline")
+    models = [name for name in needed if name in MODEL_COMPONENTS]
+    for name in models:
+        _component_class(model_index, name, str(index_path))
+    # Weight variant: none when every model component has default weights; else the one
+    # variant the others have (an fp16-only download). As with diffusers' variant=, a component
+    # without variant files then falls back to its default weights.
     variant = None
+    if any(not _weight_files(folder / name, None) for name in models):
+        variants = set().union(*(_variants(folder / name) for name in models))
+        if len(variants) == 1:
+            variant = variants.pop()
     files: dict[str, list[Path]] = {}
     for name in needed:
         sub = folder / name
-        if not sub.is_dir():
-            raise UserError(f"{folder}: component '{name}' listed in model_index.json is missing "
-                            f"(no {name}/ folder); copy the complete pipeline")
         if name == "scheduler":
             configs[name] = _read_json(sub / "scheduler_config.json", "scheduler config")
         elif name.startswith("tokenizer"):
@@ -344,16 +364,7 @@ def _inspect_diffusers(folder: Path) -> ModelSource:
                                 f"tokenizer.json or spiece.model)")
         elif name in MODEL_COMPONENTS:
             configs[name] = _read_json(sub / "config.json", f"{name} config")
-            # With a variant, a component without variant files falls back to its default
-            # weights, as in diffusers.
-            found = _weight_files(sub, variant) or _weight_files(sub, None)
-            if not found and variant is None:
-                # Only variant weights here (e.g. an fp16-only download): load that variant,
-                # for every component, as diffusers' variant= does.
-                variants = sorted(_variants(sub))
-                if len(variants) == 1:
-                    variant = variants[0]
-                    found = _weight_files(sub, variant)
+            found = (_weight_files(sub, variant) if variant else []) or _weight_files(sub, None)
             if not found:
                 raise UserError(f"{sub}: no weights (expected diffusion_pytorch_model.safetensors "
                                 f"or model.safetensors); the folder is incomplete")
