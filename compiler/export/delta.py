@@ -34,7 +34,7 @@ from compiler.errors import UserError
 from compiler.export.atomic import atomic_output_dir, atomic_output_file
 from compiler.export.provenance import check_provenance
 from compiler.export.single_file import (SafetensorsTable, export_single_file, from_original_value,
-                                        original_names, split_qualified)
+                                        original_names, split_qualified, write_safetensors)
 
 FORMAT = "editc-delta/1"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -166,10 +166,8 @@ def export_delta(edited: Mapping[str, torch.Tensor], base, out_path: str | os.Pa
         if FAMILIES[source.family].has_single_file_format:
             metadata["editc.delta.original_names"] = json.dumps(
                 original_names(source.family, tensors, source.configs), sort_keys=True)
-    from safetensors.torch import save_file
-
     with atomic_output_file(out, force=force) as temporary:
-        save_file(tensors, str(temporary), metadata=dict(sorted(metadata.items())))
+        write_safetensors(tensors, temporary, metadata)
     return out.absolute()
 
 

@@ -7,7 +7,9 @@ where missing, and the ``editc.*`` provenance added. Only the safetensors header
 (its metadata grows); the data section is streamed and the edited byte ranges overwritten.
 
 From a diffusers folder the output is the family's original layout (``compiler.models.layout``
-converts names and tensors), each tensor in the dtype of the source's weights.
+converts names and tensors), each tensor in the dtype of the source's weights, with the
+component configs in the metadata (``compiler.models.configs.config_metadata``). Files are
+written byte-identically for identical inputs (:func:`write_safetensors`).
 
 Names of edited tensors are qualified diffusers names, ``<component>/<parameter>``, as
 ``compiler.fuse`` uses them. Where the original layout differs from diffusers' (OpenCLIP's
@@ -172,11 +174,35 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
 
 
 def _header_bytes(entries: Mapping[str, dict], metadata: Mapping[str, str]) -> bytes:
-    header = {"__metadata__": dict(metadata)} if metadata else {}
+    header = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
     header.update(entries)
     raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
     return struct.pack("<Q", len(raw)) + raw
+
+
+_TORCH_TO_SAFETENSORS = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+
+
+def write_safetensors(tensors: Mapping[str, torch.Tensor], out_file: Path, metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file deterministically: byte-identical for identical inputs.
+
+    (``safetensors.torch.save_file`` keeps metadata in a hash map, whose order varies from run
+    to run.) Tensors are laid out as safetensors orders them, by descending element size, then
+    name, so every tensor stays aligned to its element size.
+    """
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    entries, offset = {}, 0
+    for name in order:
+        tensor = tensors[name]
+        size = tensor.numel() * tensor.element_size()
+        entries[name] = {"dtype": _TORCH_TO_SAFETENSORS[tensor.dtype], "shape": list(tensor.shape),
+                         "data_offsets": [offset, offset + size]}
+        offset += size
+    with out_file.open("wb") as f:
+        f.write(_header_bytes(entries, metadata))
+        for name in order:
+            f.write(_tensor_bytes(tensors[name]))
 
 
 def patch_safetensors_copy(source: SafetensorsTable, out_file: Path,
@@ -290,14 +316,12 @@ def export_single_file(edited: Mapping[str, torch.Tensor], source, out_path: str
 
 def _write_from_ckpt(described: _Source, edited, out_file: Path, metadata: Mapping[str, str]) -> None:
     """A .ckpt source: its state dict as safetensors, in the file's key order, patched."""
-    from safetensors.torch import save_file
-
     from compiler.models.checkpoint import load_ckpt_state_dict
 
     tensors, _ = load_ckpt_state_dict(described.path)
     replacements = original_replacements(described.family, edited, described.configs, tensors.__getitem__)
     tensors.update(replacements)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out_file), metadata=dict(metadata))
+    write_safetensors(tensors, out_file, metadata)
 
 
 def _source_dtypes(folder: Path, component: str) -> dict[str, torch.dtype]:
@@ -316,8 +340,6 @@ def _source_dtypes(folder: Path, component: str) -> dict[str, torch.dtype]:
 
 def _write_from_diffusers(described: _Source, edited, out_file: Path, metadata: Mapping[str, str]) -> None:
     """A diffusers source: every component converted to the family's original layout."""
-    from safetensors.torch import save_file
-
     from compiler.models.layout import SINGLE_FILE_COMPONENTS, component_to_original
 
     pipeline = described.pipeline
@@ -354,5 +376,4 @@ def _write_from_diffusers(described: _Source, edited, out_file: Path, metadata: 
     from compiler.models.configs import config_metadata
 
     metadata = {**config_metadata(pipeline.components), **metadata}
-    ordered = {name: tensors[name].contiguous() for name in sorted(tensors)}
-    save_file(ordered, str(out_file), metadata=dict(sorted(metadata.items())))
+    write_safetensors(tensors, out_file, metadata)

@@ -1,0 +1,241 @@
+"""Single-file and delta exports, provenance and atomic writes, on the tiny fixtures.
+
+Each format must round-trip exactly: a single file through diffusers' own loader (via
+``load_model``, i.e. ``from_single_file`` with a local config), a delta through ``apply`` to
+either layout; a checkpoint that is not the delta's base is refused without ``--force``; the
+input is never modified, and the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from compiler.cli import main
+from compiler.errors import UserError
+from compiler.export.atomic import atomic_output_dir, write_atomically
+from compiler.export.delta import apply_delta, export_delta, read_delta
+from compiler.export.provenance import REQUIRED_KEYS, provenance_metadata, read_provenance
+from compiler.export.single_file import SafetensorsTable, export_single_file
+from compiler.models.load import load_model
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _edit(model, layers=(0, 1), text=True, seed=0) -> dict[str, torch.Tensor]:
+    """Random new values for the K/V of some cross-attention layers and the text encoder's
+    layer-0 out_proj and q_proj (q_proj lives inside OpenCLIP's fused in_proj on sd2/sdxl)."""
+    pipe = model.pipeline
+    g = torch.Generator().manual_seed(seed)
+    edited = {}
+    for layer in model.registry.layers(layers):
+        for name in (layer.to_k, layer.to_v):
+            edited["unet/" + name] = torch.randn(pipe.unet.get_parameter(name).shape, generator=g)
+    if text:
+        for layer0 in model.registry.text_layer0:
+            encoder = getattr(pipe, layer0.component)
+            for name in (layer0.weight, layer0.weight.replace("out_proj", "q_proj")):
+                edited[f"{layer0.component}/{name}"] = torch.randn(encoder.get_parameter(name).shape, generator=g)
+    return edited
+
+
+def _parameter(pipe, qualified: str) -> torch.Tensor:
+    component, name = qualified.split("/", 1)
+    return getattr(pipe, component).get_parameter(name)
+
+
+def _provenance(model, edited) -> dict[str, str]:
+    return provenance_metadata(recipe_text="edits:\n  - concept: van gogh\n", base_model_sha256=model.model_hash,
+                               edited_tensors=edited, method="locoedit", lam=0.01, layers=[0, 1],
+                               solve_seconds=0.25)
+
+
+def _assert_holds_exactly(loaded, edited, base) -> None:
+    """``loaded`` has the edited values (in its dtype) and every other tensor of ``base``."""
+    for qualified, value in edited.items():
+        got = _parameter(loaded.pipeline, qualified)
+        assert torch.equal(got, value.to(got.dtype)), qualified
+    for component in ("unet", "text_encoder", "vae"):
+        new_state = getattr(loaded.pipeline, component).state_dict()
+        for name, tensor in getattr(base.pipeline, component).state_dict().items():
+            if f"{component}/{name}" not in edited:
+                assert torch.equal(new_state[name], tensor), f"{component}/{name} changed"
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------
+
+
+def test_atomic_write_refuses_overwrite_and_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    write_atomically(target, "first")
+    with pytest.raises(UserError, match="already exists"):
+        write_atomically(target, "second")
+    assert target.read_text() == "first"
+    write_atomically(target, "second", force=True)
+    assert target.read_text() == "second"
+
+    folder = tmp_path / "folder"
+    with atomic_output_dir(folder) as tmp:
+        (tmp / "a").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(folder, force=True) as tmp:
+            (tmp / "a").write_text("half-written")
+            raise RuntimeError("writer crashed")
+    assert (folder / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "out.txt"]  # no temporaries
+    with pytest.raises(UserError, match="overwrite the input"):
+        with atomic_output_dir(folder / "inside", inputs=[folder]):
+            pass
+
+
+def test_provenance_is_strings_with_every_required_key():
+    metadata = provenance_metadata(recipe_text="x: 1", base_model_sha256="0" * 64, edited_tensors=["unet/a"],
+                                   method="locoedit", lam=0.01, layers=[8, 9])
+    assert set(REQUIRED_KEYS) <= set(metadata)
+    assert all(isinstance(v, str) for v in metadata.values())
+    assert json.loads(metadata["editc.layers"]) == [8, 9]
+
+
+# --------------------------------------------------------------------------------------------
+# Single files
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd2_with_extras(tmp_path_factory, tiny) -> Path:
+    """The sd2 tiny single file plus EMA and vendor keys and vendor metadata."""
+    tensors = load_file(str(tiny("sd2", "single-file")))
+    tensors["model_ema.decay"] = torch.tensor(0.9999)
+    tensors["model_ema.num_updates"] = torch.tensor(12345, dtype=torch.int32)
+    tensors["vendor.watermark"] = torch.arange(7, dtype=torch.uint8)
+    path = tmp_path_factory.mktemp("extras") / "sd2-extras.safetensors"
+    save_file(tensors, str(path), metadata={"vendor.note": "keep me", "modelspec.title": "tiny sd2"})
+    return path
+
+
+def test_single_file_is_the_source_patched_tensor_by_tensor(sd2_with_extras, tmp_path):
+    source_hash = _sha256(sd2_with_extras)
+    base = load_model(sd2_with_extras)
+    edited = _edit(base)
+    out = export_single_file(edited, base, tmp_path / "edited.safetensors", _provenance(base, edited))
+    assert _sha256(sd2_with_extras) == source_hash  # the input is never modified
+
+    before, after = SafetensorsTable.read(sd2_with_extras), SafetensorsTable.read(out)
+    assert list(after.entries) == list(before.entries)  # same keys, same order
+    assert after.entries == before.entries  # same dtypes, shapes and byte ranges
+    assert after.metadata["vendor.note"] == "keep me"
+    assert after.metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v"
+    assert after.metadata["modelspec.title"] == "tiny sd2 (edited by editc)"
+    assert set(REQUIRED_KEYS) <= set(after.metadata)
+    patched = {n for n in before.entries if not torch.equal(before.tensor(n), after.tensor(n))}
+    # K/V of two layers, the text out_proj and the fused in_proj (holding q_proj): 6 tensors.
+    assert len(patched) == 6 and any(n.endswith("attn.in_proj_weight") for n in patched)
+    assert after.tensor("vendor.watermark").tolist() == list(range(7))
+
+    loaded = load_model(out)  # diffusers' from_single_file, offline
+    _assert_holds_exactly(loaded, edited, base)
+    assert read_provenance(out)["editc.method"] == "locoedit"
+
+
+def test_single_file_from_diffusers_folder_loads_with_the_edits(tiny, tmp_path):
+    base = load_model(tiny("sdxl"))
+    edited = _edit(base, layers=(0, 45))
+    out = export_single_file(edited, base, tmp_path / "xl.safetensors", _provenance(base, edited))
+    loaded = load_model(out)
+    assert loaded.family == "sdxl" and loaded.source_format == "single-file"
+    _assert_holds_exactly(loaded, edited, base)
+    again = export_single_file(edited, base, tmp_path / "xl-again.safetensors", _provenance(base, edited))
+    assert _sha256(again) == _sha256(out)  # identical inputs, identical bytes
+
+
+# --------------------------------------------------------------------------------------------
+# Deltas
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sd1_delta(tmp_path_factory, tiny):
+    base = load_model(tiny("sd1"))
+    edited = _edit(base)
+    folder = tmp_path_factory.mktemp("delta")
+    path = export_delta(edited, base, folder / "delta.safetensors", _provenance(base, edited))
+    return base, edited, path
+
+
+def test_delta_holds_only_the_edited_tensors_with_provenance(sd1_delta, tmp_path):
+    base, edited, path = sd1_delta
+    delta = read_delta(path)
+    assert sorted(delta.tensors) == sorted(edited)
+    assert path.stat().st_size < 200_000
+    assert set(REQUIRED_KEYS) <= set(delta.metadata)
+    names = json.loads(delta.metadata["editc.delta.original_names"])
+    assert names[next(n for n in edited if "attn2.to_k" in n)].startswith("model.diffusion_model.input_blocks.")
+    again = export_delta(edited, base, tmp_path / "again.safetensors", _provenance(base, edited))
+    assert _sha256(again) == _sha256(path)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "single-file"])
+def test_delta_applies_to_either_layout_of_its_base(sd1_delta, tiny, tmp_path, layout):
+    base, edited, delta = sd1_delta
+    target = tiny("sd1", layout)
+    target_hash = _sha256(target) if layout == "single-file" else None
+    out = tmp_path / ("applied.safetensors" if layout == "single-file" else "applied")
+    result = apply_delta(delta, target, out)
+    assert result.base_match == ("hash" if layout == "diffusers" else "tensors")
+    if target_hash:
+        assert _sha256(target) == target_hash
+    loaded = load_model(out)
+    _assert_holds_exactly(loaded, edited, base)
+    assert read_provenance(out)["editc.recipe_sha256"] == read_delta(delta).metadata["editc.recipe_sha256"]
+
+
+def test_apply_refuses_another_base_without_force(sd1_delta, tmp_path):
+    from compiler.testing.tiny import write_tiny
+
+    _, edited, delta = sd1_delta
+    other = write_tiny("sd1", "single-file", tmp_path / "other.safetensors", seed=1)
+    runner = CliRunner()
+    out = tmp_path / "out.safetensors"
+    refused = runner.invoke(main, ["apply", str(delta), "--to", str(other), "--out", str(out)])
+    assert refused.exit_code == 2, refused.output
+    assert "not the delta's base" in refused.output and "--force" in refused.output
+    assert not out.exists()
+    forced = runner.invoke(main, ["apply", str(delta), "--to", str(other), "--out", str(out), "--force", "--json"])
+    assert forced.exit_code == 0, forced.output
+    assert json.loads(forced.output)["base_match"] == "forced"
+    loaded = load_model(out)
+    for qualified, value in edited.items():
+        assert torch.equal(_parameter(loaded.pipeline, qualified), value.to(loaded.dtype))
+    again = runner.invoke(main, ["apply", str(delta), "--to", str(other), "--out", str(out), "--force"])
+    assert again.exit_code == 0  # --force also replaces the output
+    exists = runner.invoke(main, ["apply", str(delta), "--to", str(other), "--out", str(out)])
+    assert exists.exit_code == 2
+
+
+def test_cli_export_single_file_carries_provenance(sd1_delta, tmp_path):
+    _, edited, delta = sd1_delta
+    from compiler.testing.tiny import write_tiny
+
+    base_folder = write_tiny("sd1", "diffusers", tmp_path / "base")
+    edited_folder = tmp_path / "edited"
+    apply_delta(delta, base_folder, edited_folder)
+    out = tmp_path / "edited.safetensors"
+    result = CliRunner().invoke(main, ["export", "single-file", str(edited_folder), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert read_provenance(out)["editc.method"] == "locoedit"
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-v1"
+    loaded = load_model(out)
+    for qualified, value in edited.items():
+        assert torch.equal(_parameter(loaded.pipeline, qualified), value.to(loaded.dtype))
