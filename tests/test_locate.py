@@ -93,6 +93,15 @@ def test_per_sample_routing_equals_each_window_alone(toy):
     assert not np.array_equal(only_first[1], only_second[1])
 
 
+def test_sweep_prompts_pair_each_prompt_with_its_replacement():
+    originals, alternatives = locogen.sweep_prompts("Van Gogh", "a painting", "style",
+                                                    ["a cat in the style of van gogh"])
+    assert (originals, alternatives) == (["a cat in the style of van gogh"], ["a cat in the style of a painting"])
+    originals, alternatives = locogen.sweep_prompts("the british monarch", "king charles", "fact", n_prompts=5)
+    assert len(originals) == 5 and len(set(originals)) == 5
+    assert all(o.replace("the british monarch", "king charles") == a for o, a in zip(originals, alternatives))
+
+
 # ----------------------------------------------------------------------------- choosing
 def _score(start, size, rate, clip, passed):
     return locogen.WindowScore(start, size, clip, rate, None, 1.0 - rate, passed)
