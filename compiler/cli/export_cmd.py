@@ -46,11 +46,13 @@ def export_onnx_command(model, out_dir, fp16, exporter, no_check, tolerance, for
     Exits 1 when an onnxruntime output differs from PyTorch by more than the tolerance
     (nothing is written then).
     """
+    from compiler.export.atomic import check_output_path
     from compiler.export.onnx import export_onnx
     from compiler.export.provenance import read_provenance
     from compiler.models.load import load_model
 
     started = time.perf_counter()
+    check_output_path(out_dir, force=force)  # before the minutes a large model takes to load
     loaded = load_model(model)
     provenance = read_provenance(loaded.source_path)
     result = export_onnx(loaded, out_dir, "fp16" if fp16 else "fp32", force=force, provenance=provenance,

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from compiler.errors import GateFailed, UserError
-from compiler.export.atomic import atomic_output_dir
+from compiler.export.atomic import atomic_output_dir, check_output_path
 from compiler.export.provenance import check_provenance
 
 log = logging.getLogger(__name__)
@@ -494,6 +494,7 @@ def export_onnx(pipeline_or_folder, out_dir: str | os.PathLike, dtype: str = "fp
     metadata = check_provenance(provenance or {})
     inputs = [pipeline_or_folder] if isinstance(pipeline_or_folder, (str, os.PathLike)) and \
         str(pipeline_or_folder) != "toy" else []
+    check_output_path(out_dir, force=force, inputs=inputs)  # fail before loading anything
     model = _resolve_model(pipeline_or_folder)
     _check_family(model.family)
     pipeline = model.pipeline
