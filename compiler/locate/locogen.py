@@ -241,6 +241,31 @@ _MIN_CLIP_CONTRAST = 1e-3
 _MIN_RATE_CONTRAST = 1e-2
 
 
+def score_window(window: LayerWindow, measured: Measurement, clean: Measurement, replaced: Measurement,
+                 criterion: str, threshold: float, can_pass: bool = True) -> WindowScore:
+    """A window's measures, effects, and whether the deciding effect reaches ``threshold``."""
+    clip_effect = _effect(measured.clip, clean.clip, replaced.clip, _MIN_CLIP_CONTRAST)
+    rate_effect = _effect(measured.rate, clean.rate, replaced.rate, _MIN_RATE_CONTRAST)
+    decisive = rate_effect if criterion == "accuracy" else clip_effect
+    return WindowScore(window.start, window.size, measured.clip, measured.rate, clip_effect, rate_effect,
+                       can_pass and decisive is not None and decisive >= threshold)
+
+
+def _contrast_notes(clean: Measurement, replaced: Measurement, criterion: str, higher_is_better: bool) -> list[str]:
+    """Warnings when the references say the sweep cannot mean much."""
+    if criterion == "accuracy":
+        before, after, minimum = clean.rate, replaced.rate, _MIN_RATE_CONTRAST
+    else:
+        before, after, minimum = clean.clip, replaced.clip, _MIN_CLIP_CONTRAST
+    if abs(after - before) < minimum:
+        return [f"c and c' give the same score (clean {before:.3f}, c' everywhere {after:.3f}): the model "
+                f"does not show the concept, or the judge cannot tell; no window can pass"]
+    if (after - before) * (1.0 if higher_is_better else -1.0) < 0:
+        return ["replacing the prompt everywhere moves the score the wrong way; the replacement may not "
+                "be a neutral version of the concept"]
+    return []
+
+
 def _rank_key(score: WindowScore, criterion: str, higher_is_better: bool) -> tuple:
     sign = -1.0 if higher_is_better else 1.0
     primary = score.rate if criterion == "accuracy" else score.clip
@@ -371,26 +396,10 @@ def locate(
         return Measurement(float(np.mean(clip[rows])), float(np.mean(rate[rows])) if judges_presence else None)
 
     clean, replaced = measure(CLEAN), measure(REPLACED)
-    notes = []
-    scores = []
-    for w, window in enumerate(windows):
-        m = measure(w + 2)
-        clip_effect = _effect(m.clip, clean.clip, replaced.clip, _MIN_CLIP_CONTRAST)
-        rate_effect = _effect(m.rate, clean.rate, replaced.rate, _MIN_RATE_CONTRAST)
-        decisive = rate_effect if criterion == "accuracy" else clip_effect
-        scores.append(WindowScore(window.start, window.size, m.clip, m.rate, clip_effect, rate_effect,
-                                  decisive is not None and decisive >= threshold))
-    contrast_ok = (_effect(replaced.rate, clean.rate, replaced.rate, _MIN_RATE_CONTRAST) if criterion == "accuracy"
-                   else _effect(replaced.clip, clean.clip, replaced.clip, _MIN_CLIP_CONTRAST))
-    if contrast_ok is None:
-        notes.append("c and c' give the same score (clean "
-                     f"{clean.rate if criterion == 'accuracy' else clean.clip:.3f}): the model does not "
-                     "show the concept, or the judge cannot tell; no window can pass")
-    expected_sign = 1.0 if higher_is_better else -1.0
-    delta = (replaced.rate - clean.rate) if criterion == "accuracy" else (replaced.clip - clean.clip)
-    if contrast_ok is not None and delta * expected_sign < 0:
-        notes.append("replacing the prompt everywhere moves the score the wrong way; the "
-                     "replacement may not be a neutral version of the concept")
+    # When c′ everywhere does not move the score the expected way, no window can pass.
+    notes = _contrast_notes(clean, replaced, criterion, higher_is_better)
+    scores = [score_window(window, measure(w + 2), clean, replaced, criterion, threshold, can_pass=not notes)
+              for w, window in enumerate(windows)]
     best, passed = choose_window(scores, criterion, higher_is_better)
 
     # The grid's third row: the winner's images, generated again (one window: 1/#windows of

@@ -101,16 +101,11 @@ def token_embedding_std(pipe, prompts: list[str] | None = None) -> float:
     return float(table[torch.tensor(ids, device=table.device)].float().std())
 
 
-def _replace_rows(output, rows: torch.Tensor, positions: torch.Tensor | None, values: torch.Tensor):
-    """``output`` (a tensor or a tuple whose first item is the tensor) with
-    ``tensor[rows, positions] = values`` (or ``tensor[rows] = values`` without positions)."""
+def _replace_tokens(output, rows: torch.Tensor, positions: torch.Tensor, values: torch.Tensor):
+    """``output`` (a tensor, or a tuple whose first item is it) with ``[rows, positions] = values``."""
     tensor = output[0] if isinstance(output, tuple) else output
     tensor = tensor.clone()
-    values = values.to(device=tensor.device, dtype=tensor.dtype)
-    if positions is None:
-        tensor[rows] = values
-    else:
-        tensor[rows, positions] = values
+    tensor[rows, positions] = values.to(device=tensor.device, dtype=tensor.dtype)
     return (tensor, *output[1:]) if isinstance(output, tuple) else tensor
 
 
@@ -169,7 +164,7 @@ class TextEncoderTracer:
                 return output
             rows = torch.tensor([b for b, _ in chosen], device=tensor.device)
             positions = torch.tensor([t for _, t in chosen], device=tensor.device)
-            return _replace_rows(output, rows, positions, self.clean[(component, layer)][positions])
+            return _replace_tokens(output, rows, positions, self.clean[(component, layer)][positions])
         return hook
 
     @torch.no_grad()
