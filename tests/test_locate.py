@@ -102,6 +102,22 @@ def test_sweep_prompts_pair_each_prompt_with_its_replacement():
     assert all(o.replace("the british monarch", "king charles") == a for o, a in zip(originals, alternatives))
 
 
+def test_sdxl_routing_covers_70_layers_and_keeps_clean_images(tiny):
+    """SD-XL's two encoders and pooled embeddings go through the same routed generation."""
+    from compiler.generate import generate_images
+    from compiler.models.load import load_model
+
+    loaded = load_model(str(tiny("sdxl")))
+    pipe = loaded.pipeline
+    pipe.set_progress_bar_config(disable=True)
+    names = [layer.name for layer in cross_attention_modules(pipe.unet)]
+    assert len(names) == 70 and names == [layer.module_name for layer in loaded.registry.cross_attention]
+    settings = GenerationSettings(steps=1, height=64, width=64)
+    clean = generate_images(pipe, PROMPTS, [0, 1], steps=1, height=64, width=64, progress=False)
+    routed = generate_with_windows(pipe, PROMPTS, ALTERNATIVES, [0, 1], [None, LayerWindow(45, 3)], settings)
+    assert np.array_equal(clean[0], routed[0])
+
+
 # ----------------------------------------------------------------------------- choosing
 def _score(start, size, rate, clip, passed):
     return locogen.WindowScore(start, size, clip, rate, None, 1.0 - rate, passed)
