@@ -1,0 +1,74 @@
+"""``editc bench``: edit time and quality against ESD, Concept Ablation, UCE and TIME.
+
+The harness and the baselines live in the source checkout (``bench/run_bench.py`` and
+``bench/baselines/``), not in the installed ``compiler`` package: they are a measurement, not
+part of the compiler. This command loads ``bench/run_bench.py`` by path from the checkout
+that ``compiler`` is imported from (``pip install -e .``, or running from the repository) and
+calls its ``main``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import click
+
+from compiler.cli import main
+from compiler.errors import UserError
+
+HARNESS = Path(__file__).resolve().parents[2] / "bench" / "run_bench.py"
+
+
+def load_harness():
+    """Import ``bench/run_bench.py`` from the checkout beside the ``compiler`` package."""
+    if not HARNESS.is_file():
+        raise UserError(f"{HARNESS}: not found; editc bench runs from a source checkout of editc "
+                        "(git clone, then pip install -e .), where bench/ sits beside compiler/")
+    spec = importlib.util.spec_from_file_location("editc_bench_harness", HARNESS)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+@main.command("bench")
+@click.option("--quick", is_flag=True, help="Smoke run: every code path with tiny settings (numbers without meaning).")
+@click.option("--model", default=None, type=click.Path(file_okay=False),
+              help="A toy-world diffusers folder (default: the embedded toy model).")
+@click.option("--judge", default=None, type=click.Path(file_okay=False),
+              help="The judge folder (default: the toy world's judge beside the model).")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Where bench_toy.json and bench_toy.md go (default: bench/results).")
+@click.option("--methods", default=None,
+              help="Comma-separated subset of esd-x, concept-ablation, uce, time, locoedit, quickfix, neurons.")
+@click.option("--kinds", default=None, help="Comma-separated subset of style, object, fact.")
+@click.option("--repeats", type=click.IntRange(min=1), default=None, help="Timed repeats of each closed-form edit.")
+@click.option("--esd-steps", type=click.IntRange(min=1), default=None, help="ESD fine-tuning steps.")
+@click.option("--ca-steps", type=click.IntRange(min=1), default=None, help="Concept Ablation fine-tuning steps.")
+@click.option("--no-locate", is_flag=True, help="Skip LocoGen; edit the fixed layers 2-4.")
+@click.option("--no-scaling", is_flag=True, help="Skip the 1/10/50/100-concept scaling run.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def bench_command(quick, model, judge, out, methods, kinds, repeats, esd_steps, ca_steps, no_locate, no_scaling,
+                  quiet):
+    """Benchmark editc's edits against fine-tuning (ESD-x, Concept Ablation) and closed-form
+    peers (UCE, TIME) on the toy world: edit time (median of interleaved repeats), efficacy,
+    generalization and specificity (by editc verify), and scaling to 100 concepts in one recipe.
+
+    Writes bench/results/bench_toy.json and bench_toy.md and prints the Markdown tables. The
+    default settings take about half an hour on 2 CPU cores; --quick takes a few minutes.
+    """
+    argv = []
+    for flag, value in (("--model", model), ("--judge", judge), ("--out", out), ("--methods", methods),
+                        ("--kinds", kinds), ("--repeats", repeats), ("--esd-steps", esd_steps),
+                        ("--ca-steps", ca_steps)):
+        if value is not None:
+            argv += [flag, str(value)]
+    for flag, on in (("--quick", quick), ("--no-locate", no_locate), ("--no-scaling", no_scaling),
+                     ("--quiet", quiet)):
+        if on:
+            argv.append(flag)
+    code = load_harness().main(argv)
+    if code:
+        raise SystemExit(code)
