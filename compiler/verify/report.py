@@ -238,10 +238,13 @@ def _arrow(before: float | None, after: float | None, fmt) -> str:
     return f"{fmt(before)} → <b>{fmt(after)}</b>"
 
 
-def _status_pill(gate: GateResult) -> str:
+def _status_pill(gate: GateResult, label: str = "") -> str:
+    prefix = f"{html.escape(label)}: " if label else ""
     if gate.skipped:
-        return '<span class="pill skip">REPORTED</span>'
-    return '<span class="pill pass">PASS</span>' if gate.passed else '<span class="pill fail">FAIL</span>'
+        return f'<span class="pill skip">{prefix}REPORTED</span>'
+    if gate.passed:
+        return f'<span class="pill pass">{prefix}PASS</span>'
+    return f'<span class="pill fail">{prefix}FAIL</span>'
 
 
 def _gates_table(gates: list[GateResult]) -> str:
@@ -293,11 +296,15 @@ def _images_table(group: GroupResult) -> str:
             seen = [s.shows_subject for s in scores]
             strip = image_strip(images[p * seeds : (p + 1) * seeds], seen)
             title = "; ".join(f"seed {s.seed}: judge sees {getattr(s, role).label}" for s in samples)
+            count = f"{sum(seen)}/{len(seen)}"
+            if scores[0].shows_replacement is not None:
+                replaced = sum(bool(s.shows_replacement) for s in scores)
+                count = f"concept {count}<br>replacement {replaced}/{len(scores)}"
             cells.append(f'<td><img alt="{role} images" title="{html.escape(title)}" '
                          f'src="data:image/png;base64,{_png_base64(strip)}"></td>'
-                         f'<td class="count">{sum(seen)}/{len(seen)}</td>')
+                         f'<td class="count">{count}</td>')
         rows.append(f'<tr><td class="prompt">{html.escape(prompt)}</td>{"".join(cells)}</tr>')
-    subject_note = "subject seen"
+    subject_note = "judge sees"
     return ('<table class="images"><tr><th>prompt</th><th>base model (seeds '
             f'{", ".join(map(str, group.seeds))})</th><th>{subject_note}</th><th>edited model (same seeds)</th>'
             f"<th>{subject_note}</th></tr>" + "".join(rows) + "</table>")
@@ -333,14 +340,16 @@ def html_report(report: VerifyReport) -> str:
              "<h2>Gates</h2>", _gates_table(report.gates)]
     for index, edit in enumerate(report.edits):
         groups = report.groups_of(index)
+        pills = " ".join(_status_pill(g, g.name.split(".")[-1]) for g in report.gates if g.edit_index == index)
         parts.append(f"<h2>edits[{index}]: {html.escape(edit['concept'])} → {html.escape(edit['replacement'])} "
-                     f"<small>({html.escape(edit['attribute'])})</small></h2>")
+                     f"<small>({html.escape(edit['attribute'])})</small> {pills}</h2>")
         parts.append(_scores_table(groups, clip_label))
         parts.append(legend)
         parts.extend(_group_section(group) for group in groups)
     generic = report.groups_of(None)
     if generic:
-        parts.append("<h2>generic prompts</h2>")
+        pills = " ".join(_status_pill(g, g.name.split(".")[-1]) for g in report.gates if g.edit_index is None)
+        parts.append(f"<h2>generic prompts {pills}</h2>")
         parts.append(_scores_table(generic, clip_label))
         parts.extend(_group_section(group) for group in generic)
     timings = ", ".join(f"{k} {v:.1f} s" for k, v in report.timings_seconds.items())
