@@ -172,6 +172,17 @@ def test_locate_result_schema_cache_hit_and_outputs(toy, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "locate.json").read_text())["best"] == payload["best"]
 
 
+def test_confirmation_at_full_settings_measures_the_winner_again(toy):
+    loaded, judge = toy
+    result = locate(loaded.pipeline, "snoopy", "a dog", "object", judge=judge, n_prompts=1, steps=1, max_m=1,
+                    height=16, width=16, confirm_steps=2, model_hash=loaded.model_hash, use_cache=False,
+                    progress=False)
+    assert result.settings.height == 16 and result.confirmation.steps == 2
+    assert (result.confirmation.best.start, result.confirmation.best.size) == (result.best_start, result.best_size)
+    assert result.images["best"].shape == (1, 32, 32, 3)  # the grid shows full-resolution images
+    assert json.loads(result.to_json())["confirmation"]["best"]["start"] == result.best_start
+
+
 def test_locate_rejects_bad_input_before_generating(toy):
     loaded, judge = toy
     with pytest.raises(UserError, match="max-m"):

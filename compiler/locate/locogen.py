@@ -49,7 +49,7 @@ from compiler.locate.engine import (
     generate_from_embeddings,
 )
 from compiler.locate.routing import cross_attention_modules, routed_cross_attention
-from compiler.locate.scoring import can_judge_presence, presence
+from compiler.locate.scoring import can_judge_presence, clip_scores, presence
 from compiler.models.families import LayerWindow
 from compiler.resolve import prompt_pairs
 
@@ -112,6 +112,16 @@ class WindowScore:
 
 
 @dataclass(frozen=True)
+class Confirmation:
+    """The winner measured again at full settings (``confirm_steps``, the model's resolution)."""
+
+    steps: int
+    clean: Measurement
+    replaced: Measurement
+    best: WindowScore
+
+
+@dataclass(frozen=True)
 class LocateSettings:
     prompts: tuple[str, ...]  # with the concept: c
     alternative_prompts: tuple[str, ...]  # with the replacement: c′
@@ -123,6 +133,7 @@ class LocateSettings:
     max_m: int
     threshold: float
     criterion: str  # "accuracy" or "clip", after resolving "auto"
+    confirm_steps: int | None = None  # None: no confirmation run
 
     def key_fields(self) -> dict:
         return asdict(self)
@@ -145,6 +156,7 @@ class LocateResult:
     windows: tuple[WindowScore, ...]
     settings: LocateSettings
     timings: dict
+    confirmation: Confirmation | None = None
     notes: tuple[str, ...] = ()
     cached: bool = False
     # clean / best window / replaced images, uint8 (N, H, W, 3): for the grid, not the JSON.
@@ -186,6 +198,7 @@ class LocateResult:
             "replaced": asdict(self.replaced),
             "windows": [asdict(w) for w in self.windows],
             "settings": asdict(self.settings),
+            "confirmation": asdict(self.confirmation) if self.confirmation else None,
             "timings": dict(self.timings),
             "notes": list(self.notes),
             "cached": self.cached,
@@ -209,6 +222,7 @@ class LocateResult:
             clean=Measurement(**payload["clean"]), replaced=Measurement(**payload["replaced"]),
             windows=tuple(WindowScore(**w) for w in payload["windows"]),
             settings=LocateSettings(**settings), timings=dict(payload["timings"]),
+            confirmation=_confirmation_from_dict(payload.get("confirmation")),
             notes=tuple(payload.get("notes", ())), cached=cached, images=dict(images or {}),
         )
 
@@ -219,9 +233,23 @@ class LocateResult:
         verdict = "located" if self.passed else f"not located within m <= {self.settings.max_m}; strongest"
         rate = "" if w.rate is None else (f", {self.judged_phrase!r} rate {w.rate:.2f} "
                                           f"(clean {self.clean.rate:.2f}, c' everywhere {self.replaced.rate:.2f})")
-        return (f"{self.concept!r} ({self.attribute}) {verdict}: window j={self.best_start} "
+        line = (f"{self.concept!r} ({self.attribute}) {verdict}: window j={self.best_start} "
                 f"m={self.best_size} ({layers}); CLIP-score {w.clip:.3f} vs clean "
                 f"{self.clean.clip:.3f}{rate}")
+        if self.confirmation is not None:
+            c = self.confirmation
+            measure = "rate" if self.settings.criterion == "accuracy" else "CLIP-score"
+            value = c.best.rate if self.settings.criterion == "accuracy" else c.best.clip
+            line += (f"; at {c.steps} steps: {measure} {value:.2f}, "
+                     f"{'confirmed' if c.best.passed else 'NOT confirmed'}")
+        return line
+
+
+def _confirmation_from_dict(payload: dict | None) -> Confirmation | None:
+    if payload is None:
+        return None
+    return Confirmation(payload["steps"], Measurement(**payload["clean"]), Measurement(**payload["replaced"]),
+                        WindowScore(**payload["best"]))
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -311,6 +339,7 @@ def locate(
     max_m: int = 3,
     threshold: float = 0.8,
     criterion: str = "auto",
+    confirm_steps: int | None = None,
     batch: int = 32,
     model_hash: str | None = None,
     use_cache: bool = True,
@@ -319,6 +348,8 @@ def locate(
     """Run LocoGen for one concept and return where it lives.
 
     ``judge`` scores images (``clip_scores``; ``classify`` too for the accuracy criterion).
+    ``confirm_steps``: sweep cheaply (few ``steps``, a lower ``height``/``width``), then measure
+    clean, c′ everywhere and the winner again with ``confirm_steps`` at the model's resolution.
     ``model_hash`` keys the cache (``LoadedModel.model_hash``); without it the weights are
     hashed in memory. With ``torch.distributed`` initialized, the samples are sharded over the
     ranks and every rank returns the same result; only rank 0 writes the cache.
@@ -347,8 +378,10 @@ def locate(
     elif criterion == "accuracy" and not can_judge_presence(judge, judged_phrase):
         raise UserError(f"criterion 'accuracy' needs a judge that can tell whether an image shows "
                         f"{judged_phrase!r} (the toy world's); use --criterion clip")
+    if confirm_steps is not None and confirm_steps < 1:
+        raise UserError(f"confirm steps must be at least 1, got {confirm_steps}")
     settings = LocateSettings(tuple(originals), tuple(alternatives), tuple(int(s) for s in seeds),
-                              steps, guidance, height, width, max_m, threshold, criterion)
+                              steps, guidance, height, width, max_m, threshold, criterion, confirm_steps)
     group = current_process_group()
     if model_hash is None:
         model_hash = cache.weights_fingerprint(pipe)
@@ -402,30 +435,59 @@ def locate(
               for w, window in enumerate(windows)]
     best, passed = choose_window(scores, criterion, higher_is_better)
 
-    # The grid's third row: the winner's images, generated again (one window: 1/#windows of
-    # the sweep) rather than keeping every window's images in memory.
-    t0 = time.perf_counter()
-    best_row = torch.zeros(1, num_layers, dtype=torch.bool)
-    best_row[0, best.start : best.start + best.size] = True
-    best_samples = [(0, p, s) for p in range(len(originals)) for s in settings.seeds]
-    _, _, best_kept = _run_routed(pipe, best_samples, group.shard(len(best_samples)), best_row, embeddings,
-                                  alternative, unconditional, None, None, None, generation,
-                                  keep_windows={0}, progress=False, desc="best window")
-    _, _, best_kept = _merge(group, len(best_samples), None, None, best_kept)
-    timings["best_images_s"] = time.perf_counter() - t0
-
     def stack(kept_images: dict, sample_list: list, w: int) -> np.ndarray:
         return np.stack([kept_images[k] for k, sample in enumerate(sample_list) if sample[0] == w])
 
-    images = {"clean": stack(kept, samples, CLEAN), "best": stack(best_kept, best_samples, 0),
-              "replaced": stack(kept, samples, REPLACED)}
+    t0 = time.perf_counter()
+    best_mask = torch.zeros(1, num_layers, dtype=torch.bool)
+    best_mask[0, best.start : best.start + best.size] = True
+    confirmation = None
+    if confirm_steps is None:
+        # The grid's middle row: the winner's images, generated again (one window: 1/#windows
+        # of the sweep) rather than keeping every window's images in memory.
+        best_samples = [(0, p, s) for p in range(len(originals)) for s in settings.seeds]
+        _, _, best_kept = _run_routed(pipe, best_samples, group.shard(len(best_samples)), best_mask, embeddings,
+                                      alternative, unconditional, None, None, None, generation,
+                                      keep_windows={0}, progress=False, desc="best window")
+        _, _, best_kept = _merge(group, len(best_samples), None, None, best_kept)
+        images = {"clean": stack(kept, samples, CLEAN), "best": stack(best_kept, best_samples, 0),
+                  "replaced": stack(kept, samples, REPLACED)}
+    else:
+        # Confirm the winner at full settings (the model's resolution, ``confirm_steps``):
+        # clean, c′ everywhere and the winner, measured again; their images make the grid.
+        final_masks = torch.cat([masks[[CLEAN, REPLACED]], best_mask])
+        final_samples = [(w, p, s) for w in range(3) for p in range(len(originals)) for s in settings.seeds]
+        full = GenerationSettings(confirm_steps, guidance, None, None, batch)
+        f_clip, f_rate, f_kept = _run_routed(pipe, final_samples, group.shard(len(final_samples)), final_masks,
+                                             embeddings, alternative, unconditional, score_prompts, judge,
+                                             judged_phrase if judges_presence else None, full,
+                                             keep_windows={0, 1, 2}, progress=False, desc="confirm")
+        f_clip, f_rate, f_kept = _merge(group, len(final_samples), f_clip, f_rate, f_kept)
+
+        def final_measure(w: int) -> Measurement:
+            rows = [k for k, sample in enumerate(final_samples) if sample[0] == w]
+            return Measurement(float(np.mean(f_clip[rows])),
+                               float(np.mean(f_rate[rows])) if judges_presence else None)
+
+        f_clean, f_replaced = final_measure(0), final_measure(1)
+        confirm_notes = _contrast_notes(f_clean, f_replaced, criterion, higher_is_better)
+        confirmation = Confirmation(confirm_steps, f_clean, f_replaced,
+                                    score_window(best, final_measure(2), f_clean, f_replaced, criterion, threshold,
+                                                 can_pass=not confirm_notes))
+        if passed and not confirmation.best.passed:
+            notes.append(f"the winner does not pass at {confirm_steps} steps and full resolution; sweep with "
+                         f"settings closer to the confirmation")
+        images = {"clean": stack(f_kept, final_samples, 0), "best": stack(f_kept, final_samples, 2),
+                  "replaced": stack(f_kept, final_samples, 1)}
+    timings["final_s"] = time.perf_counter() - t0
+
     timings.update(samples=len(samples), processes=group.world_size,
                    total_s=time.perf_counter() - started)
     result = LocateResult(
         concept=concept, replacement=replacement, attribute=attribute, model_hash=model_hash,
         layer_names=tuple(layer.name for layer in layers), best_start=best.start, best_size=best.size,
         passed=passed, judged_phrase=judged_phrase, scored_against=scored_against, clean=clean,
-        replaced=replaced, windows=tuple(scores), settings=settings,
+        replaced=replaced, windows=tuple(scores), settings=settings, confirmation=confirmation,
         timings={k: (round(v, 3) if isinstance(v, float) else v) for k, v in timings.items()},
         notes=tuple(notes), images=images,
     )
@@ -475,7 +537,7 @@ def _run_routed(pipe, samples, local, masks, embeddings: PromptEmbeddings, alter
                                                             desc=desc):
             chunk = local[start:stop]
             if score_prompts is not None:
-                clips = judge.clip_scores(images, [score_prompts[samples[k][1]] for k in chunk])
+                clips = clip_scores(judge, images, [score_prompts[samples[k][1]] for k in chunk])
                 rates = presence(judge, images, judged_phrase) if judged_phrase else None
                 for i, k in enumerate(chunk):
                     clip[k] = float(clips[i])

@@ -44,6 +44,22 @@ def _scene_test(phrase: str) -> Callable[[world.Scene], bool] | None:
     return None
 
 
+def fit_to_judge(judge, images: np.ndarray) -> np.ndarray:
+    """Resize images to the judge's input size when a sweep ran at another resolution."""
+    config = getattr(getattr(judge, "model", None), "config", None)
+    size = getattr(getattr(config, "vision_config", None), "image_size", None)
+    if size is None or images.shape[1:3] == (size, size):
+        return images
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.fromarray(img).resize((size, size), Image.BICUBIC)) for img in images])
+
+
+def clip_scores(judge, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+    """The judge's CLIP-score of each image against its prompt."""
+    return np.asarray(judge.clip_scores(fit_to_judge(judge, images), list(prompts)), dtype=np.float64)
+
+
 def can_judge_presence(judge, phrase: str) -> bool:
     return hasattr(judge, "classify") and _scene_test(phrase) is not None
 
@@ -53,7 +69,8 @@ def presence(judge, images: np.ndarray, phrase: str) -> np.ndarray | None:
     test = _scene_test(phrase)
     if test is None or not hasattr(judge, "classify"):
         return None
-    return np.array([float(test(scene)) for scene in judge.classify(images)], dtype=np.float64)
+    return np.array([float(test(scene)) for scene in judge.classify(fit_to_judge(judge, images))],
+                    dtype=np.float64)
 
 
 class ClipFolderJudge:

@@ -41,7 +41,7 @@ from compiler.locate.engine import (
     embed_unconditional,
     generate_from_embeddings,
 )
-from compiler.locate.scoring import can_judge_presence, presence
+from compiler.locate.scoring import can_judge_presence, clip_scores, presence
 from compiler.resolve import default_preserve_prompts, last_token_index
 
 TEXT_COMPONENTS = ("layer", "attn", "mlp")
@@ -248,7 +248,7 @@ def _noise(count: int, shape: tuple[int, int], std: float, seed: int) -> torch.T
 
 
 def _judge_samples(judge, images, prompt, subject, judges_presence):
-    clip = judge.clip_scores(images, [prompt] * len(images))
+    clip = clip_scores(judge, images, [prompt] * len(images))
     rate = presence(judge, images, subject) if judges_presence else None
     return clip, rate
 
