@@ -163,6 +163,11 @@ def test_locate_result_schema_cache_hit_and_outputs(toy, tmp_path, monkeypatch):
     assert np.array_equal(again.images["best"], result.images["best"])
     with pytest.raises(AssertionError, match="cache hit"):  # other settings: another entry
         locate(loaded.pipeline, "van gogh", "a painting", "style", **{**kwargs, "steps": 2})
+    # compile takes any earlier sweep of the same model, concept, replacement and attribute.
+    reused = locogen.locate_cached(loaded, "van gogh", "a painting", "style", judge=judge)
+    assert reused.cached and reused.layers == result.layers
+    with pytest.raises(AssertionError, match="cache hit"):
+        locogen.locate_cached(loaded, "van gogh", "an oil painting", "style", judge=judge)
 
     written = write_outputs(again, tmp_path)
     from PIL import Image

@@ -496,10 +496,16 @@ def locate(
     return result
 
 
+# What compile sweeps with when a recipe needs a location nobody has measured: a sweep is
+# generation-bound, so few steps, then the winner confirmed at the usual 25.
+COMPILE_SWEEP = {"n_prompts": 6, "steps": 10, "confirm_steps": 25, "max_m": 3}
+
+
 def locate_cached(loaded, concept: str, replacement: str, attribute: str, *, judge=None,
                   progress: bool = True, **settings) -> LocateResult:
     """LocoGen for ``compile``: reuse any cached sweep of this model, concept, replacement and
-    attribute (whatever its settings, newest first), else run ``locate`` with ``settings``.
+    attribute (whatever its settings, newest first), else run ``locate`` with ``settings``
+    over ``COMPILE_SWEEP``.
 
     ``loaded`` is a ``LoadedModel``; without ``judge`` the model's own judge is used (the toy
     world's), and a model without one needs a ``judge``.
@@ -513,7 +519,7 @@ def locate_cached(loaded, concept: str, replacement: str, attribute: str, *, jud
 
         judge = load_judge_for(loaded.source_path)
     return locate(loaded.pipeline, concept, replacement, attribute, judge=judge,
-                  model_hash=loaded.model_hash, progress=progress, **settings)
+                  model_hash=loaded.model_hash, progress=progress, **{**COMPILE_SWEEP, **settings})
 
 
 def _run_routed(pipe, samples, local, masks, embeddings: PromptEmbeddings, alternative: PromptEmbeddings,
