@@ -19,14 +19,26 @@ from compiler.locate.locogen import (
     write_outputs,
 )
 from compiler.locate.routing import cross_attention_modules, routed_cross_attention
+from compiler.locate.trace import (
+    TextTraceResult,
+    UNetTraceResult,
+    trace_text_encoder,
+    trace_unet,
+    write_trace_outputs,
+)
 
 __all__ = [
     "LocateResult",
+    "TextTraceResult",
+    "UNetTraceResult",
     "WindowScore",
     "cross_attention_modules",
     "generate_with_windows",
     "locate",
     "locate_cached",
     "routed_cross_attention",
+    "trace_text_encoder",
+    "trace_unet",
     "write_outputs",
+    "write_trace_outputs",
 ]
