@@ -53,7 +53,7 @@ class ToyConfig:
     vae_lr: float = 1e-3
     # UNet with SD-1.5's layout: 3 cross-attention down blocks, mid, 3 up: 16 attn2 layers.
     unet_channels: tuple[int, ...] = (64, 96, 96, 128)
-    unet_steps: int = 2_800
+    unet_steps: int = 2_400
     unet_batch: int = 64
     unet_lr: float = 3e-4
     uncond_prob: float = 0.1  # caption dropout for classifier-free guidance
