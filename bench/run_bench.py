@@ -63,7 +63,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from bench.baselines import BaselineResult, EditTask  # noqa: E402
+from bench.baselines import BaselineResult, EditTask, synchronize  # noqa: E402
 from bench.baselines.concept_ablation import ConceptAblationConfig, train_concept_ablation  # noqa: E402
 from bench.baselines.esd import ESDConfig, train_esd  # noqa: E402
 from bench.baselines.time_edit import TIMEConfig, time_edit  # noqa: E402
@@ -92,8 +92,8 @@ EDITC_METHODS = {"locoedit", "quickfix", "neurons"}
 NEEDS_LAYERS = {"locoedit", "neurons"}
 # The steps the papers train for, to extrapolate the measured time per step.
 REFERENCE_STEPS = {"esd-x": 1000, "concept-ablation": 400}
-# The toy world's style window measured on the design prototype (layers 2–4); used only when
-# localization is switched off (--quick, --no-locate).
+# The toy world's style window measured on the design prototype (layers 2–4): the layers of
+# ``--layers fixed`` runs (``--quick``) unless others are given.
 FALLBACK_LAYERS = (2, 3, 4)
 
 
@@ -116,7 +116,11 @@ class BenchSettings:
     # editc: the ICML paper ablates 30-100 of SD-1.5's 1280 K/V neurons (2-8 %); the toy's
     # K/V layers are 64-128 wide, so 5 is the same share.
     neurons_top_k: int = 5
-    locate: bool = True  # LocoGen per edit (cached); else FALLBACK_LAYERS
+    # Which cross-attention layers LocoEdit and neurons edit: "locate" (LocoGen per edit, cached
+    # on disk), "default" (the papers' table for the model family: real checkpoints) or "fixed"
+    # (``fixed_layers`` for every edit).
+    layers: str = "locate"
+    fixed_layers: tuple[int, ...] = FALLBACK_LAYERS
     locate_steps: int = 10  # fewer sampler steps for the sweep, as the design allows
     locate_prompts: int = 6
     # verify (quality)
@@ -137,7 +141,7 @@ class BenchSettings:
             esd=ESDConfig(steps=2, learning_rate=1e-4, ddim_steps=4),
             concept_ablation=ConceptAblationConfig(steps=2, batch_size=4, learning_rate=1e-4, anchor_images=4,
                                                    anchor_sampling_steps=4, anchor_guidance=4.0),
-            locate=False, verify_seeds=1, verify_prompts=2, verify_steps=4,
+            layers="fixed", verify_seeds=1, verify_prompts=2, verify_steps=4,
             scaling_counts=(1, 10), scaling_repeats=1,
         )
 
@@ -146,6 +150,7 @@ class BenchSettings:
         data["methods"] = list(self.methods)
         data["kinds"] = list(self.kinds)
         data["scaling_counts"] = list(self.scaling_counts)
+        data["fixed_layers"] = list(self.fixed_layers)
         return data
 
 
@@ -189,6 +194,7 @@ def editc_edit(loaded, edits: list[dict], label: str) -> BaselineResult:
     recipe = loads_recipe(editc_recipe_text(str(loaded.source_path), edits), f"{label}.yaml")
     plans = plan_edits(recipe, loaded, progress=False)
     result = compile_edits(recipe, loaded, plans, progress=False)
+    synchronize(loaded.pipeline.unet.device)
     seconds = time.perf_counter() - started
     info = {"timings": result.timings, "solves": result.solve_info, "tensors": len(result.new_tensors),
             "layers": sorted({j for p in plans for j in p.layers})}
@@ -227,6 +233,7 @@ def run_method(method: str, loaded, kind: str, task: EditTask, layers, settings:
         raise ValueError(f"unknown method {method!r}")
     saved = {name: get_parameter(pipe, name).detach().clone() for name in result.new_tensors}
     fuse_weights(pipe, result.new_tensors)
+    synchronize(pipe.unet.device)
     result.seconds = time.perf_counter() - started
     fuse_weights(pipe, saved)
     return result
@@ -271,9 +278,13 @@ def locate_layers(loaded, settings: BenchSettings, say, progress: bool) -> dict:
     out = {}
     for kind in settings.kinds:
         task = TASKS[kind]
-        if not settings.locate:
-            out[kind] = {"layers": list(FALLBACK_LAYERS), "source": "fixed (the design prototype's style window)",
+        if settings.layers == "default":
+            out[kind] = {"layers": "default", "source": "the papers' known location for the model family",
                          "seconds": 0.0, "cached": None}
+            continue
+        if settings.layers == "fixed":
+            out[kind] = {"layers": list(settings.fixed_layers), "source": "fixed (--layers)", "seconds": 0.0,
+                         "cached": None}
             continue
         say(f"{kind}: locate '{task.concept}' (LocoGen; cached after the first run)")
         started = time.perf_counter()
@@ -401,7 +412,7 @@ def run_scaling(loaded, judge, settings: BenchSettings, layers: dict, say, progr
 
     pipe = loaded.pipeline
     guidance = default_guidance(judge)
-    all_layers = {k: layers.get(k, list(FALLBACK_LAYERS)) for k in ("style", "object", "fact")}
+    all_layers = {k: layers.get(k, settings.fixed_layers) for k in ("style", "object", "fact")}
 
     def efficacy_plan(tasks):
         recipe = verify_recipe(str(loaded.source_path), tasks, settings)
@@ -524,7 +535,9 @@ def markdown(report: dict) -> str:
     ratio = report["ratios"]
     lines = []
     host = report["host"]
-    lines.append(f"Toy world, {host['torch_threads']} CPU thread(s), {report['settings']['repeats']} interleaved "
+    where = f"GPU {host['gpu']}" if host.get("gpu") else f"{host['torch_threads']} CPU thread(s)"
+    lines.append(f"Model {report['model']['family']} ({Path(report['model']['path']).name}), {where}, "
+                 f"{report['settings']['repeats']} interleaved "
                  f"repeats of each closed-form edit (median); quality by `compiler.verify` "
                  f"({report['settings']['verify_seeds']} seeds × {report['settings']['verify_prompts']} prompts per "
                  f"group, {report['settings']['verify_steps']} DDIM steps).")
@@ -603,9 +616,8 @@ def ratio_summary(report: dict) -> list[str]:
     return lines
 
 
-def write_report(report: dict, out_dir: Path, quick: bool) -> tuple[Path, Path]:
+def write_report(report: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = "bench_toy_quick" if quick else "bench_toy"
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     for path, text in ((json_path, json.dumps(_jsonable(report), indent=1) + "\n"), (md_path, markdown(report))):
         tmp = path.with_suffix(path.suffix + ".tmp")
@@ -616,7 +628,7 @@ def write_report(report: dict, out_dir: Path, quick: bool) -> tuple[Path, Path]:
 
 # ----------------------------------------------------------------------------- main
 def run_bench(model_path: str | Path, settings: BenchSettings, *, judge_path: str | Path | None = None,
-              progress: bool = True, scaling: bool = True, say=None) -> dict:
+              device: str = "cpu", progress: bool = True, scaling: bool = True, say=None) -> dict:
     """Run everything on one model and return the report (see the module docstring)."""
     from compiler.models.load import load_model
     from compiler.verify.judges import choose_judge
@@ -624,7 +636,7 @@ def run_bench(model_path: str | Path, settings: BenchSettings, *, judge_path: st
     say = say or (lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True))
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
-    loaded = load_model(str(model_path), dtype=torch.float32)
+    loaded = load_model(str(model_path), dtype=torch.float32, device=device)
     loaded.pipeline.set_progress_bar_config(disable=True)
     base_dir = Path(loaded.source_path) if Path(loaded.source_path).is_dir() else None
     judge = choose_judge(judge_path, base_dir, loaded.pipeline.text_encoder)
@@ -634,7 +646,8 @@ def run_bench(model_path: str | Path, settings: BenchSettings, *, judge_path: st
     t0 = time.perf_counter()
     layers_info = locate_layers(loaded, settings, say, progress)
     stages["locate"] = time.perf_counter() - t0
-    layers = {kind: tuple(info["layers"]) for kind, info in layers_info.items()}
+    layers = {kind: info["layers"] if isinstance(info["layers"], str) else tuple(info["layers"])
+              for kind, info in layers_info.items()}
 
     t0 = time.perf_counter()
     runs = time_methods(loaded, settings, layers, say, progress)
@@ -657,7 +670,8 @@ def run_bench(model_path: str | Path, settings: BenchSettings, *, judge_path: st
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"path": str(loaded.source_path), "family": loaded.family, "sha256": loaded.model_hash},
         "judge": judge.description,
-        "host": {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "host": {"device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+                 "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                  "torch": torch.__version__, "platform": platform.platform(),
                  "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
         "settings": settings.to_dict(),
@@ -682,10 +696,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats of each closed-form edit")
     parser.add_argument("--esd-steps", type=int, default=None, help="ESD fine-tuning steps")
     parser.add_argument("--ca-steps", type=int, default=None, help="Concept Ablation fine-tuning steps")
-    parser.add_argument("--no-locate", action="store_true", help="skip LocoGen; use the fixed layers 2-4")
+    parser.add_argument("--layers", default=None,
+                        help="LocoEdit/neurons layers: locate (LocoGen, cached; the default), default (the papers' "
+                             "table for real checkpoints) or a list like 2,3,4 for every edit")
     parser.add_argument("--no-scaling", action="store_true", help="skip the 1/10/50/100-concept scaling run")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
+
+
+def parse_layers(text: str) -> dict:
+    """``--layers``: "locate", "default" or "2,3,4" -> BenchSettings fields."""
+    text = text.strip().lower()
+    if text in ("locate", "default"):
+        return {"layers": text}
+    try:
+        layers = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        layers = ()
+    if not layers or min(layers) < 0:
+        raise UserError(f"--layers: {text!r} is not locate, default or a list of layer indices like 2,3,4")
+    return {"layers": "fixed", "fixed_layers": layers}
 
 
 def settings_from_args(args: argparse.Namespace) -> BenchSettings:
@@ -705,8 +735,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         settings = replace(settings, esd=replace(settings.esd, steps=args.esd_steps))
     if args.ca_steps is not None:
         settings = replace(settings, concept_ablation=replace(settings.concept_ablation, steps=args.ca_steps))
-    if args.no_locate:
-        settings = replace(settings, locate=False)
+    if args.layers is not None:
+        settings = replace(settings, **parse_layers(args.layers))
     return settings
 
 
@@ -719,7 +749,7 @@ def main(argv=None) -> int:
                         f"(a toy-world diffusers folder with its judge beside it)")
     report = run_bench(model, settings, judge_path=args.judge, progress=not args.quiet,
                        scaling=not args.no_scaling)
-    json_path, md_path = write_report(report, Path(args.out), args.quick)
+    json_path, md_path = write_report(report, Path(args.out), "bench_toy_quick" if args.quick else "bench_toy")
     print(markdown(report))
     print(f"[bench] wrote {json_path} and {md_path} in {report['stage_seconds']['total']:.0f} s", file=sys.stderr)
     return 0

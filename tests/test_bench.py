@@ -195,3 +195,43 @@ def test_editc_bench_bad_input_exits_2(tmp_path):
     assert result.stderr.strip().count("\n") == 0 and "dreambooth" in result.stderr
     result = _editc("--model", tmp_path / "missing")
     assert result.returncode == 2 and "missing" in result.stderr
+
+
+def _write_clip_folder(folder: Path) -> Path:
+    """A tiny random transformers CLIPModel folder with the real CLIP tokenizer (the judge)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=77, projection_dim=16),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8, projection_dim=16),
+        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    CLIPTokenizer.from_pretrained(str(REPO / "compiler" / "assets" / "tokenizers" / "clip")).save_pretrained(folder)
+    return folder
+
+
+def test_real_checkpoint_script_runs_on_sd2_and_sdxl_layouts(tiny, tmp_path):
+    """bench/real_checkpoints.py, unchanged, on tiny random SD-2 and SD-XL checkpoints (CPU)."""
+    clip = _write_clip_folder(tmp_path / "clip")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "real_checkpoints.py"), "--model", f"tsd2={tiny('sd2')}",
+         "--model", f"tsdxl={tiny('sdxl')}", "--clip", clip, "--device", "cpu", "--out", out, "--quick",
+         "--methods", "esd-x,concept-ablation,uce,locoedit", "--kinds", "object", "--layers", "2,3",
+         "--esd-steps", "1", "--ca-steps", "1", "--repeats", "1", "--no-scaling", "--quiet"],
+        capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name, family in (("tsd2", "sd2"), ("tsdxl", "sdxl")):
+        report = json.loads((out / f"bench_{name}_quick.json").read_text())
+        assert report["model"]["family"] == family
+        assert {r["method"] for r in report["methods"]} == {"esd-x", "concept-ablation", "uce", "locoedit"}
+        assert "## " + name in result.stdout
+
+
+def test_real_checkpoint_script_rejects_bad_models(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "real_checkpoints.py"), "--model", "nopath",
+                             "--clip", tmp_path], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2 and "NAME=PATH" in result.stderr

@@ -142,6 +142,12 @@ def cross_attention_kv_names(registry) -> list[str]:
     return names
 
 
+def synchronize(device) -> None:
+    """Wait for queued GPU work, so that wall times measure it (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def trained_tensors(module: torch.nn.Module, names: list[str], component: str = "unet") -> dict[str, Tensor]:
     """The named parameters of a trained copy, detached, under qualified names."""
     params = dict(module.named_parameters())

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from tqdm import tqdm
 
-from bench.baselines import BaselineResult, EditTask, encode_prompts, predict, trained_tensors
+from bench.baselines import BaselineResult, EditTask, encode_prompts, predict, synchronize, trained_tensors
 
 
 @dataclass(frozen=True)
@@ -121,10 +121,12 @@ def train_concept_ablation(pipe, task: EditTask, config: ConceptAblationConfig =
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    synchronize(device)
     train_seconds = time.perf_counter() - train_started
 
     new = trained_tensors(unet, names)
     del unet, optimizer
+    synchronize(device)
     seconds = time.perf_counter() - started
     info = {
         "steps": config.steps, "batch_size": config.batch_size, "learning_rate": config.learning_rate,

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from tqdm import tqdm
 
-from bench.baselines import BaselineResult, Conditioning, EditTask, encode_prompts, latent_shape, predict, trained_tensors
+from bench.baselines import (BaselineResult, Conditioning, EditTask, encode_prompts, latent_shape, predict,
+                             synchronize, trained_tensors)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,7 @@ def train_esd(pipe, task: EditTask, config: ESDConfig = ESDConfig(), *, progress
 
     new = trained_tensors(unet, names)
     del unet, optimizer
+    synchronize(device)
     seconds = time.perf_counter() - started
     info = {
         "steps": config.steps, "learning_rate": config.learning_rate, "negative_guidance": config.negative_guidance,

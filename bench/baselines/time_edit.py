@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from bench.baselines import BaselineResult, EditTask, aligned_token_rows, closed_form_kv_update
+from bench.baselines import BaselineResult, EditTask, aligned_token_rows, closed_form_kv_update, synchronize
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ def time_edit(model, task: EditTask, config: TIMEConfig = TIMEConfig()) -> Basel
     pipe = model.pipeline
     sources, destinations = aligned_token_rows(pipe, task.prompt_pairs(), task.concept, task.replacement)
     new = closed_form_kv_update(pipe, model.registry, sources.T @ sources, destinations.T @ sources, config.lam)
+    synchronize(pipe.unet.device)
     seconds = time.perf_counter() - started
     return BaselineResult("time", new, seconds, {"rows": int(sources.shape[0]), "lambda": config.lam,
                                                  "tensors": len(new)})

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from bench.baselines import (BaselineResult, EditTask, aligned_token_rows, all_token_rows,
-                             closed_form_kv_update)
+                             closed_form_kv_update, synchronize)
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ def uce_edit(model, task: EditTask, config: UCEConfig = UCEConfig(), preserve_pr
     cross = config.erase_scale * targets.T @ sources
     new = closed_form_kv_update(pipe, model.registry, gram, cross, config.lamb,
                                 preserve_gram=preserved.T @ preserved, preserve_scale=config.preserve_scale)
+    synchronize(pipe.unet.device)
     seconds = time.perf_counter() - started
     info = {"rows": int(sources.shape[0]), "preserve_rows": int(preserved.shape[0]),
             "preserve_prompts": len(preserve_prompts), "lambda": config.lamb, "erase_scale": config.erase_scale,

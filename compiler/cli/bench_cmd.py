@@ -47,10 +47,12 @@ def load_harness():
 @click.option("--repeats", type=click.IntRange(min=1), default=None, help="Timed repeats of each closed-form edit.")
 @click.option("--esd-steps", type=click.IntRange(min=1), default=None, help="ESD fine-tuning steps.")
 @click.option("--ca-steps", type=click.IntRange(min=1), default=None, help="Concept Ablation fine-tuning steps.")
-@click.option("--no-locate", is_flag=True, help="Skip LocoGen; edit the fixed layers 2-4.")
+@click.option("--layers", default=None,
+              help="LocoEdit/neurons layers: locate (LocoGen, cached; default), default (the papers' table) "
+                   "or a list like 2,3,4.")
 @click.option("--no-scaling", is_flag=True, help="Skip the 1/10/50/100-concept scaling run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def bench_command(quick, model, judge, out, methods, kinds, repeats, esd_steps, ca_steps, no_locate, no_scaling,
+def bench_command(quick, model, judge, out, methods, kinds, repeats, esd_steps, ca_steps, layers, no_scaling,
                   quiet):
     """Benchmark editc's edits against fine-tuning (ESD-x, Concept Ablation) and closed-form
     peers (UCE, TIME) on the toy world: edit time (median of interleaved repeats), efficacy,
@@ -62,10 +64,10 @@ def bench_command(quick, model, judge, out, methods, kinds, repeats, esd_steps, 
     argv = []
     for flag, value in (("--model", model), ("--judge", judge), ("--out", out), ("--methods", methods),
                         ("--kinds", kinds), ("--repeats", repeats), ("--esd-steps", esd_steps),
-                        ("--ca-steps", ca_steps)):
+                        ("--ca-steps", ca_steps), ("--layers", layers)):
         if value is not None:
             argv += [flag, str(value)]
-    for flag, on in (("--quick", quick), ("--no-locate", no_locate), ("--no-scaling", no_scaling),
+    for flag, on in (("--quick", quick), ("--no-scaling", no_scaling),
                      ("--quiet", quiet)):
         if on:
             argv.append(flag)
