@@ -13,7 +13,7 @@ Components and their graphs (all axes named below are dynamic):
   -> ``last_hidden_state`` (batch, sequence, width), ``pooled_output`` (batch, width or
   projection) and ``penultimate_hidden_state`` (SD-XL conditions on the second-to-last layer).
 - ``unet``: ``sample`` (batch, channels, height, width), ``timestep`` float32 (timestep_batch:
-  1 or batch), ``encoder_hidden_states`` (batch, sequence, context) [, SD-XL's ``text_embeds``
+  1 or batch; batch for a dynamo-exported graph), ``encoder_hidden_states`` (batch, sequence, context) [, SD-XL's ``text_embeds``
   (batch, pooled) and ``time_ids`` (batch, 6)] -> ``out_sample``. Height and width must be
   multiples of 2^(levels-1) latent pixels, as for the PyTorch UNet.
 - ``vae_encoder``: ``sample`` (batch, 3, height, width) -> ``latent_parameters`` (the posterior's
@@ -214,7 +214,8 @@ def _unet_graph(pipeline, family: str) -> ComponentGraph:
     return ComponentGraph(
         name="unet", source_component="unet", make_graph=UNetXLGraph if sdxl else UNetGraph,
         input_names=names, output_names=["out_sample"], dynamic_axes=axes,
-        cases=[case(0, 2, 2 * multiple, multiple, 981.0, 2),
+        # Traced at 3×2 blocks: no spatial size of 1 block, which torch.export would specialize.
+        cases=[case(0, 2, 3 * multiple, 2 * multiple, 981.0, 2),
                case(1, 1, multiple, 3 * multiple, 1.0, 1)],
         spatial_multiple=multiple,
     )
@@ -310,6 +311,9 @@ def _export_dynamo(graph_module, graph: ComponentGraph, inputs, path: Path, opse
     dims: dict[str, object] = {}
 
     def dim(axis_name: str):
+        # torch.export proves that the UNet expands the timesteps to the batch, so it will not
+        # keep a separate timestep batch: a dynamo graph takes one timestep per sample.
+        axis_name = "batch" if axis_name == "timestep_batch" else axis_name
         if axis_name not in dims:
             if axis_name in ("height", "width") and graph.spatial_multiple > 1:
                 dims[axis_name] = graph.spatial_multiple * Dim(f"{axis_name}_blocks", min=1, max=1024)

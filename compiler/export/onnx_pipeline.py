@@ -156,7 +156,7 @@ class OnnxTextToImage:
         for timestep in self.schedule.timesteps(steps):
             doubled = np.concatenate([latents, latents]).astype(self._unet_types["sample"])
             feed = {"sample": doubled, "encoder_hidden_states": context,
-                    "timestep": np.array([timestep], dtype=self._unet_types["timestep"])}
+                    "timestep": np.full(2 * n, timestep, dtype=self._unet_types["timestep"])}
             prediction = self.unet.run(["out_sample"], feed)[0].astype(np.float32)
             unconditional, conditional = prediction[:n], prediction[n:]
             guided = unconditional + guidance * (conditional - unconditional)
