@@ -198,6 +198,11 @@ def test_delta_applies_to_either_layout_of_its_base(sd1_delta, tiny, tmp_path, l
     loaded = load_model(out)
     _assert_holds_exactly(loaded, edited, base)
     assert read_provenance(out)["editc.recipe_sha256"] == read_delta(delta).metadata["editc.recipe_sha256"]
+    again = tmp_path / ("again.safetensors" if layout == "single-file" else "again")
+    apply_delta(delta, target, again)
+    files = [out] if layout == "single-file" else sorted(p for p in out.rglob("*") if p.is_file())
+    for file in files:
+        assert _sha256(file) == _sha256(again / file.relative_to(out) if layout == "diffusers" else again)
 
 
 def test_apply_refuses_another_base_without_force(sd1_delta, tmp_path):

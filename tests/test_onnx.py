@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from compiler.cli import main
 from compiler.export.onnx import OnnxParityError, check_onnx_parity, export_onnx
 from compiler.export.onnx_pipeline import OnnxTextToImage
+from compiler.export.provenance import read_provenance
 from compiler.toy import JUDGE_DIR, PIPELINE_DIR
 
 COMPONENTS = ("text_encoder", "unet", "vae_encoder", "vae_decoder")
@@ -132,14 +133,18 @@ def test_sd1_fp16_with_external_data_is_bit_identical(tmp_path):
     from compiler.testing.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("sd1")
-    first = export_onnx(pipe, tmp_path / "a", "fp16", external_data_threshold_bytes=0)
+    provenance = {"editc.method": "locoedit", "editc.recipe_sha256": "0" * 64}
+    first = export_onnx(pipe, tmp_path / "a", "fp16", external_data_threshold_bytes=0, provenance=provenance)
+    assert read_provenance(tmp_path / "a") == provenance
+    graph_metadata = read_provenance(tmp_path / "a" / "unet" / "model.onnx")
+    assert provenance.items() <= graph_metadata.items() and graph_metadata["editc.onnx.dtype"] == "fp16"
     for name in COMPONENTS:
         assert first.parity[name]["passed"] and first.parity[name]["dtype"] == "fp16"
         assert first.components[name]["external_data"] == f"{name}/model.onnx_data"
         assert (tmp_path / "a" / name / "model.onnx_data").is_file()
     assert onnx.load(str(tmp_path / "a" / "unet" / "model.onnx"), load_external_data=False) \
         .graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
-    export_onnx(pipe, tmp_path / "b", "fp16", external_data_threshold_bytes=0, check=False)
+    export_onnx(pipe, tmp_path / "b", "fp16", external_data_threshold_bytes=0, check=False, provenance=provenance)
     for name in COMPONENTS:
         for file in ("model.onnx", "model.onnx_data"):
             assert (tmp_path / "a" / name / file).read_bytes() == (tmp_path / "b" / name / file).read_bytes()

@@ -33,8 +33,9 @@ import torch
 from compiler.errors import UserError
 from compiler.export.atomic import atomic_output_dir, atomic_output_file
 from compiler.export.provenance import check_provenance
-from compiler.export.single_file import (SafetensorsTable, export_single_file, from_original_value,
-                                        original_names, split_qualified, write_safetensors)
+from compiler.export.single_file import (SAFETENSORS_DTYPES, SafetensorsTable, export_single_file,
+                                        from_original_value, original_names, patch_safetensors_copy,
+                                        split_qualified, write_safetensors)
 
 FORMAT = "editc-delta/1"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -206,6 +207,48 @@ def read_delta(delta_path: str | os.PathLike) -> Delta:
     return Delta(path, tensors, metadata)
 
 
+def patch_diffusers_folder(source: Path, edited: Mapping[str, torch.Tensor], out_folder: Path,
+                           metadata: Mapping[str, str]) -> None:
+    """Fill ``out_folder`` from diffusers folder ``source`` with the ``edited`` tensors patched in.
+
+    Weight files holding an edited tensor are copied byte for byte with those tensors'
+    bytes overwritten (``patch_safetensors_copy``: same table, deterministic header, the
+    provenance added to their metadata); every other file is hard-linked (copied where links
+    are refused). Every edited tensor must land in some file.
+    """
+    from compiler.export.diffusers_folder import link_or_copy
+
+    by_component: dict[str, dict[str, torch.Tensor]] = {}
+    for qualified, value in edited.items():
+        component, parameter = split_qualified(qualified)
+        by_component.setdefault(component, {})[parameter] = value
+    placed: set[str] = set()
+    for path in sorted(source.rglob("*")):
+        if path.is_dir():
+            continue
+        relative = path.relative_to(source)
+        edits = by_component.get(relative.parts[0]) if len(relative.parts) > 1 else None
+        if edits and path.suffix == ".safetensors":
+            table = SafetensorsTable.read(path)
+            replacements = {}
+            for parameter, value in edits.items():
+                key = next((k for k in (parameter, "text_model." + parameter,
+                                        parameter.removeprefix("text_model.")) if k in table.entries), None)
+                if key is not None:
+                    entry = table.entries[key]
+                    replacements[key] = value.to(SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"]).contiguous()
+                    placed.add(f"{relative.parts[0]}/{parameter}")
+            if replacements:
+                (out_folder / relative).parent.mkdir(parents=True, exist_ok=True)
+                patch_safetensors_copy(table, out_folder / relative, replacements, {**table.metadata, **metadata})
+                continue
+        link_or_copy(path, out_folder / relative)
+    missing = sorted(set(edited) - placed)
+    if missing:
+        raise UserError(f"{source}: holds no tensor {missing[0]} ({len(missing)} edited tensors have "
+                        f"no place); the delta was made for another model")
+
+
 @dataclass
 class AppliedDelta:
     out: Path
@@ -217,12 +260,12 @@ def apply_delta(delta_path: str | os.PathLike, checkpoint_path: str | os.PathLik
                 out_path: str | os.PathLike, force: bool = False) -> AppliedDelta:
     """Apply a delta to a checkpoint (diffusers folder or single file), writing ``out_path``.
 
-    The output has the checkpoint's layout: a diffusers folder (unchanged files hard-linked) or
-    a patched copy of the single file. A checkpoint that is not the delta's base is refused
+    The output has the checkpoint's layout: a diffusers folder (unchanged files hard-linked,
+    edited weight files patched copies) or a patched copy of the single file; byte-identical
+    for identical inputs. A checkpoint that is not the delta's base is refused
     unless ``force``; ``force`` also allows replacing an existing ``out_path``. The checkpoint
     itself is never modified.
     """
-    from compiler.export.diffusers_folder import write_diffusers_folder
     from compiler.models.load import inspect_source, source_hash
 
     delta = read_delta(delta_path)
@@ -249,7 +292,7 @@ def apply_delta(delta_path: str | os.PathLike, checkpoint_path: str | os.PathLik
     if source.format == "diffusers":
         out = Path(out_path)
         with atomic_output_dir(out, force=force, inputs=[source.path]) as folder:
-            write_diffusers_folder(source.path, delta.tensors, folder, provenance)
+            patch_diffusers_folder(source.path, delta.tensors, folder, provenance)
         written = out.absolute()
     else:
         if Path(out_path).suffix.lower() != ".safetensors":
