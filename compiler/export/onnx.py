@@ -356,6 +356,19 @@ def _finalize_onnx(scratch_file: Path, final_file: Path, metadata: Mapping[str, 
     return EXTERNAL_DATA_FILE if external else None
 
 
+def _cast_copy(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of ``module`` in ``dtype`` (the caller's model is left as it is), without
+    diffusers' warning about casting with ``.to()``: every module is meant to be cast here."""
+    from diffusers.utils import logging as diffusers_logging
+
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        return copy.deepcopy(module).to(dtype)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+
+
 @contextlib.contextmanager
 def _eager_attention(module: torch.nn.Module) -> Iterator[None]:
     """Run a transformers model with its eager attention while it is traced.
@@ -381,7 +394,7 @@ def _export_graph(pipeline, graph: ComponentGraph, dtype_name: str, out_folder: 
                   metadata: Mapping[str, str]) -> dict:
     component = getattr(pipeline, graph.source_component)
     dtype = torch.float32 if graph.keep_fp32 else DTYPES[dtype_name]
-    module = component if component.dtype == dtype else copy.deepcopy(component).to(dtype)
+    module = component if component.dtype == dtype else _cast_copy(component, dtype)
     graph_module = graph.make_graph(module).eval()
     inputs = _cast_inputs(graph.cases[0], dtype, graph.float_inputs_keep_fp32)
     out_folder.mkdir(parents=True, exist_ok=True)
@@ -530,7 +543,11 @@ def export_onnx(pipeline_or_folder, out_dir: str | os.PathLike, dtype: str = "fp
         }
         parity = {}
         if check:
-            parity = check_onnx_parity(folder, pipeline, family=model.family, tolerance=tolerance)
+            try:
+                parity = check_onnx_parity(folder, pipeline, family=model.family, tolerance=tolerance)
+            except OnnxParityError as err:
+                details = str(err).split(": ", 1)[-1]
+                raise OnnxParityError(f"{Path(out_dir)}: not written, {details}") from None
             description["parity"] = parity
         (folder / "editc_onnx.json").write_text(json.dumps(description, indent=2) + "\n")
     return OnnxExport(Path(out_dir), model.family, dtype, components, parity, seconds)
@@ -582,7 +599,7 @@ def check_onnx_parity(onnx_dir: str | os.PathLike, reference, *, family: str | N
         input_dtypes = _session_input_dtypes(session)
         dtype_name = "fp16" if session.get_outputs()[0].type == "tensor(float16)" else "fp32"
         module = getattr(pipeline, graph.source_component)
-        reference_module = module if module.dtype == torch.float32 else copy.deepcopy(module).float()
+        reference_module = module if module.dtype == torch.float32 else _cast_copy(module, torch.float32)
         graph_module = graph.make_graph(reference_module).eval()
         worst, scale = 0.0, 0.0
         per_output: dict[str, float] = {}
