@@ -279,6 +279,17 @@ def _resolve_model(pipeline_or_folder) -> _Model:
     return _Model(pipeline_or_folder, family, type(pipeline_or_folder).__name__)
 
 
+def _input_paths(pipeline_or_folder) -> list:
+    """The model's files on disk, which an output must not overwrite."""
+    from compiler.models.load import LoadedModel, resolve_model_path
+
+    if isinstance(pipeline_or_folder, LoadedModel):
+        return [pipeline_or_folder.source_path]
+    if isinstance(pipeline_or_folder, (str, os.PathLike)):
+        return [resolve_model_path(pipeline_or_folder)]
+    return []
+
+
 def _check_family(family: str) -> None:
     if family not in ("sd1", "sd2", "sdxl"):
         raise UserError(f"ONNX export supports sd1, sd2 and sdxl models; this model is {family} "
@@ -509,14 +520,12 @@ def export_onnx(pipeline_or_folder, out_dir: str | os.PathLike, dtype: str = "fp
     if opset < OPSET:
         raise UserError(f"ONNX opset {opset} is too old; valid: {OPSET} or newer")
     metadata = check_provenance(provenance or {})
-    inputs = [pipeline_or_folder] if isinstance(pipeline_or_folder, (str, os.PathLike)) and \
-        str(pipeline_or_folder) != "toy" else []
-    check_output_path(out_dir, force=force, inputs=inputs)  # fail before loading anything
+    check_output_path(out_dir, force=force, inputs=_input_paths(pipeline_or_folder))  # before loading
     model = _resolve_model(pipeline_or_folder)
     _check_family(model.family)
     pipeline = model.pipeline
     graphs = component_graphs(pipeline, model.family)
-    with atomic_output_dir(out_dir, force=force, inputs=inputs) as folder:
+    with atomic_output_dir(out_dir, force=force, inputs=_input_paths(pipeline_or_folder)) as folder:
         components, seconds = {}, {}
         for graph in graphs:
             info = _export_graph(pipeline, graph, dtype, folder / graph.name, exporter=exporter,
