@@ -96,11 +96,12 @@ def test_onnxruntime_alone_generates_what_pytorch_generates(toy_onnx, torch_toy)
     assert np.array_equal(again, onnx_images)  # seeds give numpy's noise: the same latents
 
 
-@pytest.mark.skipif(not TRAINED_TOY, reason="the trained toy model and judge are not built yet")
-def test_judge_scores_onnxruntime_images_like_pytorch_images(toy_onnx, torch_toy):
+def test_judge_scores_onnxruntime_images_like_pytorch_images(toy_dir, toy_onnx, torch_toy):
+    """With the trained toy model this is the real check; with the few-step stand-in (its own
+    barely trained judge) it still checks that the two runtimes' images are judged alike."""
     from compiler.toy.judge import load_judge
 
-    judge = load_judge()
+    judge = load_judge(toy_dir, toy_dir.parent / "judge")
     shapes = ["circle", "square", "triangle", "star"]
     prompts = [f"a {c} {s} in the style of van gogh" for c in ("red", "blue") for s in shapes] + \
               [f"a {c} {s}" for c in ("green", "yellow") for s in shapes]
@@ -110,8 +111,9 @@ def test_judge_scores_onnxruntime_images_like_pytorch_images(toy_onnx, torch_toy
     reference = torch_toy(prompt=prompts, latents=torch.from_numpy(latents), num_inference_steps=25,
                           guidance_scale=4.0, output_type="np").images
     torch_images = (np.clip(reference, 0, 1) * 255 + 0.5).astype(np.uint8)
+    assert np.abs(onnx_images.astype(int) - torch_images.astype(int)).max() <= 2
     same_label = np.mean([a == b for a, b in zip(judge.classify(onnx_images), judge.classify(torch_images))])
-    assert same_label == 1.0
+    assert same_label >= (1.0 if TRAINED_TOY else 0.9)
     gap = np.abs(judge.clip_scores(onnx_images, prompts) - judge.clip_scores(torch_images, prompts)).max()
     assert gap < 0.01
 
