@@ -1,8 +1,8 @@
 """ONNX export checked with onnxruntime: the toy model (SD-1 layout) and the sd1/sdxl fixtures.
 
 Every graph must match PyTorch on fixed inputs within tolerance, a model that differs from the
-export must fail the check, the toy model must generate on onnxruntime alone the images PyTorch
-generates (and, with the trained toy weights present, the judge must score them alike), fp16 and
+export must fail the check, the toy model and the SD-XL fixture must generate on onnxruntime
+alone the images PyTorch generates (and, with the trained toy weights present, the judge must score them alike), fp16 and
 external-data exports must load, and identical inputs must give identical files.
 """
 
@@ -152,14 +152,38 @@ def test_sd1_fp16_with_external_data_is_bit_identical(tmp_path):
             assert (tmp_path / "a" / name / file).read_bytes() == (tmp_path / "b" / name / file).read_bytes()
 
 
-def test_sdxl_exports_both_text_encoders_and_the_extra_unet_inputs(tmp_path):
+@pytest.fixture(scope="module")
+def sdxl_export(tmp_path_factory):
     from compiler.testing.tiny import build_tiny_pipeline
 
-    result = export_onnx(build_tiny_pipeline("sdxl"), tmp_path / "xl")
+    pipe = build_tiny_pipeline("sdxl")
+    return pipe, export_onnx(pipe, tmp_path_factory.mktemp("onnx-xl") / "xl")
+
+
+def test_sdxl_exports_both_text_encoders_and_the_extra_unet_inputs(sdxl_export):
+    _, result = sdxl_export
     assert set(result.parity) == {"text_encoder", "text_encoder_2", *COMPONENTS}
     assert all(check["passed"] for check in result.parity.values())
-    unet_inputs = _graph_inputs(tmp_path / "xl" / "unet" / "model.onnx")
+    unet_inputs = _graph_inputs(result.path / "unet" / "model.onnx")
     assert list(unet_inputs) == ["sample", "timestep", "encoder_hidden_states", "text_embeds", "time_ids"]
     assert unet_inputs["time_ids"] == ["batch", 6]
-    index = json.loads((tmp_path / "xl" / "model_index.json").read_text())
+    index = json.loads((result.path / "model_index.json").read_text())
     assert "text_encoder_2" in index and "tokenizer_2" in index
+
+
+def test_sdxl_generates_on_onnxruntime_what_pytorch_generates(sdxl_export):
+    from diffusers import DDIMScheduler
+
+    pipe, result = sdxl_export
+    runner = OnnxTextToImage(result.path)
+    prompts = ["a red house", "a dog in the style of van gogh"]
+    latents = runner.initial_latents([0, 1], 8, 8)
+    onnx_images = runner(prompts, latents=latents, steps=5, guidance=5.0)
+    reference = copy.copy(pipe)
+    reference.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    images = reference(prompt=prompts, latents=torch.from_numpy(latents), num_inference_steps=5,
+                       guidance_scale=5.0, output_type="np").images
+    torch_images = (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
+    assert onnx_images.shape == (2, 64, 64, 3)
+    assert np.abs(onnx_images.astype(int) - torch_images.astype(int)).max() <= 2

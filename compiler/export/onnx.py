@@ -547,6 +547,8 @@ def export_onnx(pipeline_or_folder, out_dir: str | os.PathLike, dtype: str = "fp
             "vae_scale_factor": 2 ** (len(vae_config.block_out_channels) - 1),
             "latent_channels": int(pipeline.unet.config.in_channels),
             "default_latent_size": int(pipeline.unet.config.sample_size),
+            # SD-XL: unconditional embeddings are zeros rather than the encoded empty prompt.
+            "force_zeros_for_empty_prompt": bool(getattr(pipeline.config, "force_zeros_for_empty_prompt", False)),
             "components": components,
             "provenance": metadata,
         }

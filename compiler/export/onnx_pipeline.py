@@ -1,12 +1,16 @@
 """Text-to-image on onnxruntime alone: an exported folder, numpy, and nothing from torch.
 
 ``OnnxTextToImage(folder)`` reads what ``export_onnx`` wrote (``editc_onnx.json``, the scheduler
-config, the tokenizer files) and generates images of an SD-1/SD-2 model with deterministic DDIM
-(η = 0) and classifier-free guidance, in numpy. The DDIM schedule is computed from the
-scheduler config's betas exactly as diffusers' ``DDIMScheduler`` computes it, whatever scheduler
-class the config names: DDIM is a valid sampler for any epsilon- or v-prediction model trained
-on those betas. Tokenization uses the exported tokenizer files (``transformers``' CLIP tokenizer,
-which needs no torch).
+config, the tokenizer files) and generates images of an SD-1, SD-2 or SD-XL model with
+deterministic DDIM (η = 0) and classifier-free guidance, in numpy, conditioning exactly as the
+diffusers pipelines do (SD-XL: both encoders' penultimate states concatenated, the pooled
+projection of the second, size/crop ``time_ids``, zero unconditional embeddings).
+
+The DDIM schedule is what diffusers' ``DDIMScheduler.from_config(config)`` computes from the
+scheduler config, whatever scheduler class the config names (DDIM is a valid sampler for any
+model trained on those betas), including DDIMScheduler's defaults for keys the config lacks
+(``clip_sample`` and ``set_alpha_to_one`` true, ``steps_offset`` 0). Tokenization uses the
+exported tokenizer files (``transformers``' CLIP tokenizer, which needs no torch).
 """
 
 from __future__ import annotations
@@ -62,7 +66,7 @@ class DDIMSchedule:
             raise UserError(f"scheduler config: prediction_type '{prediction}' is not supported")
         return cls(alphas_cumprod, 1.0 if set_alpha_to_one else float(alphas_cumprod[0]), n,
                    int(config.get("steps_offset", 0)), config.get("timestep_spacing", "leading"),
-                   prediction, bool(config.get("clip_sample", False)),
+                   prediction, bool(config.get("clip_sample", True)),
                    float(config.get("clip_sample_range", 1.0)))
 
     def timesteps(self, steps: int) -> np.ndarray:
@@ -97,8 +101,14 @@ class DDIMSchedule:
         return (alpha_prev**0.5 * original + (1 - alpha_prev) ** 0.5 * epsilon).astype(np.float32)
 
 
+def _token_ids(tokenizer, prompts: list[str]) -> np.ndarray:
+    length = min(int(tokenizer.model_max_length), 77)
+    return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
+                     return_tensors="np").input_ids.astype(np.int64)
+
+
 class OnnxTextToImage:
-    """Generate images from an ``export_onnx`` folder of an SD-1/SD-2 model on onnxruntime."""
+    """Generate images from an ``export_onnx`` folder on onnxruntime."""
 
     def __init__(self, folder: str | os.PathLike, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
         from transformers import CLIPTokenizer
@@ -108,23 +118,43 @@ class OnnxTextToImage:
         if not description_file.is_file():
             raise UserError(f"{self.folder}: not an editc ONNX export (no editc_onnx.json)")
         self.description = json.loads(description_file.read_text())
-        if self.description["family"] not in ("sd1", "sd2"):
-            raise UserError(f"{self.folder}: the onnxruntime sampler runs sd1/sd2 exports; this one "
-                            f"is {self.description['family']}")
+        self.family = self.description["family"]
         scheduler_config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
         self.schedule = DDIMSchedule.from_config(scheduler_config)
         self.tokenizer = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer"))
         self.text_encoder = ort_session(self.folder / "text_encoder" / "model.onnx", providers)
+        if self.family == "sdxl":
+            self.tokenizer_2 = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer_2"))
+            self.text_encoder_2 = ort_session(self.folder / "text_encoder_2" / "model.onnx", providers)
         self.unet = ort_session(self.folder / "unet" / "model.onnx", providers)
         self.vae_decoder = ort_session(self.folder / "vae_decoder" / "model.onnx", providers)
         self._unet_types = {i.name: _NUMPY_TYPES[i.type] for i in self.unet.get_inputs()}
         self._decoder_type = _NUMPY_TYPES[self.vae_decoder.get_inputs()[0].type]
 
-    def encode_prompts(self, prompts: list[str]) -> np.ndarray:
-        length = min(int(self.tokenizer.model_max_length), 77)
-        ids = self.tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                             return_tensors="np").input_ids.astype(np.int64)
-        return self.text_encoder.run(["last_hidden_state"], {"input_ids": ids})[0]
+    def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """The UNet's context for each prompt and, for SD-XL, the pooled text embedding."""
+        ids = {"input_ids": _token_ids(self.tokenizer, prompts)}
+        if self.family != "sdxl":
+            return self.text_encoder.run(["last_hidden_state"], ids)[0], None
+        first = self.text_encoder.run(["penultimate_hidden_state"], ids)[0]
+        second, pooled = self.text_encoder_2.run(["penultimate_hidden_state", "pooled_output"],
+                                                 {"input_ids": _token_ids(self.tokenizer_2, prompts)})
+        return np.concatenate([first, second], axis=-1), pooled
+
+    def _conditioning(self, prompts: list[str], height: int, width: int) -> dict[str, np.ndarray]:
+        """UNet inputs besides sample and timestep for [unconditional…, conditional…]."""
+        n = len(prompts)
+        context, pooled = self.encode_prompts(prompts)
+        if self.description.get("force_zeros_for_empty_prompt"):
+            empty_context, empty_pooled = np.zeros_like(context), None if pooled is None else np.zeros_like(pooled)
+        else:
+            empty_context, empty_pooled = self.encode_prompts([""] * n)
+        feed = {"encoder_hidden_states": np.concatenate([empty_context, context])}
+        if self.family == "sdxl":
+            feed["text_embeds"] = np.concatenate([empty_pooled, pooled])
+            # original size, crop top-left, target size: the diffusers defaults
+            feed["time_ids"] = np.tile(np.array([height, width, 0, 0, height, width], np.float32), (2 * n, 1))
+        return {name: value.astype(self._unet_types[name]) for name, value in feed.items()}
 
     def initial_latents(self, seeds: list[int], height: int, width: int) -> np.ndarray:
         """Standard normal noise per seed (numpy's PCG64): the same seed, the same image."""
@@ -145,17 +175,18 @@ class OnnxTextToImage:
             latents = self.initial_latents(seeds, height // scale, width // scale)
         if len(latents) != len(prompts):
             raise ValueError("give one latent per prompt")
+        height, width = latents.shape[2] * scale, latents.shape[3] * scale
         images = [self._generate(list(prompts[i:i + batch]), np.asarray(latents[i:i + batch], np.float32),
-                                 steps, guidance) for i in range(0, len(prompts), batch)]
+                                 steps, guidance, height, width) for i in range(0, len(prompts), batch)]
         return np.concatenate(images)
 
-    def _generate(self, prompts: list[str], latents: np.ndarray, steps: int, guidance: float) -> np.ndarray:
+    def _generate(self, prompts: list[str], latents: np.ndarray, steps: int, guidance: float,
+                  height: int, width: int) -> np.ndarray:
         n = len(prompts)
-        context = np.concatenate([self.encode_prompts([""] * n), self.encode_prompts(prompts)])
-        context = context.astype(self._unet_types["encoder_hidden_states"])
+        conditioning = self._conditioning(prompts, height, width)
         for timestep in self.schedule.timesteps(steps):
             doubled = np.concatenate([latents, latents]).astype(self._unet_types["sample"])
-            feed = {"sample": doubled, "encoder_hidden_states": context,
+            feed = {"sample": doubled, **conditioning,
                     "timestep": np.full(2 * n, timestep, dtype=self._unet_types["timestep"])}
             prediction = self.unet.run(["out_sample"], feed)[0].astype(np.float32)
             unconditional, conditional = prediction[:n], prediction[n:]
