@@ -182,7 +182,7 @@ def _text_encoder_graph(name: str, tokenizer) -> ComponentGraph:
     )
 
 
-def _unet_graph(pipeline, family: str) -> ComponentGraph:
+def _unet_graph(pipeline) -> ComponentGraph:
     config = pipeline.unet.config
     multiple = 2 ** (len(config.down_block_types) - 1)
     spatial = {0: "batch", 2: "height", 3: "width"}
@@ -248,7 +248,7 @@ def component_graphs(pipeline, family: str) -> list[ComponentGraph]:
     graphs = [_text_encoder_graph("text_encoder", pipeline.tokenizer)]
     if family == "sdxl":
         graphs.append(_text_encoder_graph("text_encoder_2", pipeline.tokenizer_2))
-    graphs.append(_unet_graph(pipeline, family))
+    graphs.append(_unet_graph(pipeline))
     graphs.extend(_vae_graphs(pipeline, family))
     return graphs
 
