@@ -290,19 +290,19 @@ def build_manifest(recipe: Recipe, model, result: CompileResult, timings: dict[s
     }
 
 
-def provenance_metadata(manifest: dict) -> dict[str, str]:
+def provenance_for(manifest: dict) -> dict[str, str]:
     """Strings for safetensors ``__metadata__``: what was done to this file, and to what."""
-    layers = sorted({j for e in manifest["edits"] for j in e["layers"]})
-    return {
-        "editc.version": manifest["tool"]["version"],
-        "editc.recipe_sha256": manifest["recipe"]["sha256"],
-        "editc.recipe": manifest["recipe"]["text"],
-        "editc.base_model_sha256": manifest["base_model"]["sha256"],
-        "editc.edited_tensors": ",".join(manifest["edited_tensors"]),
-        "editc.method": ",".join(sorted({e["method"] for e in manifest["edits"]})),
-        "editc.lambda": str(manifest["lambda"]),
-        "editc.layers": ",".join(str(j) for j in layers),
-    }
+    from compiler.export.provenance import provenance_metadata
+
+    return provenance_metadata(
+        recipe_text=manifest["recipe"]["text"],
+        base_model_sha256=manifest["base_model"]["sha256"],
+        edited_tensors=manifest["edited_tensors"],
+        method=",".join(sorted({e["method"] for e in manifest["edits"]})),
+        lam=manifest["lambda"],
+        layers=sorted({j for e in manifest["edits"] for j in e["layers"]}),
+        solve_seconds=manifest["timings_seconds"].get("solve"),
+    )
 
 
 def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force: bool = False,
@@ -344,7 +344,7 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
     tmp = prepare_output_dir(out, force)
     outputs = {}
     manifest = build_manifest(recipe, loaded, result, timings, outputs)
-    provenance = provenance_metadata(manifest)
+    provenance = provenance_for(manifest)
     try:
         if "diffusers" in formats:
             if loaded.source_format == "diffusers":
@@ -408,8 +408,9 @@ def _export_other_formats(loaded, result, formats, tmp, out, provenance, outputs
     if "onnx" in formats:
         from compiler.export.onnx import export_onnx
 
-        export_onnx(loaded.pipeline, tmp / "onnx")
+        exported = export_onnx(loaded.pipeline, tmp / "onnx", provenance=provenance)
         outputs["onnx"] = str(out / "onnx")
+        outputs["onnx_max_abs_error"] = exported.max_abs_errors()
 
 
 def _run_verify(recipe, loaded, out, progress) -> dict:

@@ -137,3 +137,20 @@ def test_edited_folder_loads_and_holds_the_new_tensors(quick_toy, tmp_path):
         changed += not same
         assert param.dtype == base.unet.get_parameter(name).dtype
     assert changed == 6
+
+
+def test_compile_twice_writes_byte_identical_files(quick_toy, tmp_path):
+    recipe = _recipe(tmp_path, quick_toy)
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        subprocess.run([sys.executable, "-m", "compiler.cli", "compile", str(recipe), "--out", str(out), "--quiet"],
+                       check=True, capture_output=True)
+        outs.append(out)
+    weights = "unet/diffusion_pytorch_model.safetensors"
+    assert (outs[0] / weights).read_bytes() == (outs[1] / weights).read_bytes()
+    from compiler.export.provenance import read_provenance
+
+    provenance = read_provenance(outs[0] / weights)
+    assert provenance["editc.method"] == "locoedit"
+    assert json.loads(provenance["editc.layers"]) == [2, 3, 4]

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from compiler.errors import UserError
+from compiler.export.single_file import SAFETENSORS_DTYPES, SafetensorsTable, patch_safetensors_copy
 from compiler.fuse import split_name
 
 
@@ -56,20 +56,17 @@ def link_or_copy(src: Path, dst: Path) -> None:
 
 def _patch_safetensors(src: Path, dst: Path, replacements: dict[str, torch.Tensor],
                        extra_metadata: dict[str, str] | None = None) -> list[str]:
-    """Copy ``src`` to ``dst`` with some tensors replaced; returns the keys replaced."""
-    with safe_open(str(src), "pt") as f:
-        metadata = dict(f.metadata() or {})
-        metadata.update(extra_metadata or {})
-        keys = list(f.keys())
-        tensors = {k: f.get_tensor(k) for k in keys}
-    done = []
+    """Copy ``src`` to ``dst`` byte for byte, overwriting only the replaced tensors' ranges and
+    adding ``extra_metadata`` to the header (byte-identical output for identical inputs)."""
+    table = SafetensorsTable.read(src)
+    casted = {}
     for key, value in replacements.items():
-        if key in tensors:
-            old = tensors[key]
-            tensors[key] = value.to(dtype=old.dtype).contiguous().reshape(old.shape)
-            done.append(key)
-    save_file(tensors, str(dst), metadata=metadata)
-    return done
+        dtype = SAFETENSORS_DTYPES[table.entries[key]["dtype"]]
+        casted[key] = value.detach().to(dtype=dtype).contiguous().reshape(table.entries[key]["shape"])
+    metadata = dict(table.metadata or {})
+    metadata.update(extra_metadata or {})
+    patch_safetensors_copy(table, dst, casted, metadata)
+    return sorted(casted)
 
 
 def _file_key(file_keys: set[str], param: str) -> str | None:
