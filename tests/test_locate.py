@@ -5,6 +5,7 @@ generating, and the CLI's exit codes hold."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,32 @@ def test_smallest_passing_size_wins_and_ties_break_on_clip():
     facts = [_score(0, 1, 0.2, 0.3, True), _score(1, 1, 0.9, 0.3, True)]
     best, _ = locogen.choose_window(facts, "accuracy", higher_is_better=True)
     assert best.start == 1
+
+
+def test_sweep_stops_at_the_first_passing_size_unless_full(toy, monkeypatch):
+    """Scores faked per window (only layers 5-6 hold the concept): the sweep's bookkeeping."""
+    loaded = toy[0]
+
+    def fake_run(pipe, samples, local, masks, *args, keep_windows, **kwargs):
+        holds = torch.zeros(16, dtype=torch.bool)
+        holds[5:7] = True
+        clip = {k: 0.0 if bool((masks[samples[k][0]] & holds).sum() == 2) else 1.0 for k in local}
+        kept = {k: np.zeros((4, 4, 3), np.uint8) for k in local if samples[k][0] in keep_windows}
+        return clip, {k: math.nan for k in local}, kept
+
+    class ClipOnlyJudge:
+        def clip_scores(self, images, prompts):
+            raise AssertionError("not called: the sweep is faked")
+
+    monkeypatch.setattr(locogen, "_run_routed", fake_run)
+    kwargs = dict(judge=ClipOnlyJudge(), n_prompts=1, model_hash="f" * 64, use_cache=False, progress=False)
+    early = locate(toy[0].pipeline, "van gogh", "a painting", "style", **kwargs)
+    assert (early.best_start, early.best_size, early.passed) == (5, 2, True)
+    assert early.settings.criterion == "clip" and early.window_score(5, 2).clip_effect == 1.0
+    assert sorted({w.size for w in early.windows}) == [1, 2]  # m = 3 was never generated
+    full = locate(toy[0].pipeline, "van gogh", "a painting", "style", full_sweep=True, **kwargs)
+    assert (full.best_start, full.best_size) == (5, 2) and len(full.windows) == 16 + 15 + 14
+    assert full.window_score(4, 3).passed and loaded.model_hash != full.model_hash
 
 
 # ----------------------------------------------------------------------------- the sweep

@@ -68,6 +68,8 @@ def default_out(kind: str, name: str) -> Path:
                    "in every layer) reaches this.")
 @click.option("--criterion", type=click.Choice(["auto", "accuracy", "clip"]), default="auto",
               show_default=True, help="What decides: the judge's zero-shot rate, or CLIP-score.")
+@click.option("--full-sweep", is_flag=True,
+              help="Sweep every m up to --max-m (a complete heat map), not only until one passes.")
 @click.option("--confirm-steps", type=click.IntRange(min=1), default=None,
               help="Measure the winner again with this many steps at the model's resolution.")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Samples per pipeline call.")
@@ -80,8 +82,8 @@ def default_out(kind: str, name: str) -> Path:
 @click.option("--no-cache", is_flag=True, help="Sweep again even when a cached result exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def locate_command(model_path, concept, replacement, attribute, prompt_list, n_prompts, seeds, steps,
-                   guidance, resolution, max_m, threshold, criterion, confirm_steps, batch, judge_dir, device, out_dir,
-                   force, no_cache, as_json):
+                   guidance, resolution, max_m, threshold, criterion, full_sweep, confirm_steps, batch,
+                   judge_dir, device, out_dir, force, no_cache, as_json):
     """Find the cross-attention layers that hold CONCEPT (LocoGen): every window of m adjacent
     layers is fed the prompt with REPLACEMENT instead, and the smallest m whose best window
     removes the concept (or, for a fact, brings in the replacement) wins."""
@@ -99,8 +101,9 @@ def locate_command(model_path, concept, replacement, attribute, prompt_list, n_p
     result = locate(loaded.pipeline, concept, replacement, attribute, judge=judge,
                     prompts=list(prompt_list) or None, n_prompts=n_prompts, seeds=seed_list,
                     steps=steps, guidance=guidance, height=resolution, width=resolution,
-                    max_m=max_m, threshold=threshold, criterion=criterion, confirm_steps=confirm_steps, batch=batch,
-                    model_hash=loaded.model_hash, use_cache=not no_cache)
+                    max_m=max_m, threshold=threshold, criterion=criterion, full_sweep=full_sweep,
+                    confirm_steps=confirm_steps, batch=batch, model_hash=loaded.model_hash,
+                    use_cache=not no_cache)
     if not current_process_group().is_main:
         return
     with atomic_output_dir(out, force=force) as folder:

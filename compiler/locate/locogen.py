@@ -133,6 +133,7 @@ class LocateSettings:
     max_m: int
     threshold: float
     criterion: str  # "accuracy" or "clip", after resolving "auto"
+    full_sweep: bool = False  # False: stop at the first m whose best window passes
     confirm_steps: int | None = None  # None: no confirmation run
 
     def key_fields(self) -> dict:
@@ -339,6 +340,7 @@ def locate(
     max_m: int = 3,
     threshold: float = 0.8,
     criterion: str = "auto",
+    full_sweep: bool = False,
     confirm_steps: int | None = None,
     batch: int = 32,
     model_hash: str | None = None,
@@ -348,6 +350,8 @@ def locate(
     """Run LocoGen for one concept and return where it lives.
 
     ``judge`` scores images (``clip_scores``; ``classify`` too for the accuracy criterion).
+    ``full_sweep``: sweep every m up to ``max_m`` even after one passes (a complete heat map);
+    by default the sweep stops at the first passing m.
     ``confirm_steps``: sweep cheaply (few ``steps``, a lower ``height``/``width``), then measure
     clean, c′ everywhere and the winner again with ``confirm_steps`` at the model's resolution.
     ``model_hash`` keys the cache (``LoadedModel.model_hash``); without it the weights are
@@ -381,7 +385,8 @@ def locate(
     if confirm_steps is not None and confirm_steps < 1:
         raise UserError(f"confirm steps must be at least 1, got {confirm_steps}")
     settings = LocateSettings(tuple(originals), tuple(alternatives), tuple(int(s) for s in seeds),
-                              steps, guidance, height, width, max_m, threshold, criterion, confirm_steps)
+                              steps, guidance, height, width, max_m, threshold, criterion, full_sweep,
+                              confirm_steps)
     group = current_process_group()
     if model_hash is None:
         model_hash = cache.weights_fingerprint(pipe)
@@ -415,24 +420,42 @@ def locate(
     # Samples ordered window-major: (window row of ``masks``, prompt index, seed).
     samples = [(w, p, s) for w in range(masks.shape[0]) for p in range(len(originals)) for s in settings.seeds]
 
+    # Sweep m = 1, 2, …; without ``full_sweep``, stop at the first m whose best window passes
+    # (the answer is the same: the smallest passing m wins). The references go with m = 1.
     t0 = time.perf_counter()
-    local = group.shard(len(samples))
     judges_presence = can_judge_presence(judge, judged_phrase)
-    clip, rate, kept = _run_routed(pipe, samples, local, masks, embeddings, alternative, unconditional,
-                                   score_prompts, judge, judged_phrase if judges_presence else None, generation,
-                                   keep_windows={CLEAN, REPLACED}, progress=progress, desc=f"locate {concept}")
-    clip, rate, kept = _merge(group, len(samples), clip, rate, kept)
-    timings["sweep_s"] = time.perf_counter() - t0
+    clip = np.full(len(samples), np.nan)
+    rate = np.full(len(samples), np.nan)
+    kept: dict = {}
+    scores: list[WindowScore] = []
+    clean = replaced = None
+    notes: list[str] = []
 
     def measure(w: int) -> Measurement:
         rows = [k for k, sample in enumerate(samples) if sample[0] == w]
         return Measurement(float(np.mean(clip[rows])), float(np.mean(rate[rows])) if judges_presence else None)
 
-    clean, replaced = measure(CLEAN), measure(REPLACED)
-    # When c′ everywhere does not move the score the expected way, no window can pass.
-    notes = _contrast_notes(clean, replaced, criterion, higher_is_better)
-    scores = [score_window(window, measure(w + 2), clean, replaced, criterion, threshold, can_pass=not notes)
-              for w, window in enumerate(windows)]
+    for m in range(1, max_m + 1):
+        stage = {w + 2 for w, window in enumerate(windows) if window.size == m} | ({CLEAN, REPLACED} if m == 1 else set())
+        members = [k for k, sample in enumerate(samples) if sample[0] in stage]
+        local = [members[i] for i in group.shard(len(members))]
+        part = _run_routed(pipe, samples, local, masks, embeddings, alternative, unconditional, score_prompts, judge,
+                           judged_phrase if judges_presence else None, generation, keep_windows={CLEAN, REPLACED},
+                           progress=progress, desc=f"locate {concept} m={m}")
+        part_clip, part_rate, part_kept = _merge(group, len(samples), *part)
+        done = ~np.isnan(part_clip)
+        clip[done], rate[done] = part_clip[done], part_rate[done]
+        kept.update(part_kept)
+        if m == 1:
+            clean, replaced = measure(CLEAN), measure(REPLACED)
+            # When c′ everywhere does not move the score the expected way, no window can pass.
+            notes = _contrast_notes(clean, replaced, criterion, higher_is_better)
+        sized = [score_window(window, measure(w + 2), clean, replaced, criterion, threshold, can_pass=not notes)
+                 for w, window in enumerate(windows) if window.size == m]
+        scores.extend(sized)
+        if not full_sweep and choose_window(sized, criterion, higher_is_better)[1]:
+            break
+    timings["sweep_s"] = time.perf_counter() - t0
     best, passed = choose_window(scores, criterion, higher_is_better)
 
     def stack(kept_images: dict, sample_list: list, w: int) -> np.ndarray:
@@ -481,7 +504,7 @@ def locate(
                   "replaced": stack(f_kept, final_samples, 1)}
     timings["final_s"] = time.perf_counter() - t0
 
-    timings.update(samples=len(samples), processes=group.world_size,
+    timings.update(samples=int(np.count_nonzero(~np.isnan(clip))), processes=group.world_size,
                    total_s=time.perf_counter() - started)
     result = LocateResult(
         concept=concept, replacement=replacement, attribute=attribute, model_hash=model_hash,
