@@ -54,6 +54,12 @@ CASES = (
     Case("fact", "the british monarch", "king charles", ("the british prime minister",)),
 )
 TRACE_PROMPT, TRACE_SUBJECT = "a house in the style of van gogh", "van gogh"
+# Windows aligned with the UNet's stages (SD-1.5 layout, papers' order): how far beyond
+# m <= 3 a concept reaches when no small window holds it.
+STAGE_PROBES = {
+    "down (0-5)": LayerWindow(0, 6), "mid (6)": LayerWindow(6, 1), "up (7-15)": LayerWindow(7, 9),
+    "0-7": LayerWindow(0, 8), "8-15": LayerWindow(8, 8), "0-11": LayerWindow(0, 12), "4-15": LayerWindow(4, 12),
+}
 
 
 # ----------------------------------------------------------------------------- evaluation prompts
@@ -99,6 +105,20 @@ def evaluate(pipe, judge, case: Case, *, seeds: tuple[int, ...], steps: int, n_p
                                          neighbour, seeds, steps)
     out["kept:objects"] = _objects_kept(pipe, judge, steps)
     return out
+
+
+def probe_stages(pipe, judge, result, steps: int) -> dict[str, float]:
+    """The judged rate with c′ in each of ``STAGE_PROBES``, on the sweep's own prompts and seeds."""
+    from compiler.locate import generate_with_windows
+    from compiler.locate.engine import GenerationSettings
+
+    settings = result.settings
+    pairs = [(p, a, s) for p, a in zip(settings.prompts, settings.alternative_prompts) for s in settings.seeds]
+    samples = [(name, p, a, s) for name in STAGE_PROBES for p, a, s in pairs]
+    images = generate_with_windows(pipe, [x[1] for x in samples], [x[2] for x in samples], [x[3] for x in samples],
+                                   [STAGE_PROBES[x[0]] for x in samples], GenerationSettings(steps=steps, batch=64))
+    rates = presence(judge, images, result.judged_phrase)
+    return {name: float(rates[i * len(pairs) : (i + 1) * len(pairs)].mean()) for i, name in enumerate(STAGE_PROBES)}
 
 
 def random_window(size: int, num_layers: int, avoid: LayerWindow, seed: int = 0) -> LayerWindow:
@@ -176,8 +196,15 @@ def markdown(report: dict) -> str:
               "| concept | " + " | ".join(f"m={m}" for m in range(1, report['settings']['max_m'] + 1)) + " |",
               "|---|" + "---|" * report['settings']['max_m']]
     for row in report["locate"]:
-        cells = [f"j={b['start']}: {b['rate']:.2f}" for b in row["best_per_m"]]
+        by_m = {b["m"]: b for b in row["best_per_m"]}
+        cells = [f"j={by_m[m]['start']}: {by_m[m]['rate']:.2f}" if m in by_m else "not swept"
+                 for m in range(1, report["settings"]["max_m"] + 1)]
         lines.append(f"| {row['concept']} | " + " | ".join(cells) + " |")
+    lines += ["", "The judged rate with c' in whole UNet stages (same prompts and seeds):", "",
+              "| concept | " + " | ".join(STAGE_PROBES) + " |", "|---|" + "---|" * len(STAGE_PROBES)]
+    for row in report["locate"]:
+        lines.append(f"| {row['concept']} | " + " | ".join(f"{row['stage_probe'][name]:.2f}" for name in STAGE_PROBES)
+                     + " |")
     trace = report.get("trace")
     if trace:
         text = trace["text_encoder"]
@@ -231,14 +258,14 @@ def _trace_verdict(text: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="toy")
-    parser.add_argument("--steps", type=int, default=15, help="DDIM steps of every generation")
-    parser.add_argument("--prompts", type=int, default=6, help="LocoGen prompts per concept")
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps of every generation")
+    parser.add_argument("--prompts", type=int, default=4, help="LocoGen prompts per concept")
     parser.add_argument("--seeds", type=int, default=1, help="LocoGen seeds per prompt")
     parser.add_argument("--max-m", type=int, default=3)
     parser.add_argument("--threshold", type=float, default=0.8)
-    parser.add_argument("--batch", type=int, default=48)
+    parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--trace-seeds", type=int, default=2)
-    parser.add_argument("--eval-prompts", type=int, default=6, help="held-out prompts per concept (compare)")
+    parser.add_argument("--eval-prompts", type=int, default=4, help="held-out prompts per concept (compare)")
     parser.add_argument("--skip-trace", action="store_true")
     parser.add_argument("--skip-compare", action="store_true")
     parser.add_argument("--out", type=Path, default=RESULTS)
@@ -272,8 +299,10 @@ def main() -> None:
         best_per_m = []
         for m in range(1, args.max_m + 1):
             sized = [w for w in result.windows if w.size == m]
+            if not sized:  # the sweep stopped at a smaller m that passed
+                continue
             pick = (max if case.attribute == "fact" else min)(sized, key=lambda w: (w.rate, w.clip))
-            best_per_m.append({"start": pick.start, "rate": pick.rate, "clip": pick.clip})
+            best_per_m.append({"m": m, "start": pick.start, "rate": pick.rate, "clip": pick.clip})
         report["locate"].append({
             "attribute": case.attribute, "concept": case.concept, "replacement": case.replacement,
             "start": result.best_start, "size": result.best_size, "layers": list(result.layers),
@@ -284,12 +313,14 @@ def main() -> None:
             "best_per_m": best_per_m, "notes": list(result.notes), "cached": result.cached,
             "seconds": result.timings.get("total_s", 0.0), "samples": result.timings.get("samples"),
         })
+        report["locate"][-1]["stage_probe"] = probe_stages(pipe, judge, result, args.steps)
         print(result.summary(), flush=True)
+        print("  stage probe:", report["locate"][-1]["stage_probe"], flush=True)
 
     if not args.skip_trace:
         trace_seeds = tuple(range(args.trace_seeds))
         text = trace_text_encoder(pipe, TRACE_PROMPT, TRACE_SUBJECT, judge=judge, seeds=trace_seeds, steps=args.steps,
-                                  batch=args.batch, model_hash=loaded.model_hash)
+                                  components=("layer", "attn"), batch=args.batch, model_hash=loaded.model_hash)
         unet = trace_unet(pipe, TRACE_PROMPT, TRACE_SUBJECT, judge=judge, seeds=trace_seeds, steps=args.steps,
                           batch=args.batch, model_hash=loaded.model_hash)
         write_trace_outputs(text, unet, figures)
