@@ -10,13 +10,14 @@ where ε* is the frozen original and η the negative guidance (1 by default). Ea
 x_t the way the public code does: start from noise and run ``k`` DDIM steps (of ``ddim_steps``,
 k uniform in [1, ddim_steps − 1)) with classifier-free guidance 3 and the prompt c, using the
 model being fine-tuned (the public ESD code samples inside its fine-tuned context), then train
-at that timestep. ESD-x (``parameters="xattn"``) trains every cross-attention (``attn2``)
+at that timestep. The prompt c is the bare concept phrase ("van gogh"), as ESD trains: negative
+guidance on a whole caption ("a red house in the style of van gogh") would push the images away
+from the house and the colour too (``prompts="templates"`` does that, for comparison). ESD-x (``parameters="xattn"``) trains every cross-attention (``attn2``)
 parameter; ESD-u (``"noxattn"``) every other parameter.
 
 Paper settings (SD-1.4): 1000 steps, batch 1, Adam, lr 1e-5, 50 DDIM steps. The toy world's
 defaults (see ``bench/run_bench.py``) scale the step count down and the learning rate up for a
-9 M-parameter UNet sampled with 25 steps; the prompt each step is drawn from the concept's
-prompt templates (the same prompts editc solves on) rather than the bare concept name.
+9 M-parameter UNet sampled with 25 steps.
 
 ESD erases: it has no replacement. For a fact edit it removes the outdated answer and cannot
 put the new one in; the benchmark reports it as measured.
@@ -45,6 +46,7 @@ class ESDConfig:
     ddim_steps: int = 50  # the DDIM schedule x_t is sampled on
     start_guidance: float = 3.0  # CFG scale of that partial sampling
     parameters: str = "xattn"  # "xattn" (ESD-x) | "noxattn" (ESD-u)
+    prompts: str = "concept"  # "concept": the bare concept phrase, as ESD trains; "templates": editc's prompts
     seed: int = 0
 
 
@@ -86,7 +88,9 @@ def train_esd(pipe, task: EditTask, config: ESDConfig = ESDConfig(), *, progress
     unet.train()
     optimizer = torch.optim.Adam([p for n, p in unet.named_parameters() if n in trainable], lr=config.learning_rate)
 
-    prompts = task.concept_prompts()
+    if config.prompts not in ("concept", "templates"):
+        raise ValueError(f"ESD prompts must be 'concept' or 'templates', not {config.prompts!r}")
+    prompts = [task.concept] if config.prompts == "concept" else task.concept_prompts()
     concept_cond = encode_prompts(pipe, prompts)
     empty = encode_prompts(pipe, [""])
     scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -128,6 +132,7 @@ def train_esd(pipe, task: EditTask, config: ESDConfig = ESDConfig(), *, progress
     info = {
         "steps": config.steps, "learning_rate": config.learning_rate, "negative_guidance": config.negative_guidance,
         "ddim_steps": config.ddim_steps, "start_guidance": config.start_guidance, "parameters": config.parameters,
+        "prompts": prompts if len(prompts) <= 3 else f"{len(prompts)} template prompts",
         "trained_tensors": len(new), "trained_parameters": int(sum(t.numel() for t in new.values())),
         "seconds_per_step": sum(step_seconds) / max(1, len(step_seconds)),
         "loss_first": losses[0] if losses else None, "loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])),
