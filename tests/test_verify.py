@@ -339,25 +339,40 @@ def test_fact_gate_wants_the_replacement():
 TOY_WEIGHTS_PRESENT = (PIPELINE_DIR / "model_index.json").is_file() and (JUDGE_DIR / "vision.safetensors").is_file()
 
 
-@pytest.mark.skipif(not TOY_WEIGHTS_PRESENT,
-                    reason=f"the trained toy weights are not built ({PIPELINE_DIR.parent}); `make train-toy`")
-def test_real_edit_on_the_toy_world_passes_and_a_useless_one_fails(tmp_path):
-    edited = tmp_path / "van_gogh"
-    compiled = CliRunner().invoke(main, ["compile", str(VAN_GOGH), "--out", str(edited), "--no-verify", "--quiet"])
+needs_toy_weights = pytest.mark.skipif(
+    not TOY_WEIGHTS_PRESENT, reason=f"the trained toy weights are not built ({PIPELINE_DIR.parent}); `make train-toy`")
+
+
+def _compile(recipe: Path, out: Path) -> None:
+    compiled = CliRunner().invoke(main, ["compile", str(recipe), "--out", str(out), "--no-verify", "--quiet"])
     assert compiled.exit_code == 0, compiled.output
-    result = _verify(VAN_GOGH, "--edited", edited, "--report", tmp_path / "good", "--json", "--quiet")
+
+
+@needs_toy_weights
+def test_real_edit_on_the_toy_world_passes(tmp_path):
+    edited = tmp_path / "van_gogh"
+    _compile(VAN_GOGH, edited)
+    result = _verify(VAN_GOGH, "--edited", edited, "--report", tmp_path / "report", "--json", "--quiet")
     report = json.loads(result.stdout)
     assert result.exit_code == 0, [g["message"] for g in report["gates"] if g["failed"]]
     efficacy = report["edits"][0]["groups"]["efficacy"]
     assert efficacy["edited"]["accuracy"] < efficacy["base"]["accuracy"]
     assert efficacy["change"]["clip_prompt"] < 0  # the concept's CLIP-score falls
+    assert (tmp_path / "report" / "report.html").is_file()
 
-    useless_recipe = tmp_path / "useless.yaml"
-    useless_recipe.write_text(VAN_GOGH.read_text().replace("lambda: 0.01", "lambda: 1000000"))
-    useless = tmp_path / "useless"
-    compiled = CliRunner().invoke(main, ["compile", str(useless_recipe), "--out", str(useless), "--no-verify",
-                                         "--quiet"])
-    assert compiled.exit_code == 0, compiled.output
-    result = _verify(useless_recipe, "--edited", useless, "--json", "--quiet")
-    assert result.exit_code == 1
-    assert "edits[0].efficacy" in json.loads(result.stdout)["failed_gates"]
+
+@needs_toy_weights
+def test_useless_edit_on_the_toy_world_fails(tmp_path):
+    """A huge λ pins the weights to the old ones: the edit does nothing and must fail."""
+    recipe = tmp_path / "useless.yaml"
+    recipe.write_text("model: toy\nlambda: 1000000\n"
+                      "edits: [{concept: van gogh, replacement: a painting, attribute: style, method: locoedit,"
+                      " layers: [2, 3, 4]}]\n")
+    _compile(recipe, tmp_path / "useless")
+    # Fewer images suffice to see that nothing changed.
+    result = _verify(recipe, "--edited", tmp_path / "useless", "--json", "--quiet", "--seeds", "2", "--prompts", "4")
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.stdout)
+    assert report["failed_gates"] == ["edits[0].efficacy"]
+    efficacy = report["edits"][0]["groups"]["efficacy"]
+    assert efficacy["base"]["accuracy"] > 0.5 and efficacy["edited"]["accuracy"] > 0.5
