@@ -14,7 +14,7 @@ from compiler.errors import GateFailed, UserError
 @main.command("verify")
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
 @click.option("--edited", "edited", required=True, type=click.Path(),
-              help="The edited model: the diffusers folder `editc compile` wrote.")
+              help="The edited model: the folder `editc compile` wrote (or any diffusers folder / single file).")
 @click.option("--base", "base", default=None,
               help="The unedited model (path or 'toy'); default: the edited folder's manifest, else the recipe's model.")
 @click.option("--clip", "clip", default=None, type=click.Path(),
