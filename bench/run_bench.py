@@ -218,13 +218,19 @@ def run_method(method: str, loaded, kind: str, task: EditTask, layers, settings:
                progress: bool) -> BaselineResult:
     """Make one method's edited weights for one task. Closed-form methods are also written into
     the pipeline inside the timed span (and restored after it); fine-tuning methods are timed
-    from start to trained weights."""
+    from start to trained weights. ``info["cpu_seconds"]`` is the process CPU time of the same
+    span (all threads): unlike wall time, it does not grow when other jobs share the machine."""
     pipe = loaded.pipeline
+    cpu_started = time.process_time()
     if method == "esd-x":
-        return train_esd(pipe, task, replace(settings.esd, seed=settings.seed), progress=progress)
+        result = train_esd(pipe, task, replace(settings.esd, seed=settings.seed), progress=progress)
+        result.info["cpu_seconds"] = time.process_time() - cpu_started
+        return result
     if method == "concept-ablation":
-        return train_concept_ablation(pipe, task, replace(settings.concept_ablation, seed=settings.seed),
-                                      progress=progress)
+        result = train_concept_ablation(pipe, task, replace(settings.concept_ablation, seed=settings.seed),
+                                        progress=progress)
+        result.info["cpu_seconds"] = time.process_time() - cpu_started
+        return result
     started = time.perf_counter()
     if method == "uce":
         result = uce_edit(loaded, task, settings.uce)
@@ -238,6 +244,7 @@ def run_method(method: str, loaded, kind: str, task: EditTask, layers, settings:
     fuse_weights(pipe, result.new_tensors)
     synchronize(pipe.unet.device)
     result.seconds = time.perf_counter() - started
+    result.info["cpu_seconds"] = time.process_time() - cpu_started
     fuse_weights(pipe, saved)
     return result
 
@@ -475,6 +482,7 @@ def method_rows(runs: dict, quality: dict, settings: BenchSettings) -> list[dict
                 "kind": kind, "concept": task.concept, "replacement": task.replacement, "method": method,
                 "label": LABELS[method], "family": "fine-tuning" if method in FINE_TUNING else "closed form",
                 "seconds": seconds, "median_seconds": statistics.median(seconds),
+                "median_cpu_seconds": statistics.median(r.info["cpu_seconds"] for r in results),
                 "edited_tensors": len(results[-1].new_tensors), "info": _jsonable(info),
                 "quality": quality.get((kind, method)),
             })
@@ -498,6 +506,7 @@ def ratios(rows: list[dict]) -> dict:
             at_reference = fixed + per_step * REFERENCE_STEPS[tuner]
             out.setdefault(kind, {}).setdefault(method, {})[tuner] = {
                 "measured": ft["median_seconds"] / row["median_seconds"],
+                "measured_cpu": ft["median_cpu_seconds"] / row["median_cpu_seconds"],
                 "at_paper_steps": at_reference / row["median_seconds"],
                 "fine_tuning_seconds": ft["median_seconds"], "fine_tuning_steps": ft["info"]["steps"],
                 "fine_tuning_seconds_at_paper_steps": at_reference, "paper_steps": REFERENCE_STEPS[tuner],
@@ -541,6 +550,8 @@ def markdown(report: dict) -> str:
     lines = []
     host = report["host"]
     where = f"GPU {host['gpu']}" if host.get("gpu") else f"{host['torch_threads']} CPU thread(s)"
+    if report.get("load_average_at_end"):
+        where += f" (machine load average {report['load_average_at_end'][1]:.1f} over the last 5 min of the run)"
     lines.append(f"Model {report['model']['family']} ({Path(report['model']['path']).name}), {where}, "
                  f"{report['settings']['repeats']} interleaved "
                  f"repeats of each closed-form edit (median); quality by `compiler.verify` "
@@ -602,12 +613,13 @@ def ratio_summary(report: dict) -> list[str]:
     lines = []
     for tuner in FINE_TUNING:
         for method in ("locoedit", "quickfix"):
-            measured, paper = [], []
+            measured, paper, cpu = [], [], []
             for kind in report["settings"]["kinds"]:
                 rr = report["ratios"].get(kind, {}).get(method, {}).get(tuner)
                 if rr:
                     measured.append((kind, rr["measured"]))
                     paper.append(rr["at_paper_steps"])
+                    cpu.append(rr.get("measured_cpu"))
             if not measured:
                 continue
             ft = [by[(k, tuner)] for k, _ in measured]
@@ -616,8 +628,8 @@ def ratio_summary(report: dict) -> list[str]:
             lines.append(
                 f"- {LABELS[method]} vs {SHORT_LABELS[tuner]} ({steps} steps here, {per_step:.3f} s/step): "
                 + ", ".join(f"{k} {m:,.0f}×" for k, m in measured)
-                + f" faster; at the papers' {REFERENCE_STEPS[tuner]} steps: "
-                + ", ".join(f"{p:,.0f}×" for p in paper) + ".")
+                + " faster in wall time (" + ", ".join(f"{c:,.0f}×" for c in cpu if c) + " in CPU time); at the "
+                + f"papers' {REFERENCE_STEPS[tuner]} steps: " + ", ".join(f"{p:,.0f}×" for p in paper) + ".")
     return lines
 
 
@@ -632,6 +644,10 @@ def write_report(report: dict, out_dir: Path, stem: str) -> tuple[Path, Path]:
 
 
 # ----------------------------------------------------------------------------- main
+def _process_cpu() -> float:
+    return time.process_time()
+
+
 def run_bench(model_path: str | Path, settings: BenchSettings, *, judge_path: str | Path | None = None,
               device: str = "cpu", progress: bool = True, scaling: bool = True, say=None) -> dict:
     """Run everything on one model and return the report (see the module docstring)."""
@@ -639,7 +655,7 @@ def run_bench(model_path: str | Path, settings: BenchSettings, *, judge_path: st
     from compiler.verify.judges import choose_judge
 
     say = say or (lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True))
-    started = time.perf_counter()
+    started, cpu_at_start = time.perf_counter(), _process_cpu()
     torch.manual_seed(settings.seed)
     loaded = load_model(str(model_path), dtype=torch.float32, device=device)
     loaded.pipeline.set_progress_bar_config(disable=True)
@@ -648,28 +664,30 @@ def run_bench(model_path: str | Path, settings: BenchSettings, *, judge_path: st
     say(f"model {loaded.source_path} ({loaded.family}), {torch.get_num_threads()} thread(s)")
 
     stages = {}
-    t0 = time.perf_counter()
+    cpu = {}
+    t0, c0 = time.perf_counter(), _process_cpu()
     layers_info = locate_layers(loaded, settings, say, progress)
-    stages["locate"] = time.perf_counter() - t0
+    stages["locate"], cpu["locate"] = time.perf_counter() - t0, _process_cpu() - c0
     layers = {kind: info["layers"] if isinstance(info["layers"], str) else tuple(info["layers"])
               for kind, info in layers_info.items()}
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _process_cpu()
     runs = time_methods(loaded, settings, layers, say, progress)
-    stages["edit"] = time.perf_counter() - t0
+    stages["edit"], cpu["edit"] = time.perf_counter() - t0, _process_cpu() - c0
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _process_cpu()
     quality = measure_quality(loaded, judge, runs, settings, say, progress)
-    stages["verify"] = time.perf_counter() - t0
+    stages["verify"], cpu["verify"] = time.perf_counter() - t0, _process_cpu() - c0
 
     scaling_rows = []
     if scaling and settings.scaling_counts:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _process_cpu()
         scaling_rows = run_scaling(loaded, judge, settings, layers, say, progress)
-        stages["scaling"] = time.perf_counter() - t0
+        stages["scaling"], cpu["scaling"] = time.perf_counter() - t0, _process_cpu() - c0
 
     rows = method_rows(runs, quality, settings)
     stages["total"] = time.perf_counter() - started
+    cpu["total"] = _process_cpu() - cpu_at_start
     return {
         "tool": "editc bench",
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -685,6 +703,10 @@ def run_bench(model_path: str | Path, settings: BenchSettings, *, judge_path: st
         "ratios": ratios(rows),
         "scaling": scaling_rows,
         "stage_seconds": stages,
+        # CPU time of this process (all threads) per stage: with N threads and the machine to
+        # itself, wall time is about CPU time / N.
+        "stage_cpu_seconds": cpu,
+        "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 
 
