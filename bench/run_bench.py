@@ -124,8 +124,6 @@ class BenchSettings:
     # (``fixed_layers`` for every edit).
     layers: str = "locate"
     fixed_layers: tuple[int, ...] = FALLBACK_LAYERS
-    locate_steps: int = 10  # fewer sampler steps for the sweep, as the design allows
-    locate_prompts: int = 6
     # verify (quality)
     verify_seeds: int = 2
     verify_prompts: int = 8  # per group: efficacy, generalization, specificity, generic
@@ -284,10 +282,14 @@ def time_methods(loaded, settings: BenchSettings, layers: dict, say, progress: b
 
 # ----------------------------------------------------------------------------- localization
 def locate_layers(loaded, settings: BenchSettings, say, progress: bool) -> dict:
-    """LocoGen per edit (cached on disk by model hash, concept and attribute)."""
-    from compiler.locate import locate_cached
+    """LocoGen per edit with ``editc compile``'s sweep settings. Only a cached sweep with exactly
+    these settings is reused (not any earlier sweep of the concept, as compile would), so the
+    bench edits the same layers on every run of the same model."""
+    from compiler.locate.locogen import COMPILE_SWEEP, locate
+    from compiler.locate.scoring import load_judge_for
 
     out = {}
+    judge = None
     for kind in settings.kinds:
         task = TASKS[kind]
         if settings.layers == "default":
@@ -299,14 +301,16 @@ def locate_layers(loaded, settings: BenchSettings, say, progress: bool) -> dict:
                          "cached": None}
             continue
         say(f"{kind}: locate '{task.concept}' (LocoGen; cached after the first run)")
+        judge = judge or load_judge_for(loaded.source_path)
         started = time.perf_counter()
-        result = locate_cached(loaded, task.concept, task.replacement, task.attribute, progress=progress,
-                               steps=settings.locate_steps, n_prompts=settings.locate_prompts)
+        result = locate(loaded.pipeline, task.concept, task.replacement, task.attribute, judge=judge,
+                        model_hash=loaded.model_hash, progress=progress, **COMPILE_SWEEP)
         seconds = time.perf_counter() - started
-        out[kind] = {"layers": list(result.layers), "source": "LocoGen", "seconds": round(seconds, 3),
-                     "cached": bool(result.cached), "passed": bool(result.passed),
-                     "sweep_seconds": result.timings.get("total") if isinstance(result.timings, dict) else None}
-        say(f"{kind}: layers {list(result.layers)} ({'cached' if result.cached else f'{seconds:.0f} s'})")
+        out[kind] = {"layers": list(result.layers), "source": "LocoGen", "settings": dict(COMPILE_SWEEP),
+                     "seconds": round(seconds, 3), "cached": bool(result.cached), "passed": bool(result.passed),
+                     "sweep_timings": result.timings}
+        say(f"{kind}: layers {list(result.layers)} "
+            f"({'cached' if result.cached else f'{seconds:.0f} s'}; window passed: {result.passed})")
     return out
 
 
