@@ -25,6 +25,7 @@ from compiler.models.families import known_location
 from compiler.recipe import Edit, Recipe
 
 METHODS = ("locoedit", "quickfix", "neurons")
+NAMED_PRESERVE_PROMPTS = 24  # template prompts per concept named in ``preserve``
 
 
 @dataclass
@@ -104,26 +105,36 @@ def _layers_for(edit: Edit, model, locate_fn, progress: bool) -> tuple[tuple[int
     if locate_fn is None:
         raise UserError(f"edit '{edit.concept}': no known location and locate is unavailable; set layers: [..]")
     result = locate_fn(edit)
+    if not result.passed:
+        # No small window holds the concept on this model (the toy world spreads its knowledge
+        # over most of the UNet): edit every cross-attention layer, as UCE does, and say so.
+        n_layers = len(model.registry.cross_attention)
+        return tuple(range(n_layers)), (f"all layers: LocoGen found no window of <= {result.best_size} "
+                                        "layers that removes the concept")
     return tuple(result.layers), "locate (LocoGen)"
 
 
 # ----------------------------------------------------------------------------- rows
-def _positions_by_prompt(tokenizer, pairs, edit: Edit):
-    return resolve.pair_positions(tokenizer, pairs, edit.concept, edit.replacement, edit.eos)
+def _positions_by_prompt(tokenizer, pairs, edit: Edit, trailing_to: int | None = None):
+    return resolve.pair_positions(tokenizer, pairs, edit.concept, edit.replacement, edit.eos, trailing_to)
 
 
 def preserve_prompts_for(recipe: Recipe, plans: list[PlannedEdit]) -> list[str]:
     """Default generic captions (without any edited concept) plus the recipe's preserve list."""
     avoid = [p.edit.concept for p in plans] + [p.edit.replacement for p in plans]
     prompts = resolve.default_preserve_prompts(avoid)
+    # The replacement must keep meaning what it meant ("a painting" still looks like one).
+    for plan in plans:
+        prompts.extend(pair.target for pair in plan.pairs)
     named = set(recipe.preserve)
     for plan in plans:
         named.update(plan.edit.preserve)
     attributes = sorted({p.edit.attribute for p in plans})
     for name in sorted(named):
         for attribute in attributes:
-            prompts.extend(resolve.template_prompts(name, attribute))
-    return prompts
+            named_prompts = resolve.template_prompts(name, attribute)
+            prompts.extend(named_prompts[:: max(1, len(named_prompts) // NAMED_PRESERVE_PROMPTS)])
+    return list(dict.fromkeys(prompts))
 
 
 def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], progress: bool = True) -> CompileResult:
@@ -143,7 +154,9 @@ def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], progress: boo
         t0 = time.perf_counter()
         sources = [pr.source for p in plans for pr in p.pairs]
         targets = [pr.target for p in plans for pr in p.pairs]
-        contexts = resolve.encode_context(pipe, sources + targets + preserve)
+        # Trailing (EOS and padding) rows need the pipeline's full 77-token contexts.
+        full = any(p.edit.eos for p in plans)
+        contexts = resolve.encode_context(pipe, sources + targets + preserve, full_length=full)
         src_ctx, tgt_ctx = contexts[: len(sources)], contexts[len(sources) : len(sources) + len(targets)]
         pres_ctx = contexts[len(sources) + len(targets) :]
         timings["embed"] = timings.get("embed", 0.0) + time.perf_counter() - t0
@@ -152,13 +165,14 @@ def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], progress: boo
         rows_by_plan = {}
         for plan in plans:
             n = len(plan.pairs)
-            s_pos, t_pos = _positions_by_prompt(tokenizer, plan.pairs, plan.edit)
+            s_pos, t_pos = _positions_by_prompt(tokenizer, plan.pairs, plan.edit, contexts.shape[1] if full else None)
             rows_by_plan[id(plan)] = (
                 resolve.gather_rows(src_ctx[offset : offset + n], s_pos),
                 resolve.gather_rows(tgt_ctx[offset : offset + n], t_pos),
             )
             offset += n
-        preserve_rows = resolve.gather_rows(pres_ctx, resolve.all_token_positions(tokenizer, preserve))
+        length = contexts.shape[1] if full else None
+        preserve_rows = resolve.gather_rows(pres_ctx, resolve.all_token_positions(tokenizer, preserve, length))
 
         if by_method["locoedit"]:
             t0 = time.perf_counter()

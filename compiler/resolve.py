@@ -159,20 +159,33 @@ def gather_rows(states: torch.Tensor, positions: list[list[int]]) -> torch.Tenso
     return torch.cat([states[n, pos] for n, pos in enumerate(positions)])
 
 
-def pair_positions(tokenizer, pairs: list[PromptPair], concept: str, replacement: str, eos: bool) -> tuple[list[list[int]], list[list[int]]]:
-    """Matching positions in source and target prompts: last subject token (+ EOS)."""
+def pair_positions(tokenizer, pairs: list[PromptPair], concept: str, replacement: str, eos: bool,
+                   trailing_to: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """Matching positions in source and target prompts: the last subject token and, with
+    ``eos``, the end-of-text token; with ``trailing_to`` (e.g. 77) also every padding position
+    after EOS up to that length.
+
+    The UNet attends to all 77 context tokens, and in CLIP's causal encoder the states after
+    EOS summarize the whole prompt, so they carry the concept as well (LocoEdit must remap
+    them); the k-th trailing position of the source maps to the k-th of the target.
+    """
     src, tgt = [], []
     for pair in pairs:
         s = [last_token_index(tokenizer, pair.source, concept)]
         t = [last_token_index(tokenizer, pair.target, replacement)]
         if eos:
-            s.append(eos_index(tokenizer, pair.source))
-            t.append(eos_index(tokenizer, pair.target))
+            s_eos, t_eos = eos_index(tokenizer, pair.source), eos_index(tokenizer, pair.target)
+            trailing = 1 if trailing_to is None else trailing_to - max(s_eos, t_eos)
+            s.extend(range(s_eos, s_eos + trailing))
+            t.extend(range(t_eos, t_eos + trailing))
         src.append(s)
         tgt.append(t)
     return src, tgt
 
 
-def all_token_positions(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """BOS through EOS of each prompt: the states preservation rows keep in place."""
+def all_token_positions(tokenizer, prompts: list[str], length: int | None = None) -> list[list[int]]:
+    """The states preservation rows keep in place: BOS through EOS of each prompt, or all
+    ``length`` positions (padding included) when the edit also maps the trailing tokens."""
+    if length is not None:
+        return [list(range(length)) for _ in prompts]
     return [list(range(eos_index(tokenizer, p) + 1)) for p in prompts]
