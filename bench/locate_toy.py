@@ -209,20 +209,29 @@ def markdown(report: dict) -> str:
     if trace:
         text = trace["text_encoder"]
         lines += ["", f"### Causal tracing: \"{TRACE_PROMPT}\", subject \"{TRACE_SUBJECT}\"", "",
-                  f"Judged {text['recovery_by']} of van gogh: clean {text['clean']:.2f}, corrupted "
-                  f"{text['corrupted']:.2f}. Recovery per text-encoder state (rows: layer; columns: token):", ""]
-        for component, grid in text["recovery"].items():
-            lines.append(f"**{component}**")
-            lines.append("")
-            lines.append("| layer | " + " | ".join(text["tokens"][1:]) + " |")
-            lines.append("|---|" + "---|" * (len(text["tokens"]) - 1))
-            for layer, row in enumerate(grid):
-                lines.append(f"| {layer} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in row[1:]) + " |")
-            lines.append("")
+                  f"Noise {trace['noise_scale']} x the token-embedding std on the subject's tokens; "
+                  f"{len(trace['seeds'])} seeds, {report['settings']['steps']} steps. van gogh rate: clean "
+                  f"{text['clean_rate']:.2f}, corrupted {text['corrupted_rate']:.2f}; CLIP-score: clean "
+                  f"{text['clean_clip']:.3f}, corrupted {text['corrupted_clip']:.3f}.", "",
+                  "Recovery per text-encoder state (rows: layer; columns: token; "
+                  "(restored - corrupted) / (clean - corrupted)):", ""]
+        for by in ("rate", "clip"):
+            for component, grid in text[f"{by}_recovery"].items():
+                lines += [f"**{component} output, by {'judge rate' if by == 'rate' else 'CLIP-score'}**", "",
+                          "| layer | " + " | ".join(text["tokens"][1:]) + " |",
+                          "|---|" + "---|" * (len(text["tokens"]) - 1)]
+                for layer, row in enumerate(grid):
+                    lines.append(f"| {layer} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in row[1:])
+                                 + " |")
+                lines.append("")
         unet = trace["unet"]
-        lines += [f"UNet blocks restored (recovery): " + ", ".join(
-            f"{name} {('-' if v is None else f'{v:.2f}')}" for name, v in zip(unet["components"], unet["recovery"])),
-            "", trace["verdict"]]
+        lines += ["UNet block outputs restored (every step, conditional branch):", "",
+                  "| recovery by | " + " | ".join(unet["components"]) + " |",
+                  "|---|" + "---|" * len(unet["components"])]
+        for by in ("rate", "clip"):
+            lines.append(f"| {by} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in unet[f"{by}_recovery"])
+                         + " |")
+        lines += ["", trace["verdict"]]
     compare = report.get("compare")
     if compare:
         lines += ["", "### Edit the located window, a random window, or all layers (LocoEdit)", "",
@@ -238,20 +247,22 @@ def markdown(report: dict) -> str:
 
 
 def _trace_verdict(text: dict) -> str:
-    """Is there one causal state in the text encoder, as the paper found for SD-1.5?"""
-    best = max(((v, c, layer, t) for c, grid in text["recovery"].items() for layer, row in enumerate(grid)
-                for t, v in enumerate(row) if v is not None), default=None)
-    if best is None:
-        return "The corruption did not change the judged rate; no state can be called causal."
-    value, component, layer, token = best
-    strong = sorted({(c, layer_, text["tokens"][t]) for c, grid in text["recovery"].items()
-                     for layer_, row in enumerate(grid) for t, v in enumerate(row)
-                     if v is not None and v >= 0.5 * value})
-    tokens = sorted({t for _, _, t in strong})
-    layers = sorted({layer_ for _, layer_, _ in strong})
-    return (f"Strongest state: {component} of layer {layer} at token '{text['tokens'][token]}' (recovery "
-            f"{value:.2f}). States with at least half of that: {len(strong)}, at tokens {tokens}, in layers "
-            f"{layers}.")
+    """Is there one causal state in the text encoder, as the paper found for SD-1.5? Judged by
+    CLIP-score recovery, which also sees partial recoveries."""
+    states = [(v, c, layer, t) for c, grid in text["clip_recovery"].items() for layer, row in enumerate(grid)
+              for t, v in enumerate(row) if v is not None]
+    if not states:
+        return "The corruption did not change the CLIP-score; no state can be called causal."
+    value, component, layer, token = max(states)
+    if value < 0.05:
+        return f"No single text-encoder state recovers the subject (best CLIP recovery {value:.2f})."
+    strong = sorted((c, layer_, text["tokens"][t], round(v, 2)) for v, c, layer_, t in states if v >= 0.5 * value)
+    rate_best = max((v for grid in text["rate_recovery"].values() for row in grid for v in row if v is not None),
+                    default=None)
+    return (f"By CLIP-score, the strongest state is the {component} output of layer {layer} at token "
+            f"'{text['tokens'][token]}' (recovery {value:.2f}); states with at least half of that "
+            f"(component, layer, token, recovery): {strong}. Best recovery by the judge's rate: "
+            f"{'n/a' if rate_best is None else f'{rate_best:.2f}'}.")
 
 
 # ----------------------------------------------------------------------------- main
@@ -265,6 +276,7 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--trace-seeds", type=int, default=2)
+    parser.add_argument("--trace-noise", type=float, default=3.0, help="noise scale, x the embedding std")
     parser.add_argument("--eval-prompts", type=int, default=4, help="held-out prompts per concept (compare)")
     parser.add_argument("--skip-trace", action="store_true")
     parser.add_argument("--skip-compare", action="store_true")
@@ -319,19 +331,21 @@ def main() -> None:
 
     if not args.skip_trace:
         trace_seeds = tuple(range(args.trace_seeds))
-        text = trace_text_encoder(pipe, TRACE_PROMPT, TRACE_SUBJECT, judge=judge, seeds=trace_seeds, steps=args.steps,
-                                  components=("layer", "attn"), batch=args.batch, model_hash=loaded.model_hash)
-        unet = trace_unet(pipe, TRACE_PROMPT, TRACE_SUBJECT, judge=judge, seeds=trace_seeds, steps=args.steps,
-                          batch=args.batch, model_hash=loaded.model_hash)
+        common = dict(judge=judge, seeds=trace_seeds, steps=args.steps, noise_scale=args.trace_noise,
+                      batch=args.batch, model_hash=loaded.model_hash)
+        text = trace_text_encoder(pipe, TRACE_PROMPT, TRACE_SUBJECT, components=("layer", "attn"), **common)
+        unet = trace_unet(pipe, TRACE_PROMPT, TRACE_SUBJECT, **common)
         write_trace_outputs(text, unet, figures)
-        text_dict = text.to_dict()
-        summary = {"tokens": list(text.tokens), "recovery_by": text.recovery_by,
-                   "clean": text.clean.rate if text.recovery_by == "rate" else text.clean.clip,
-                   "corrupted": text.corrupted.rate if text.recovery_by == "rate" else text.corrupted.clip,
-                   "recovery": text_dict["recovery"], "seconds": text.timings.get("total_s")}
-        report["trace"] = {"text_encoder": summary,
-                           "unet": {"components": list(unet.components), "recovery": unet.to_dict()["recovery"],
-                                    "seconds": unet.timings.get("total_s")},
+        if text.recovery_by != "rate":
+            raise SystemExit("this bench needs the toy world's judge (it reads the van gogh rate)")
+        text_dict, unet_dict = text.to_dict(), unet.to_dict()
+        summary = {"tokens": list(text.tokens), "clean_rate": text.clean.rate, "corrupted_rate": text.corrupted.rate,
+                   "clean_clip": text.clean.clip, "corrupted_clip": text.corrupted.clip,
+                   "rate_recovery": text_dict["recovery"], "clip_recovery": text_dict["clip_recovery"],
+                   "seconds": text.timings.get("total_s")}
+        report["trace"] = {"noise_scale": args.trace_noise, "seeds": list(trace_seeds), "text_encoder": summary,
+                           "unet": {"components": list(unet.components), "rate_recovery": unet_dict["recovery"],
+                                    "clip_recovery": unet_dict["clip_recovery"], "seconds": unet.timings.get("total_s")},
                            "verdict": _trace_verdict(summary)}
         print(report["trace"]["verdict"], flush=True)
 

@@ -81,16 +81,20 @@ def trace_command(model_path, prompt, subject, seeds, steps, guidance, resolutio
                                "unet": unet.to_dict() if unet else None, "out": str(out)}, indent=2))
         return
     if text is not None:
-        component, layer, token, value = text.strongest()
         click.echo(f"text encoder: clean {text.recovery_by} {_fmt(text.clean, text.recovery_by)}, corrupted "
-                   f"{_fmt(text.corrupted, text.recovery_by)}; " + (
-                       f"strongest state: {component} of layer {layer} at token {token} "
-                       f"({text.tokens[token]!r}), recovery {value:.2f}" if layer >= 0 else "no recovery measurable"))
+                   f"{_fmt(text.corrupted, text.recovery_by)}")
+        for by in dict.fromkeys((text.recovery_by, "clip")):
+            component, layer, token, value = text.strongest(by)
+            where = (f"{component} of layer {layer} at token {token} ({text.tokens[token]!r}), recovery {value:.2f}"
+                     if math.isfinite(value) else "no recovery measurable")
+            click.echo(f"  strongest state by {by}: {where}")
     if unet is not None:
-        name, value = unet.strongest()
         click.echo(f"unet: clean {unet.recovery_by} {_fmt(unet.clean, unet.recovery_by)}, corrupted "
-                   f"{_fmt(unet.corrupted, unet.recovery_by)}; " + (
-                       f"strongest block: {name}, recovery {value:.2f}" if math.isfinite(value) else "no recovery measurable"))
+                   f"{_fmt(unet.corrupted, unet.recovery_by)}")
+        for by in dict.fromkeys((unet.recovery_by, "clip")):
+            name, value = unet.strongest(by)
+            where = f"{name}, recovery {value:.2f}" if math.isfinite(value) else "no recovery measurable"
+            click.echo(f"  strongest block by {by}: {where}")
     for name, result in (("text encoder", text), ("unet", unet)):
         for note in result.notes if result else ():
             click.echo(f"  note ({name}): {note}")

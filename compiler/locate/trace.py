@@ -46,7 +46,7 @@ from compiler.resolve import default_preserve_prompts, last_token_index
 
 TEXT_COMPONENTS = ("layer", "attn", "mlp")
 UNET_GRANULARITIES = ("blocks", "attentions")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # part of the cache key: a new schema never reads old entries
 
 
 # ----------------------------------------------------------------------------- the text encoder
@@ -98,7 +98,7 @@ def token_embedding_std(pipe, prompts: list[str] | None = None) -> float:
     prompts = prompts or default_preserve_prompts([])
     ids = sorted({i for p in prompts for i in pipe.tokenizer(p).input_ids})
     table = pipe.text_encoder.get_input_embeddings().weight
-    return float(table[torch.tensor(ids, device=table.device)].float().std())
+    return float(table[torch.tensor(ids, device=table.device)].detach().float().std())
 
 
 def _replace_tokens(output, rows: torch.Tensor, positions: torch.Tensor, values: torch.Tensor):
@@ -198,15 +198,18 @@ class TextTraceResult:
     rate: dict | None
     recovery: dict  # by the deciding measure: rate when the judge has it, else CLIP
     recovery_by: str  # "rate" or "clip"
+    clip_recovery: dict  # by CLIP-score, always
     settings: dict
     timings: dict
     notes: tuple[str, ...] = ()
     cached: bool = False
 
-    def strongest(self) -> tuple[str, int, int, float]:
-        """(component, layer, token, recovery) of the state that brings back the most."""
+    def strongest(self, by: str | None = None) -> tuple[str, int, int, float]:
+        """(component, layer, token, recovery) of the state that brings back the most, by the
+        deciding measure (``by=None``) or by CLIP-score (``by="clip"``)."""
+        recovery = self.clip_recovery if by == "clip" else self.recovery
         best = ("", -1, -1, -math.inf)
-        for component, grid in self.recovery.items():
+        for component, grid in recovery.items():
             for layer, row in enumerate(grid):
                 for token, value in enumerate(row):
                     if value is not None and not math.isnan(value) and value > best[3]:
@@ -307,27 +310,30 @@ _MIN_RATE_CONTRAST = 1e-2
 _MIN_CLIP_CONTRAST = 1e-3
 
 
-def _recoveries(judges_presence: bool, clean: TraceMeasure, corrupted: TraceMeasure):
-    """(measure used, function grid -> recovery grid as lists, notes).
+def _recovery(values: np.ndarray, clean: float, corrupted: float, minimum: float) -> list:
+    """(restored − corrupted) / (clean − corrupted), as lists; NaN when the corruption changed
+    the measure by less than ``minimum``."""
+    if abs(clean - corrupted) < minimum:
+        return np.full_like(values, np.nan).tolist()
+    return ((values - corrupted) / (clean - corrupted)).tolist()
 
-    Recovery = (restored − corrupted) / (clean − corrupted), by the judge's rate when it can
-    tell the subject, else by CLIP-score; NaN everywhere when the corruption changed nothing.
+
+def _recoveries(judges_presence: bool, clean: TraceMeasure, corrupted: TraceMeasure):
+    """(deciding measure, {measure: grid -> recovery grid}, notes).
+
+    The judge's rate decides when the judge can tell the subject, else the CLIP-score; the
+    CLIP-score's recovery is reported either way (it sees partial recoveries a rate misses).
     """
+    by = "rate" if judges_presence else "clip"
+    functions = {"clip": lambda values: _recovery(values, clean.clip, corrupted.clip, _MIN_CLIP_CONTRAST)}
     if judges_presence:
-        by, high, low, minimum = "rate", clean.rate, corrupted.rate, _MIN_RATE_CONTRAST
-    else:
-        by, high, low, minimum = "clip", clean.clip, corrupted.clip, _MIN_CLIP_CONTRAST
+        functions["rate"] = lambda values: _recovery(values, clean.rate, corrupted.rate, _MIN_RATE_CONTRAST)
+    high, low = (clean.rate, corrupted.rate) if by == "rate" else (clean.clip, corrupted.clip)
     notes = []
-    if abs(high - low) < minimum:
+    if abs(high - low) < (_MIN_RATE_CONTRAST if by == "rate" else _MIN_CLIP_CONTRAST):
         notes.append(f"the corruption does not change the {by} (clean {high:.3f}, corrupted {low:.3f}): "
                      f"nothing to recover; raise the noise scale or check that the model shows the subject")
-
-    def grid(values: np.ndarray) -> list:
-        if abs(high - low) < minimum:
-            return np.full_like(values, np.nan).tolist()
-        return ((values - low) / (high - low)).tolist()
-
-    return by, grid, notes
+    return by, functions, notes
 
 
 def _trace_settings(pipe, prompt, subject, seeds, steps, guidance, height, width, noise_scale,
@@ -378,7 +384,8 @@ def trace_text_encoder(
     group = current_process_group()
     model_hash = model_hash or cache.weights_fingerprint(pipe)
     entry = cache.entry_dir("trace", model_hash, cache.slug(subject),
-                            cache.settings_key({"model_hash": model_hash, "kind": "text", **settings}))
+                            cache.settings_key({"model_hash": model_hash, "kind": "text",
+                                                "schema": SCHEMA_VERSION, **settings}))
     if use_cache:
         hit = group.broadcast(cache.load_entry(entry, "trace.json") if group.is_main else None)
         if hit is not None:
@@ -437,8 +444,10 @@ def trace_text_encoder(
     rate_grid = {c: np.full((num_layers, len(tokens.ids)), np.nan) for c in components}
     for c, layer, t in cells:
         clip_grid[c][layer, t], rate_grid[c][layer, t] = means[(c, layer, t)]
-    recovery_by, recovery_grid, notes = _recoveries(judges_presence, clean, corrupted)
-    recovery = {c: recovery_grid(clip_grid[c] if recovery_by == "clip" else rate_grid[c]) for c in components}
+    recovery_by, recovery_of, notes = _recoveries(judges_presence, clean, corrupted)
+    grids = {"clip": clip_grid, "rate": rate_grid}
+    recovery = {c: recovery_of[recovery_by](grids[recovery_by][c]) for c in components}
+    clip_recovery = {c: recovery_of["clip"](clip_grid[c]) for c in components}
     timings.update(samples=len(samples.rows), processes=group.world_size, total_s=time.perf_counter() - started)
     result = TextTraceResult(
         prompt=prompt, subject=subject, model_hash=model_hash, tokens=tuple(tokens.labels),
@@ -446,7 +455,7 @@ def trace_text_encoder(
         num_layers=num_layers, clean=clean, corrupted=corrupted,
         clip={c: clip_grid[c].tolist() for c in components},
         rate={c: rate_grid[c].tolist() for c in components} if judges_presence else None,
-        recovery=recovery, recovery_by=recovery_by, settings=settings,
+        recovery=recovery, recovery_by=recovery_by, clip_recovery=clip_recovery, settings=settings,
         timings={k: (round(v, 3) if isinstance(v, float) else v) for k, v in timings.items()},
         notes=tuple(notes),
     )
@@ -463,6 +472,7 @@ def _text_result_from_dict(payload: dict) -> TextTraceResult:
         clean=TraceMeasure(**payload["clean"]), corrupted=TraceMeasure(**payload["corrupted"]),
         clip=_from_json(payload["clip"]), rate=_from_json(payload["rate"]) if payload["rate"] else None,
         recovery=_from_json(payload["recovery"]), recovery_by=payload["recovery_by"],
+        clip_recovery=_from_json(payload["clip_recovery"]),
         settings=payload["settings"], timings=payload["timings"], notes=tuple(payload["notes"]), cached=True,
     )
 
@@ -575,13 +585,16 @@ class UNetTraceResult:
     rate: list | None
     recovery: list
     recovery_by: str
+    clip_recovery: list
     settings: dict
     timings: dict
     notes: tuple[str, ...] = ()
     cached: bool = False
 
-    def strongest(self) -> tuple[str, float]:
-        values = [(-math.inf if v is None or math.isnan(v) else v) for v in self.recovery]
+    def strongest(self, by: str | None = None) -> tuple[str, float]:
+        """(component, recovery) of the block that brings back the most (see TextTraceResult)."""
+        recovery = self.clip_recovery if by == "clip" else self.recovery
+        values = [(-math.inf if v is None or math.isnan(v) else v) for v in recovery]
         best = int(np.argmax(values)) if values else 0
         return (self.components[best], values[best]) if values else ("", -math.inf)
 
@@ -632,7 +645,8 @@ def trace_unet(
     group = current_process_group()
     model_hash = model_hash or cache.weights_fingerprint(pipe)
     entry = cache.entry_dir("trace", model_hash, cache.slug(subject),
-                            cache.settings_key({"model_hash": model_hash, "kind": "unet", **settings}))
+                            cache.settings_key({"model_hash": model_hash, "kind": "unet",
+                                                "schema": SCHEMA_VERSION, **settings}))
     if use_cache:
         hit = group.broadcast(cache.load_entry(entry, "trace.json") if group.is_main else None)
         if hit is not None:
@@ -693,14 +707,15 @@ def trace_unet(
     names = [name for name, _ in components]
     clip_row = np.array([means[n][0] for n in names])
     rate_row = np.array([means[n][1] for n in names])
-    recovery_by, recovery_grid, notes = _recoveries(judges_presence, clean, corrupted)
-    recovery = recovery_grid(rate_row if recovery_by == "rate" else clip_row)
+    recovery_by, recovery_of, notes = _recoveries(judges_presence, clean, corrupted)
+    recovery = recovery_of[recovery_by](rate_row if recovery_by == "rate" else clip_row)
     timings.update(samples=len(samples.rows) + len(seeds), processes=group.world_size,
                    total_s=time.perf_counter() - started)
     result = UNetTraceResult(
         prompt=prompt, subject=subject, model_hash=model_hash, granularity=granularity,
         components=tuple(names), clean=clean, corrupted=corrupted, clip=clip_row.tolist(),
         rate=rate_row.tolist() if judges_presence else None, recovery=recovery, recovery_by=recovery_by,
+        clip_recovery=recovery_of["clip"](clip_row),
         settings=settings, timings={k: (round(v, 3) if isinstance(v, float) else v) for k, v in timings.items()},
         notes=tuple(notes),
     )
@@ -716,41 +731,50 @@ def _unet_result_from_dict(payload: dict) -> UNetTraceResult:
         clean=TraceMeasure(**payload["clean"]), corrupted=TraceMeasure(**payload["corrupted"]),
         clip=_from_json(payload["clip"]), rate=_from_json(payload["rate"]) if payload["rate"] else None,
         recovery=_from_json(payload["recovery"]), recovery_by=payload["recovery_by"],
+        clip_recovery=_from_json(payload["clip_recovery"]),
         settings=payload["settings"], timings=payload["timings"], notes=tuple(payload["notes"]), cached=True,
     )
 
 
 # ----------------------------------------------------------------------------- outputs
 def text_heatmap_panels(result: TextTraceResult):
-    """One layer × token panel of recovery per traced component."""
+    """Layer × token panels of recovery per traced component: by the deciding measure, and by
+    CLIP-score when the rate decides (it shows partial recoveries a rate misses)."""
     from compiler.locate.heatmap import HeatmapPanel
 
     first, last = result.subject_positions
     tokens = [f"*{t}" if first <= i <= last else t for i, t in enumerate(result.tokens)]
-    strongest = result.strongest()
+    measures = [(result.recovery_by, result.recovery)]
+    if result.recovery_by != "clip":
+        measures.append(("clip", result.clip_recovery))
     panels = []
-    for component in result.components:
-        values = np.array(result.recovery[component], dtype=np.float64)
-        highlight = (strongest[1], strongest[2]) if strongest[0] == component else None
-        title = (f"text encoder {component} output restored at (layer, token): recovery of "
-                 f"'{result.subject}' by {result.recovery_by} (clean "
-                 f"{_measure(result.clean, result.recovery_by)}, corrupted {_measure(result.corrupted, result.recovery_by)})")
-        panels.append(HeatmapPanel(title, values, [str(i) for i in range(result.num_layers)], tokens,
-                                   "layer", "token (* = subject)", vmin=0.0, vmax=1.0, highlight=highlight))
+    for by, recovery in measures:
+        for component in result.components:
+            values = np.array(recovery[component], dtype=np.float64)
+            finite = np.isfinite(values)
+            highlight = np.unravel_index(np.nanargmax(values), values.shape) if finite.any() else None
+            title = (f"text encoder {component} output restored at (layer, token): recovery of "
+                     f"'{result.subject}' by {by} (clean {_measure(result.clean, by)}, "
+                     f"corrupted {_measure(result.corrupted, by)})")
+            panels.append(HeatmapPanel(title, values, [str(i) for i in range(result.num_layers)], tokens,
+                                       "layer", "token (* = subject)", vmin=0.0, vmax=1.0,
+                                       highlight=tuple(int(i) for i in highlight) if highlight else None))
     return panels
 
 
 def unet_heatmap_panels(result: UNetTraceResult):
     from compiler.locate.heatmap import HeatmapPanel
 
-    values = np.array([result.recovery], dtype=np.float64)
-    finite = values[np.isfinite(values)]
-    highlight = (0, int(np.nanargmax(values[0]))) if finite.size else None
-    title = (f"UNet {result.granularity} output restored: recovery of '{result.subject}' by "
-             f"{result.recovery_by} (clean {_measure(result.clean, result.recovery_by)}, corrupted "
-             f"{_measure(result.corrupted, result.recovery_by)})")
-    return [HeatmapPanel(title, values, ["recovery"], list(result.components), "", "restored component",
-                         vmin=0.0, vmax=1.0, highlight=highlight)]
+    rows = [(f"{result.recovery_by} recovery", result.recovery)]
+    if result.recovery_by != "clip":
+        rows.append(("clip recovery", result.clip_recovery))
+    values = np.array([row for _, row in rows], dtype=np.float64)
+    highlight = (0, int(np.nanargmax(values[0]))) if np.isfinite(values[0]).any() else None
+    title = (f"UNet {result.granularity} output restored: recovery of '{result.subject}' (clean "
+             f"{_measure(result.clean, result.recovery_by)}, corrupted "
+             f"{_measure(result.corrupted, result.recovery_by)} by {result.recovery_by})")
+    return [HeatmapPanel(title, values, [label for label, _ in rows], list(result.components), "",
+                         "restored component", vmin=0.0, vmax=1.0, highlight=highlight)]
 
 
 def _measure(measure: TraceMeasure, by: str) -> str:
