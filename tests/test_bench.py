@@ -183,9 +183,11 @@ def test_editc_bench_quick_writes_json_and_table(quick_toy, tmp_path):
     methods = {(r["kind"], r["method"]) for r in report["methods"]}
     assert methods == {("style", "esd-x"), ("style", "time"), ("style", "locoedit")}
     for row in report["methods"]:
-        assert row["median_seconds"] > 0
+        assert row["median_seconds"] > 0 and row["median_cpu_seconds"] > 0
         assert set(row["quality"]) >= {"efficacy", "generalization", "neighbours", "generic", "gates"}
     assert report["ratios"]["style"]["locoedit"]["esd-x"]["measured"] > 0
+    assert report["ratios"]["style"]["locoedit"]["esd-x"]["measured_cpu"] > 0
+    assert report["stage_cpu_seconds"]["total"] > 0 and report["locate"]["style"]["source"].startswith("fixed")
     assert len(report["methods"][1]["seconds"]) == 2  # --quick: 2 timed repeats of each closed form
 
 
@@ -213,6 +215,7 @@ def _write_clip_folder(folder: Path) -> Path:
     return folder
 
 
+@pytest.mark.slow  # minutes of CPU: generation on tiny SD-2 and SD-XL; run with `pytest -m slow`
 def test_real_checkpoint_script_runs_on_sd2_and_sdxl_layouts(tiny, tmp_path):
     """bench/real_checkpoints.py, unchanged, on tiny random SD-2 and SD-XL checkpoints (CPU)."""
     clip = _write_clip_folder(tmp_path / "clip")
