@@ -56,6 +56,8 @@ from compiler.resolve import prompt_pairs
 ATTRIBUTES = ("style", "object", "fact")
 CRITERIA = ("auto", "accuracy", "clip")
 SCHEMA_VERSION = 1
+# Part of the cache key: bump when the same sweep would now give another answer.
+LOCATE_VERSION = 2
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -302,15 +304,18 @@ def _rank_key(score: WindowScore, criterion: str, higher_is_better: bool) -> tup
 
 
 def choose_window(scores: list[WindowScore], criterion: str, higher_is_better: bool) -> tuple[WindowScore, bool]:
-    """The smallest m whose best window passes, and that window; else the strongest window."""
+    """The smallest m whose best window passes, and that window; else the strongest window of
+    any size (largest deciding effect, then largest CLIP effect: a judge's rate moves in steps
+    of 1/N images and ties often; then the smaller window)."""
     for m in sorted({s.size for s in scores}):
         best = min((s for s in scores if s.size == m), key=lambda s: _rank_key(s, criterion, higher_is_better))
         if best.passed:
             return best, True
 
     def strength(s: WindowScore) -> tuple:
-        effect = s.rate_effect if criterion == "accuracy" else s.clip_effect
-        return (-(effect if effect is not None else -math.inf), s.size, _rank_key(s, criterion, higher_is_better))
+        decisive = s.rate_effect if criterion == "accuracy" else s.clip_effect
+        return (-(decisive if decisive is not None else -math.inf),
+                -(s.clip_effect if s.clip_effect is not None else -math.inf), s.size, s.start)
 
     return min(scores, key=strength), False
 
@@ -391,7 +396,7 @@ def locate(
     if model_hash is None:
         model_hash = cache.weights_fingerprint(pipe)
     key = cache.settings_key({"model_hash": model_hash, "concept": concept, "replacement": replacement,
-                              "attribute": attribute, **settings.key_fields()})
+                              "attribute": attribute, "locate_version": LOCATE_VERSION, **settings.key_fields()})
     entry = cache.entry_dir("locate", model_hash, f"{cache.slug(concept)}.{attribute}", key)
     if use_cache:
         hit = group.broadcast(cache.load_entry(entry, "locate.json") if group.is_main else None)
