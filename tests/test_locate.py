@@ -132,7 +132,8 @@ def test_smallest_passing_size_wins_and_ties_break_on_clip():
     nothing = [_score(0, 1, 0.9, 0.3, False), _score(0, 2, 0.4, 0.3, False), _score(1, 2, 0.6, 0.3, False)]
     best, passed = locogen.choose_window(nothing, "accuracy", higher_is_better=False)
     assert not passed and (best.start, best.size) == (0, 2)  # the strongest effect
-    tied = [locogen.WindowScore(3, 1, 0.7, 0.75, 0.1, 0.25, False), locogen.WindowScore(1, 3, 0.6, 0.75, 0.7, 0.25, False)]
+    tied = [locogen.WindowScore(3, 1, 0.7, 0.75, 0.1, 0.25, False),
+            locogen.WindowScore(1, 3, 0.6, 0.75, 0.7, 0.25, False)]
     best, _ = locogen.choose_window(tied, "accuracy", higher_is_better=False)
     assert (best.start, best.size) == (1, 3)  # equal rates: the larger CLIP effect decides
     facts = [_score(0, 1, 0.2, 0.3, True), _score(1, 1, 0.9, 0.3, True)]
