@@ -170,7 +170,7 @@ def edited_weights(pipe, new_tensors: dict[str, torch.Tensor]):
 # ----------------------------------------------------------------------------- editc
 def editc_recipe_text(model_path: str, edits: list[dict]) -> str:
     """A recipe (YAML) for in-memory compiles: ``edits`` hold concept, replacement, attribute,
-    method and optionally layers (a tuple, or "default") and neurons_top_k."""
+    method and optionally layers (a tuple, "auto" or "default") and neurons_top_k."""
     lines = [f"model: {json.dumps(str(model_path))}", "edits:"]
     for edit in edits:
         lines.append(f"  - concept: {json.dumps(edit['concept'])}")
@@ -186,26 +186,39 @@ def editc_recipe_text(model_path: str, edits: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def layer_spec(layers) -> dict:
+    """Recipe fields for an edit's layers: a tuple or "default" as given; a LocoGen result as
+    ``layers: auto`` plus the result itself, which compile's own rule turns into layers (the
+    located window when it passed, else every cross-attention layer)."""
+    if hasattr(layers, "passed"):
+        return {"layers": "auto", "located": layers}
+    return {"layers": layers}
+
+
 def editc_edit(loaded, edits: list[dict], label: str) -> BaselineResult:
-    """Compile a recipe in memory, as ``editc compile`` does before export: resolve, embed, solve."""
+    """Compile a recipe in memory, as ``editc compile`` does before export: resolve, locate (from
+    the LocoGen results handed in with the edits), embed, solve."""
     from compiler.compile import compile_edits, plan_edits
     from compiler.recipe import loads_recipe
 
+    located = {edit["attribute"]: edit["located"] for edit in edits if "located" in edit}
     started = time.perf_counter()
     recipe = loads_recipe(editc_recipe_text(str(loaded.source_path), edits), f"{label}.yaml")
-    plans = plan_edits(recipe, loaded, progress=False)
+    plans = plan_edits(recipe, loaded, locate_fn=(lambda edit: located[edit.attribute]) if located else None,
+                       progress=False)
     result = compile_edits(recipe, loaded, plans, progress=False)
     synchronize(loaded.pipeline.unet.device)
     seconds = time.perf_counter() - started
     info = {"timings": result.timings, "solves": result.solve_info, "tensors": len(result.new_tensors),
-            "layers": sorted({j for p in plans for j in p.layers})}
+            "layers": sorted({j for p in plans for j in p.layers}),
+            "layers_source": sorted({p.layers_source for p in plans})}
     return BaselineResult(edits[0]["method"] if len(edits) == 1 else "locoedit", result.new_tensors, seconds, info)
 
 
 def editc_edit_spec(task: EditTask, method: str, layers, settings: BenchSettings) -> dict:
     spec = {"concept": task.concept, "replacement": task.replacement, "attribute": task.attribute, "method": method}
     if method in NEEDS_LAYERS:
-        spec["layers"] = layers
+        spec.update(layer_spec(layers))
     if method == "neurons":
         spec["neurons_top_k"] = settings.neurons_top_k
     return spec
@@ -281,24 +294,28 @@ def time_methods(loaded, settings: BenchSettings, layers: dict, say, progress: b
 
 
 # ----------------------------------------------------------------------------- localization
-def locate_layers(loaded, settings: BenchSettings, say, progress: bool) -> dict:
-    """LocoGen per edit with ``editc compile``'s sweep settings. Only a cached sweep with exactly
-    these settings is reused (not any earlier sweep of the concept, as compile would), so the
-    bench edits the same layers on every run of the same model."""
+def locate_layers(loaded, settings: BenchSettings, kinds, say, progress: bool) -> tuple[dict, dict]:
+    """Per kind: what to report, and what the edits get (a LocoGen result, "default" or a tuple).
+
+    LocoGen runs with ``editc compile``'s sweep settings; only a cached sweep with exactly these
+    settings is reused (not any earlier sweep of the concept, as compile would), so the bench
+    edits the same layers on every run of the same model."""
     from compiler.locate.locogen import COMPILE_SWEEP, locate
     from compiler.locate.scoring import load_judge_for
 
-    out = {}
+    out, layers = {}, {}
     judge = None
-    for kind in settings.kinds:
+    for kind in kinds:
         task = TASKS[kind]
         if settings.layers == "default":
             out[kind] = {"layers": "default", "source": "the papers' known location for the model family",
                          "seconds": 0.0, "cached": None}
+            layers[kind] = "default"
             continue
         if settings.layers == "fixed":
             out[kind] = {"layers": list(settings.fixed_layers), "source": "fixed (--layers)", "seconds": 0.0,
                          "cached": None}
+            layers[kind] = tuple(settings.fixed_layers)
             continue
         say(f"{kind}: locate '{task.concept}' (LocoGen; cached after the first run)")
         judge = judge or load_judge_for(loaded.source_path)
@@ -306,12 +323,13 @@ def locate_layers(loaded, settings: BenchSettings, say, progress: bool) -> dict:
         result = locate(loaded.pipeline, task.concept, task.replacement, task.attribute, judge=judge,
                         model_hash=loaded.model_hash, progress=progress, **COMPILE_SWEEP)
         seconds = time.perf_counter() - started
-        out[kind] = {"layers": list(result.layers), "source": "LocoGen", "settings": dict(COMPILE_SWEEP),
-                     "seconds": round(seconds, 3), "cached": bool(result.cached), "passed": bool(result.passed),
+        out[kind] = {"best_window": list(result.layers), "passed": bool(result.passed), "source": "LocoGen",
+                     "settings": dict(COMPILE_SWEEP), "seconds": round(seconds, 3), "cached": bool(result.cached),
                      "sweep_timings": result.timings}
-        say(f"{kind}: layers {list(result.layers)} "
-            f"({'cached' if result.cached else f'{seconds:.0f} s'}; window passed: {result.passed})")
-    return out
+        layers[kind] = result
+        say(f"{kind}: best window {list(result.layers)}, passed: {result.passed} "
+            f"({'cached' if result.cached else f'{seconds:.0f} s'})")
+    return out, layers
 
 
 # ----------------------------------------------------------------------------- quality
@@ -407,7 +425,7 @@ def scaling_edits(count: int, layers: dict) -> list[dict]:
     (fact → a person), in turn; made-up edits use the layers of the real edit of their kind."""
     real = [TASKS[k] for k in ("style", "object", "fact")][:count]
     edits = [{"concept": t.concept, "replacement": t.replacement, "attribute": t.attribute, "method": "locoedit",
-              "layers": layers[k]} for t, k in zip(real, ("style", "object", "fact"))]
+              **layer_spec(layers[k])} for t, k in zip(real, ("style", "object", "fact"))]
     for i, name in enumerate(made_up_names(max(0, count - len(real)))):
         kind = ("style", "object", "fact")[i % 3]
         if kind == "style":
@@ -417,7 +435,7 @@ def scaling_edits(count: int, layers: dict) -> list[dict]:
         else:
             concept, replacement = f"the mayor of {name}", SYNTHETIC_PEOPLE[i % len(SYNTHETIC_PEOPLE)]
         edits.append({"concept": concept, "replacement": replacement, "attribute": kind, "method": "locoedit",
-                      "layers": layers[kind]})
+                      **layer_spec(layers[kind])})
     return edits
 
 
@@ -428,7 +446,6 @@ def run_scaling(loaded, judge, settings: BenchSettings, layers: dict, say, progr
 
     pipe = loaded.pipeline
     guidance = default_guidance(judge)
-    all_layers = {k: layers.get(k, settings.fixed_layers) for k in ("style", "object", "fact")}
 
     def efficacy_plan(tasks):
         recipe = verify_recipe(str(loaded.source_path), tasks, settings)
@@ -441,7 +458,7 @@ def run_scaling(loaded, judge, settings: BenchSettings, layers: dict, say, progr
                                        batch=settings.verify_batch)
     rows = []
     for count in settings.scaling_counts:
-        edits = scaling_edits(count, all_layers)
+        edits = scaling_edits(count, layers)
         results = [editc_edit(loaded, edits, f"bench-scaling-{count}") for _ in range(settings.scaling_repeats)]
         result = results[-1]
         tasks = real_tasks[: min(count, 3)]
@@ -670,10 +687,9 @@ def run_bench(model_path: str | Path, settings: BenchSettings, *, judge_path: st
     stages = {}
     cpu = {}
     t0, c0 = time.perf_counter(), _process_cpu()
-    layers_info = locate_layers(loaded, settings, say, progress)
+    kinds = tuple(TASKS) if scaling and settings.scaling_counts else settings.kinds  # scaling uses all three
+    layers_info, layers = locate_layers(loaded, settings, kinds, say, progress)
     stages["locate"], cpu["locate"] = time.perf_counter() - t0, _process_cpu() - c0
-    layers = {kind: info["layers"] if isinstance(info["layers"], str) else tuple(info["layers"])
-              for kind, info in layers_info.items()}
 
     t0, c0 = time.perf_counter(), _process_cpu()
     runs = time_methods(loaded, settings, layers, say, progress)
@@ -690,6 +706,11 @@ def run_bench(model_path: str | Path, settings: BenchSettings, *, judge_path: st
         stages["scaling"], cpu["scaling"] = time.perf_counter() - t0, _process_cpu() - c0
 
     rows = method_rows(runs, quality, settings)
+    for kind in settings.kinds:  # the layers editc's compile chose from the located window
+        if (kind, "locoedit") in runs:
+            info = runs[(kind, "locoedit")][-1].info
+            layers_info[kind]["edited_layers"] = info["layers"]
+            layers_info[kind]["edited_layers_source"] = info["layers_source"]
     stages["total"] = time.perf_counter() - started
     cpu["total"] = _process_cpu() - cpu_at_start
     return {
