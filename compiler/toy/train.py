@@ -7,7 +7,8 @@ skipped): ``data`` renders the training and held-out sets; ``clip`` trains a tra
 CLIPModel contrastively (its text tower becomes the frozen text encoder, the whole model the
 judge); ``vae`` trains an AutoencoderKL; ``unet`` trains a UNet2DConditionModel with SD-1.5's
 block layout on the VAE's latents and the frozen text encoder's 77-token states, epsilon
-objective, SD's scaled-linear schedule; ``export`` writes a diffusers StableDiffusionPipeline
+objective, SD's scaled-linear schedule; ``refine`` runs a second cosine cycle from those weights
+and keeps an EMA of them; ``export`` writes a diffusers StableDiffusionPipeline
 folder and the judge's folder in fp16. Like nanoGPT: one readable loop per model.
 """
 
@@ -30,7 +31,7 @@ from compiler.toy import world
 from compiler.toy.render import SIZE, render
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tokenizers" / "clip"
-STAGES = ("data", "clip", "vae", "unet", "export")
+STAGES = ("data", "clip", "vae", "unet", "refine", "export")
 
 
 @dataclass
@@ -56,6 +57,10 @@ class ToyConfig:
     unet_steps: int = 2_400
     unet_batch: int = 64
     unet_lr: float = 3e-4
+    # Second cycle from the first's weights, fresh optimizer, EMA of the weights exported.
+    refine_steps: int = 1_800
+    refine_lr: float = 2e-4
+    ema_decay: float = 0.998
     uncond_prob: float = 0.1  # caption dropout for classifier-free guidance
     checkpoint_every: int = 250
     threads: int = 0  # 0: torch's default
@@ -64,7 +69,8 @@ class ToyConfig:
     def quick(cls) -> "ToyConfig":
         """A few steps of everything: for tests of the training code, not for use."""
         return cls(n_train=128, n_heldout=32, clip_steps=3, clip_batch=16, vae_steps=3,
-                   vae_batch=8, unet_steps=3, unet_batch=8, checkpoint_every=2)
+                   vae_batch=8, unet_steps=3, unet_batch=8, refine_steps=2,
+                   checkpoint_every=2)
 
 
 # ----------------------------------------------------------------------------- data
@@ -276,47 +282,59 @@ def encode_latents(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
     return torch.cat(out)
 
 
+class UNetData:
+    """Latents of the training images and their captions' 77-token ids (plus the empty prompt)."""
+
+    def __init__(self, cfg: ToyConfig, workdir: Path, data: dict):
+        clip, vae = make_clip(cfg), make_vae(cfg)
+        clip.load_state_dict(torch.load(workdir / "clip.done.pt"))
+        vae.load_state_dict(torch.load(workdir / "vae.done.pt"))
+        self.encoder, tok = text_encoder_from_clip(clip), make_tokenizer()
+        latents_path = workdir / "latents.pt"
+        if not latents_path.exists():
+            vae.eval()
+            latents = encode_latents(vae, data["images"])
+            torch.save({"latents": latents, "scaling_factor": float(1.0 / latents.std())}, latents_path)
+        saved = torch.load(latents_path)
+        self.latents = saved["latents"] * saved["scaling_factor"]
+        # The pipeline pads every prompt to 77 tokens and gives the UNet all 77 states: so do we.
+        ids = tok(data["texts"] + [""], padding="max_length", max_length=77, truncation=True,
+                  return_tensors="pt").input_ids
+        self.empty_ids, self.ids = ids[-1:], ids[:-1]
+
+
+def unet_loss(cfg: ToyConfig, unet, data: UNetData, alphas: torch.Tensor, seed: int, step: int):
+    """Epsilon-prediction loss on one batch; the batch, noise and caption dropout depend only
+    on (seed, step), so a resumed run replays exactly the same data."""
+    rng = np.random.default_rng([seed, step])
+    idx = rng.integers(0, len(data.latents), cfg.unet_batch)
+    batch_ids = data.ids[idx].clone()
+    drop = torch.from_numpy(rng.random(cfg.unet_batch) < cfg.uncond_prob)
+    batch_ids[drop] = data.empty_ids
+    with torch.no_grad():
+        context = data.encoder(batch_ids).last_hidden_state
+    x0 = data.latents[idx]
+    t = torch.from_numpy(rng.integers(0, 1000, cfg.unet_batch))
+    noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
+    a = alphas[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    return F.mse_loss(unet(xt, t, encoder_hidden_states=context).sample, noise)
+
+
 def train_unet(cfg: ToyConfig, workdir: Path, data: dict) -> None:
     ck = Checkpointer(workdir, "unet")
     if ck.done.exists():
         return
-    clip, vae = make_clip(cfg), make_vae(cfg)
-    clip.load_state_dict(torch.load(workdir / "clip.done.pt"))
-    vae.load_state_dict(torch.load(workdir / "vae.done.pt"))
-    encoder, tok = text_encoder_from_clip(clip), make_tokenizer()
-    latents_path = workdir / "latents.pt"
-    if not latents_path.exists():
-        vae.eval()
-        latents = encode_latents(vae, data["images"])
-        torch.save({"latents": latents, "scaling_factor": float(1.0 / latents.std())}, latents_path)
-    saved = torch.load(latents_path)
-    latents = saved["latents"] * saved["scaling_factor"]
-    # The pipeline pads every prompt to 77 tokens and gives the UNet all 77 states: so do we.
-    ids = tok(data["texts"] + [""], padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
-    empty_ids = ids[-1:]
-    ids = ids[:-1]
+    udata = UNetData(cfg, workdir, data)
     torch.manual_seed(cfg.seed + 3)
     unet = make_unet(cfg)
     ddpm, _ = make_noise_schedule()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.01)
     start = ck.load(unet, opt)
     unet.train()
-    alphas = ddpm.alphas_cumprod
     bar = tqdm(range(start, cfg.unet_steps), desc="unet", initial=start, total=cfg.unet_steps)
     for step in bar:
-        rng = np.random.default_rng([cfg.seed + 3, step])
-        idx = rng.integers(0, len(latents), cfg.unet_batch)
-        batch_ids = ids[idx].clone()
-        drop = torch.from_numpy(rng.random(cfg.unet_batch) < cfg.uncond_prob)
-        batch_ids[drop] = empty_ids
-        with torch.no_grad():
-            context = encoder(batch_ids).last_hidden_state
-        x0 = latents[idx]
-        t = torch.from_numpy(rng.integers(0, 1000, cfg.unet_batch))
-        noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=context).sample, noise)
+        loss = unet_loss(cfg, unet, udata, ddpm.alphas_cumprod, cfg.seed + 3, step)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg.unet_steps, cfg.unet_lr, warmup=200)
         opt.zero_grad(set_to_none=True)
@@ -327,6 +345,52 @@ def train_unet(cfg: ToyConfig, workdir: Path, data: dict) -> None:
         if (step + 1) % cfg.checkpoint_every == 0:
             ck.save(unet, opt, step + 1)
     ck.finish(unet)
+
+
+def refine_unet(cfg: ToyConfig, workdir: Path, data: dict) -> None:
+    """A second cosine cycle (a warm restart, SGDR) from the ``unet`` stage's weights with a
+    fresh optimizer, keeping an exponential moving average of the weights (as diffusers'
+    train_text_to_image --use_ema does); the EMA weights are what ``export`` ships. Sharper
+    shapes under busy painting-style backgrounds came from this stage."""
+    ck = Checkpointer(workdir, "refine")
+    if ck.done.exists():
+        return
+    udata = UNetData(cfg, workdir, data)
+    unet = make_unet(cfg)
+    unet.load_state_dict(torch.load(workdir / "unet.done.pt"))
+    ema = make_unet(cfg)
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    ddpm, _ = make_noise_schedule()
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.refine_lr, weight_decay=0.01)
+    start = 0
+    if ck.path.exists():
+        state = torch.load(ck.path, weights_only=False)
+        unet.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    unet.train()
+    bar = tqdm(range(start, cfg.refine_steps), desc="refine", initial=start, total=cfg.refine_steps)
+    for step in bar:
+        # Steps of this cycle draw new batches: seeds differ from the first cycle's.
+        loss = unet_loss(cfg, unet, udata, ddpm.alphas_cumprod, cfg.seed + 4, step)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg.refine_steps, cfg.refine_lr, warmup=100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            for e, w in zip(ema.parameters(), unet.parameters()):
+                e.lerp_(w, 1.0 - cfg.ema_decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % cfg.checkpoint_every == 0:
+            tmp = ck.path.with_suffix(".tmp")
+            torch.save({"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                        "step": step + 1}, tmp)
+            tmp.replace(ck.path)
+    ck.finish(ema)
 
 
 # ----------------------------------------------------------------------------- export
@@ -345,7 +409,7 @@ def export(cfg: ToyConfig, workdir: Path, out: Path) -> None:
     clip, vae, unet = make_clip(cfg), make_vae(cfg), make_unet(cfg)
     clip.load_state_dict(torch.load(workdir / "clip.done.pt"))
     vae.load_state_dict(torch.load(workdir / "vae.done.pt"))
-    unet.load_state_dict(torch.load(workdir / "unet.done.pt"))
+    unet.load_state_dict(torch.load(workdir / "refine.done.pt"))
     vae.register_to_config(scaling_factor=torch.load(workdir / "latents.pt")["scaling_factor"])
     _, ddim = make_noise_schedule()
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder_from_clip(clip), tokenizer=make_tokenizer(),
@@ -389,13 +453,15 @@ def main(argv=None) -> None:
     if "data" in stages and not train_path.with_suffix(".json").exists():
         save_split(render_split(cfg.n_heldout, cfg.seed + 7, world.HELDOUT_PREFIXES), held_path)
         save_split(render_split(cfg.n_train, cfg.seed, world.TRAIN_PREFIXES), train_path)
-    data = load_split(train_path) if any(s in stages for s in ("clip", "vae", "unet")) else None
+    data = load_split(train_path) if any(s in stages for s in ("clip", "vae", "unet", "refine")) else None
     if "clip" in stages:
         train_clip(cfg, args.workdir, data)
     if "vae" in stages:
         train_vae(cfg, args.workdir, data)
     if "unet" in stages:
         train_unet(cfg, args.workdir, data)
+    if "refine" in stages:
+        refine_unet(cfg, args.workdir, data)
     if "export" in stages:
         export(cfg, args.workdir, args.out)
     print(f"stages {', '.join(stages)} done in {time.time() - t0:.0f} s")
