@@ -6,7 +6,6 @@ stage and prints. User mistakes (``UserError``) become one line on stderr and ex
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import click
@@ -46,21 +45,16 @@ def main() -> None:
     """
 
 
-# Sub-commands register themselves on `main`; one module per command.
-_COMMAND_MODULES = [
-    "recipe_cmd",
-    "inspect_cmd",
-    "generate_cmd",
-    "compile_cmd",
-    "locate_cmd",
-    "trace_cmd",
-    "export_cmd",
-    "verify_cmd",
-    "bench_cmd",
-]
-for _name in _COMMAND_MODULES:
-    try:
-        importlib.import_module(f"compiler.cli.{_name}")
-    except ModuleNotFoundError as _err:  # a command whose module is not written yet
-        if _err.name != f"compiler.cli.{_name}":
-            raise
+# Sub-commands register themselves on `main`; one module per command. Imported last, since
+# each one imports `main` from here.
+from compiler.cli import (  # noqa: E402,F401
+    bench_cmd,
+    compile_cmd,
+    export_cmd,
+    generate_cmd,
+    inspect_cmd,
+    locate_cmd,
+    recipe_cmd,
+    trace_cmd,
+    verify_cmd,
+)

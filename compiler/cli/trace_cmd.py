@@ -44,9 +44,11 @@ from compiler.errors import UserError
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def trace_command(model_path, prompt, subject, seeds, steps, guidance, resolution, noise_scale, noise_samples,
                   components, unet_granularity, only, batch, judge_dir, device, out_dir, force, no_cache, as_json):
-    """Causal tracing (Basu et al. 2023): corrupt SUBJECT's token embeddings in PROMPT, restore one
-    clean state at a time (text encoder: every layer x token; UNet: every block) and measure how
-    much of the subject comes back in the images."""
+    """Causal tracing: which states of the text encoder and UNet carry SUBJECT in PROMPT.
+
+    Corrupts SUBJECT's token embeddings, restores one clean state at a time (text encoder:
+    every layer x token; UNet: every block) and measures how much of the subject comes back in
+    the images (Basu et al. 2023)."""
     from compiler.export.atomic import atomic_output_dir, check_output_path
     from compiler.locate.cache import slug
     from compiler.locate.distributed import current_process_group
