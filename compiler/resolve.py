@@ -16,6 +16,7 @@ serves the toy model and real checkpoints alike.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -73,15 +74,23 @@ def _replace_last(text: str, old: str, new: str) -> str:
 
 
 def default_preserve_prompts(avoid: list[str], count: int = 60) -> list[str]:
-    """Generic captions mentioning none of ``avoid``: UCE-style rows that keep the rest put."""
+    """Generic captions mentioning none of ``avoid``: UCE-style rows that keep the rest put.
+
+    Every named character, person and title is kept once on its own (they are the neighbours
+    an edit of one of them is most likely to drag along); generic subjects in every style fill
+    the rest."""
+    lowered = [a.lower() for a in avoid]
+    keep = lambda prompt: not any(a in prompt for a in lowered)  # noqa: E731
+    named = [n for n in (*world.CHARACTERS, *world.PEOPLE, *world.FACTS) if keep(n)]
     pool = []
     for st in GENERIC_STYLES:
-        for subject in (*GENERIC_SUBJECTS, *world.CHARACTERS, *world.PEOPLE):
+        for subject in GENERIC_SUBJECTS:
             pool.append(subject + (f" in the style of {st}" if st else ""))
-    lowered = [a.lower() for a in avoid]
-    pool = [p for p in pool if not any(a in p for a in lowered)]
-    step = max(1, len(pool) // count)
-    return pool[::step][:count]
+    pool = [p for p in pool if keep(p)]
+    fill = min(len(pool), max(0, count - len(named)))
+    # A fixed-seed sample: a plain stride would line up with the colour cycle of the pool.
+    chosen = sorted(random.Random(0).sample(range(len(pool)), fill))
+    return named + [pool[i] for i in chosen]
 
 
 # ----------------------------------------------------------------------------- tokens
