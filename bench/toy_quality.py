@@ -82,6 +82,12 @@ def judge_on_generations(pipe, judge, seeds: int, steps: int) -> dict:
         "colour": float(np.mean([got[i].colour == scenes[i].colour for i in objects])),
         "style": float(np.mean([got[i].style == scenes[i].style for i in range(len(texts))])),
         "fact_person": float(np.mean([got[i].identity == scenes[i].identity for i in facts])),
+        # Where objects go wrong: accuracy per painting style of the prompt.
+        "object_by_style": {
+            str(style or "plain"): float(np.mean([got[i].identity == scenes[i].identity for i in subjects
+                                                  if scenes[i].style == style]))
+            for style in (None, *world.STYLES)
+        },
     }, images
 
 
