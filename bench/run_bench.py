@@ -408,7 +408,9 @@ def measure_quality(loaded, judge, runs: dict, settings: BenchSettings, say, pro
 # ----------------------------------------------------------------------------- scaling
 SYLLABLES = ("zor", "vak", "mel", "quin", "dra", "lix", "tor", "bel", "nox", "rav", "sul", "fen", "kri", "pom")
 SYNTHETIC_OBJECTS = ("a dog", "a fish", "a robot")
-SYNTHETIC_PEOPLE = ("rishi sunak", "boris johnson", "queen elizabeth")
+# Never "queen elizabeth": a made-up title mapped onto the monarch's *old* person would fight
+# the real fact edit it is solved with, which measures the bench's recipe, not the solver.
+SYNTHETIC_PEOPLE = ("rishi sunak", "boris johnson", "king charles")
 
 
 def made_up_names(count: int) -> list[str]:
