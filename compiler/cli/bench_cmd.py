@@ -59,7 +59,8 @@ def bench_command(quick, model, judge, out, methods, kinds, repeats, esd_steps, 
     generalization and specificity (by editc verify), and scaling to 100 concepts in one recipe.
 
     Writes bench/results/bench_toy.json and bench_toy.md and prints the Markdown tables. The
-    default settings take about 15 minutes on 2 CPU cores (LocoGen not yet cached); --quick takes a few minutes.
+    default settings take about 15 minutes on 2 CPU cores (LocoGen not yet cached); --quick
+    takes a few minutes.
     """
     argv = []
     for flag, value in (("--model", model), ("--judge", judge), ("--out", out), ("--methods", methods),
