@@ -1,0 +1,70 @@
+"""Who does the toy model draw for each title and person, before and after the fact edit?
+
+    python bench/fact_probe.py [--preserve "queen elizabeth"] [--seeds 4]
+
+Compiles ``recipes/british_monarch.yaml`` (all 16 layers, as ``layers: auto`` does on the toy
+model) in memory, optionally with extra ``preserve`` concepts, and prints, for held-out
+paraphrases of each title and person, how many images the judge reads as queen elizabeth and as
+king charles, base and edited. Shows the fact edit's trade-off between efficacy and keeping the
+monarch's old person.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBJECTS = ("the british monarch", "queen elizabeth", "king charles", "the british prime minister", "boris johnson")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preserve", action="append", default=[], help="a concept to keep (repeatable)")
+    parser.add_argument("--seeds", type=int, default=4)
+    parser.add_argument("--prompts", type=int, default=4, help="held-out prompts per subject")
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+
+    from compiler import compile as compiler
+    from compiler.generate import generate_images
+    from compiler.models.load import load_model
+    from compiler.recipe import load_recipe
+    from compiler.resolve import HELDOUT_PREFIXES, template_prompts
+    from compiler.toy.judge import load_judge
+
+    model = load_model("toy")
+    pipe = model.pipeline
+    pipe.set_progress_bar_config(disable=True)
+    judge = load_judge()
+    recipe = load_recipe(ROOT / "recipes" / "british_monarch.yaml")
+    recipe = dataclasses.replace(
+        recipe, preserve=tuple(recipe.preserve) + tuple(args.preserve),
+        edits=tuple(dataclasses.replace(e, layers=tuple(range(16))) for e in recipe.edits))
+    seeds = list(range(args.seeds))
+    prompts = {s: template_prompts(s, "fact", HELDOUT_PREFIXES)[::3][: args.prompts] for s in SUBJECTS}
+
+    def count() -> dict[str, tuple[int, int, int]]:
+        out = {}
+        for subject, ps in prompts.items():
+            images = generate_images(pipe, [p for p in ps for _ in seeds], [k for _ in ps for k in seeds],
+                                     steps=args.steps, guidance=4.0)
+            seen = [scene.identity for scene in judge.classify(images)]
+            out[subject] = (seen.count("queen elizabeth"), seen.count("king charles"), len(seen))
+        return out
+
+    base = count()
+    plans = compiler.plan_edits(recipe, model, progress=False)
+    compiler.apply_to_pipeline(pipe, compiler.compile_edits(recipe, model, plans, progress=False).new_tensors)
+    edited = count()
+    print(f"preserve: {list(recipe.preserve) or 'defaults only'}; {args.prompts} held-out prompts x {args.seeds} seeds")
+    print("| prompts about | queen elizabeth: base → edited | king charles: base → edited |")
+    print("|---|---|---|")
+    for subject in SUBJECTS:
+        (bq, bk, n), (eq, ek, _) = base[subject], edited[subject]
+        print(f"| {subject} | {bq}/{n} → {eq}/{n} | {bk}/{n} → {ek}/{n} |")
+
+
+if __name__ == "__main__":
+    main()
