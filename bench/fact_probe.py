@@ -22,6 +22,8 @@ SUBJECTS = ("the british monarch", "queen elizabeth", "king charles", "the briti
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preserve", action="append", default=[], help="a concept to keep (repeatable)")
+    parser.add_argument("--no-eos", action="store_true",
+                        help="the recipe's eos: false (map the subject token only, not EOS and padding)")
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--prompts", type=int, default=4, help="held-out prompts per subject")
     parser.add_argument("--steps", type=int, default=20)
@@ -41,7 +43,7 @@ def main() -> None:
     recipe = load_recipe(ROOT / "recipes" / "british_monarch.yaml")
     recipe = dataclasses.replace(
         recipe, preserve=tuple(recipe.preserve) + tuple(args.preserve),
-        edits=tuple(dataclasses.replace(e, layers=tuple(range(16))) for e in recipe.edits))
+        edits=tuple(dataclasses.replace(e, layers=tuple(range(16)), eos=not args.no_eos) for e in recipe.edits))
     seeds = list(range(args.seeds))
     prompts = {s: template_prompts(s, "fact", HELDOUT_PREFIXES)[::3][: args.prompts] for s in SUBJECTS}
 
@@ -58,7 +60,8 @@ def main() -> None:
     plans = compiler.plan_edits(recipe, model, progress=False)
     compiler.apply_to_pipeline(pipe, compiler.compile_edits(recipe, model, plans, progress=False).new_tensors)
     edited = count()
-    print(f"preserve: {list(recipe.preserve) or 'defaults only'}; {args.prompts} held-out prompts x {args.seeds} seeds")
+    print(f"preserve: {list(recipe.preserve) or 'defaults only'}; eos: {not args.no_eos}; "
+          f"{args.prompts} held-out prompts x {args.seeds} seeds")
     print("| prompts about | queen elizabeth: base → edited | king charles: base → edited |")
     print("|---|---|---|")
     for subject in SUBJECTS:
