@@ -111,6 +111,13 @@ def _layers_for(edit: Edit, model, locate_fn, progress: bool) -> tuple[tuple[int
         n_layers = len(model.registry.cross_attention)
         return tuple(range(n_layers)), (f"all layers: LocoGen found no window of <= {result.best_size} "
                                         "layers that removes the concept")
+    confirmation = getattr(result, "confirmation", None)
+    if confirmation is not None and not confirmation.best.passed:
+        # The sweep's cheap settings found a window that the full-settings run does not confirm:
+        # trusting it would edit too little, so edit every layer, and say so.
+        n_layers = len(model.registry.cross_attention)
+        return tuple(range(n_layers)), (f"all layers: LocoGen's window {list(result.layers)} was not confirmed "
+                                        f"at {confirmation.steps} steps")
     return tuple(result.layers), "locate (LocoGen)"
 
 

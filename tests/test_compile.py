@@ -154,3 +154,29 @@ def test_compile_twice_writes_byte_identical_files(quick_toy, tmp_path):
     provenance = read_provenance(outs[0] / weights)
     assert provenance["editc.method"] == "locoedit"
     assert json.loads(provenance["editc.layers"]) == [2, 3, 4]
+
+
+def test_layers_auto_uses_a_confirmed_window_and_falls_back_to_all_layers_otherwise(quick_toy):
+    """compile's rule for `layers: auto` on a model with no known location: the LocoGen window
+    when it passed (and was confirmed at full settings), else every cross-attention layer."""
+    from types import SimpleNamespace
+
+    from compiler.models.load import load_model
+
+    loaded = load_model(str(quick_toy))
+    recipe = loads_recipe(RECIPE.format(model=quick_toy, method="locoedit", layers="    layers: auto\n"), "r.yaml")
+
+    def result(passed: bool, confirmed: bool | None):
+        confirmation = None if confirmed is None else SimpleNamespace(steps=25, best=SimpleNamespace(passed=confirmed))
+        return SimpleNamespace(passed=passed, layers=(11, 12), best_size=2, confirmation=confirmation)
+
+    def plan(res):
+        (planned,) = compile_stage.plan_edits(recipe, loaded, locate_fn=lambda edit: res, progress=False)
+        return planned.layers, planned.layers_source
+
+    every = tuple(range(16))
+    assert plan(result(True, True)) == ((11, 12), "locate (LocoGen)")
+    assert plan(result(True, None))[0] == (11, 12)
+    assert plan(result(False, None))[0] == every
+    layers, source = plan(result(True, False))
+    assert layers == every and "not confirmed" in source
