@@ -105,20 +105,19 @@ def _layers_for(edit: Edit, model, locate_fn, progress: bool) -> tuple[tuple[int
     if locate_fn is None:
         raise UserError(f"edit '{edit.concept}': no known location and locate is unavailable; set layers: [..]")
     result = locate_fn(edit)
+    confirmation = getattr(result, "confirmation", None)
     if not result.passed:
         # No small window holds the concept on this model (the toy world spreads its knowledge
-        # over most of the UNet): edit every cross-attention layer, as UCE does, and say so.
-        n_layers = len(model.registry.cross_attention)
-        return tuple(range(n_layers)), (f"all layers: LocoGen found no window of <= {result.best_size} "
-                                        "layers that removes the concept")
-    confirmation = getattr(result, "confirmation", None)
-    if confirmation is not None and not confirmation.best.passed:
+        # over most of the UNet).
+        reason = f"all layers: LocoGen found no window of <= {result.best_size} layers that removes the concept"
+    elif confirmation is not None and not confirmation.best.passed:
         # The sweep's cheap settings found a window that the full-settings run does not confirm:
-        # trusting it would edit too little, so edit every layer, and say so.
-        n_layers = len(model.registry.cross_attention)
-        return tuple(range(n_layers)), (f"all layers: LocoGen's window {list(result.layers)} was not confirmed "
-                                        f"at {confirmation.steps} steps")
-    return tuple(result.layers), "locate (LocoGen)"
+        # trusting it would edit too little.
+        reason = f"all layers: LocoGen's window {list(result.layers)} was not confirmed at {confirmation.steps} steps"
+    else:
+        return tuple(result.layers), "locate (LocoGen)"
+    # Edit every cross-attention layer, as UCE does, and say why.
+    return tuple(range(len(model.registry.cross_attention))), reason
 
 
 # ----------------------------------------------------------------------------- rows

@@ -181,19 +181,24 @@ class Checkpointer:
         self.path = workdir / f"{stage}.ckpt.pt"
         self.done = workdir / f"{stage}.done.pt"
 
-    def load(self, model, opt) -> int:
+    def load(self, model, opt, extra: dict | None = None) -> int:
+        """Restore the last checkpoint (``extra``: more modules by name, e.g. an EMA copy)."""
         if not self.path.exists():
             return 0
         state = torch.load(self.path, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
+        for name, module in (extra or {}).items():
+            module.load_state_dict(state[name])
         torch.set_rng_state(state["torch_rng"])
         return state["step"]
 
-    def save(self, model, opt, step: int) -> None:
+    def save(self, model, opt, step: int, extra: dict | None = None) -> None:
         tmp = self.path.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                    "torch_rng": torch.get_rng_state()}, tmp)
+        state = {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
+                 "torch_rng": torch.get_rng_state()}
+        state.update({name: module.state_dict() for name, module in (extra or {}).items()})
+        torch.save(state, tmp)
         tmp.replace(self.path)
 
     def finish(self, model) -> None:
@@ -207,6 +212,16 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 100) -> float:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def optimizer_step(model, opt, loss: torch.Tensor, lr: float) -> None:
+    """One AdamW step at learning rate ``lr`` with the gradient norm clipped to 1."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
 
 
 def batch_indices(seed: int, step: int, n: int, batch: int) -> np.ndarray:
@@ -236,12 +251,7 @@ def train_clip(cfg: ToyConfig, workdir: Path, data: dict) -> None:
         logits = out.logits_per_image  # (images, texts)
         loss = 0.5 * (-(F.log_softmax(logits, 1) * match / match.sum(1, keepdim=True)).sum(1).mean()
                       - (F.log_softmax(logits, 0) * match / match.sum(0, keepdim=True)).sum(0).mean())
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.clip_steps, cfg.clip_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(clip.parameters(), 1.0)
-        opt.step()
+        optimizer_step(clip, opt, loss, lr_at(step, cfg.clip_steps, cfg.clip_lr))
         bar.set_postfix(loss=f"{loss.item():.3f}")
         if (step + 1) % cfg.checkpoint_every == 0:
             ck.save(clip, opt, step + 1)
@@ -264,12 +274,7 @@ def train_vae(cfg: ToyConfig, workdir: Path, data: dict) -> None:
         recon = vae.decode(posterior.sample()).sample
         mse = F.mse_loss(recon, x)
         loss = mse + 0.5 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.vae_steps, cfg.vae_lr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimizer_step(vae, opt, loss, lr_at(step, cfg.vae_steps, cfg.vae_lr))
         bar.set_postfix(mse=f"{mse.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0:
             ck.save(vae, opt, step + 1)
@@ -335,12 +340,7 @@ def train_unet(cfg: ToyConfig, workdir: Path, data: dict) -> None:
     bar = tqdm(range(start, cfg.unet_steps), desc="unet", initial=start, total=cfg.unet_steps)
     for step in bar:
         loss = unet_loss(cfg, unet, udata, ddpm.alphas_cumprod, cfg.seed + 3, step)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.unet_steps, cfg.unet_lr, warmup=200)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        optimizer_step(unet, opt, loss, lr_at(step, cfg.unet_steps, cfg.unet_lr, warmup=200))
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0:
             ck.save(unet, opt, step + 1)
@@ -363,33 +363,19 @@ def refine_unet(cfg: ToyConfig, workdir: Path, data: dict) -> None:
     ema.requires_grad_(False)
     ddpm, _ = make_noise_schedule()
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.refine_lr, weight_decay=0.01)
-    start = 0
-    if ck.path.exists():
-        state = torch.load(ck.path, weights_only=False)
-        unet.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
+    start = ck.load(unet, opt, extra={"ema": ema})
     unet.train()
     bar = tqdm(range(start, cfg.refine_steps), desc="refine", initial=start, total=cfg.refine_steps)
     for step in bar:
         # Steps of this cycle draw new batches: seeds differ from the first cycle's.
         loss = unet_loss(cfg, unet, udata, ddpm.alphas_cumprod, cfg.seed + 4, step)
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.refine_steps, cfg.refine_lr, warmup=100)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        opt.step()
+        optimizer_step(unet, opt, loss, lr_at(step, cfg.refine_steps, cfg.refine_lr, warmup=100))
         with torch.no_grad():
             for e, w in zip(ema.parameters(), unet.parameters()):
                 e.lerp_(w, 1.0 - cfg.ema_decay)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0:
-            tmp = ck.path.with_suffix(".tmp")
-            torch.save({"model": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                        "step": step + 1}, tmp)
-            tmp.replace(ck.path)
+            ck.save(unet, opt, step + 1, extra={"ema": ema})
     ck.finish(ema)
 
 
