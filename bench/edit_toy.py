@@ -1,9 +1,10 @@
 """Do the example recipes work? Compile each on the toy world and verify it.
 
-    python bench/edit_toy.py [--seeds 8] [--methods locoedit,quickfix]
+    python bench/edit_toy.py [--seeds 8] [--methods locoedit,quickfix:out_proj,quickfix:v_proj]
 
 For the style (van gogh -> a painting), object (snoopy -> a dog) and fact (the british monarch
--> king charles) recipes, and each method, runs ``editc compile`` with verify and collects
+-> king charles) recipes, and each method (Diff-QuickFix at each of its two sites: the paper's
+``out_proj`` and ``v_proj``), runs ``editc compile`` with verify and collects
 verify's numbers: the judge's zero-shot accuracy of the concept on the solve templates
 (efficacy) and on held-out paraphrases (generalization), base -> edited, and the accuracy of
 neighbouring concepts and generic prompts (specificity). Writes
@@ -22,18 +23,19 @@ RESULTS = ROOT / "bench" / "results"
 RECIPES = ("van_gogh.yaml", "snoopy.yaml", "british_monarch.yaml")
 
 
-def run_one(recipe_file: str, method: str, seeds: int, out_root: Path) -> dict:
+def run_one(recipe_file: str, variant: str, seeds: int, out_root: Path) -> dict:
     from compiler.compile import compile_to_disk
     from compiler.recipe import load_recipe
 
+    method, _, site = variant.partition(":")
     recipe = load_recipe(ROOT / "recipes" / recipe_file)
     edits = []
     for edit in recipe.edits:
         layers = None if method == "quickfix" else ("auto" if edit.layers is None else edit.layers)
-        edits.append(dataclasses.replace(edit, method=method, layers=layers))
+        edits.append(dataclasses.replace(edit, method=method, layers=layers, site=site or None))
     recipe = dataclasses.replace(recipe, edits=tuple(edits),
                                  verify=dataclasses.replace(recipe.verify, enabled=True, seeds=seeds))
-    out = out_root / f"{Path(recipe_file).stem}-{method}"
+    out = out_root / f"{Path(recipe_file).stem}-{variant.replace(':', '-')}"
     manifest = compile_to_disk(recipe, out=out, force=True, verify=True, progress=False)
     report = json.loads((out / "verify" / "verify.json").read_text())
     edit = report["edits"][0]
@@ -48,7 +50,7 @@ def run_one(recipe_file: str, method: str, seeds: int, out_root: Path) -> dict:
     spec = groups["specificity"]
     generic = report["generic"]
     return {
-        "recipe": recipe_file, "method": method, "concept": edit["concept"], "attribute": edit["attribute"],
+        "recipe": recipe_file, "method": variant, "concept": edit["concept"], "attribute": edit["attribute"],
         "layers": manifest["edits"][0]["layers"], "measure": "shows the new fact" if fact else "shows the concept",
         "efficacy": pair("efficacy"), "generalization": pair("generalization"),
         "neighbours": (spec["base"]["accuracy"], spec["edited"]["accuracy"]),
@@ -61,7 +63,8 @@ def run_one(recipe_file: str, method: str, seeds: int, out_root: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=8)
-    parser.add_argument("--methods", default="locoedit,quickfix")
+    parser.add_argument("--methods", default="locoedit,quickfix:out_proj,quickfix:v_proj",
+                        help="comma-separated; quickfix takes :out_proj or :v_proj")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench-edit")
     args = parser.parse_args()
     rows = [run_one(r, m, args.seeds, args.out) for r in RECIPES for m in args.methods.split(",")]
@@ -71,7 +74,7 @@ def main() -> None:
     print("| edit | method | layers | measure | efficacy | generalization | neighbours | generic | solve | gates |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['concept']} ({r['attribute']}) | {r['method']} | {r['layers'] or 'text enc. L0'} | {r['measure']} | "
+        print(f"| {r['concept']} ({r['attribute']}) | {r['method']} | {r['layers'] or 'text enc. L0 ' + r['method'].partition(':')[2]} | {r['measure']} | "
               f"{pct(r['efficacy'])} | {pct(r['generalization'])} | {pct(r['neighbours'])} | {pct(r['generic'])} | "
               f"{r['solve_seconds']:.3f} s | {'pass' if r['passed'] else 'FAIL: ' + ', '.join(r['failed_gates'])} |")
 

@@ -1,12 +1,13 @@
 """Who does the toy model draw for each title and person, before and after the fact edit?
 
-    python bench/fact_probe.py [--preserve "queen elizabeth"] [--seeds 4]
+    python bench/fact_probe.py [--method locoedit|quickfix] [--site out_proj|v_proj]
+                               [--preserve "queen elizabeth"] [--no-eos] [--seeds 4]
 
-Compiles ``recipes/british_monarch.yaml`` (all 16 layers, as ``layers: auto`` does on the toy
-model) in memory, optionally with extra ``preserve`` concepts, and prints, for held-out
-paraphrases of each title and person, how many images the judge reads as queen elizabeth and as
-king charles, base and edited. Shows the fact edit's trade-off between efficacy and keeping the
-monarch's old person.
+Compiles ``recipes/british_monarch.yaml`` in memory (its own method, Diff-QuickFix at v_proj,
+unless overridden; LocoEdit on all 16 layers, as ``layers: auto`` gives on the toy model),
+optionally with extra ``preserve`` concepts, and prints, for held-out paraphrases of each title
+and person, how many images the judge reads as queen elizabeth and as king charles, base and
+edited. Shows whether a fact edit keeps the monarch's old person.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ SUBJECTS = ("the british monarch", "queen elizabeth", "king charles", "the briti
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preserve", action="append", default=[], help="a concept to keep (repeatable)")
+    parser.add_argument("--method", choices=("locoedit", "quickfix"), help="override the recipe's method")
+    parser.add_argument("--site", choices=("out_proj", "v_proj"), help="quickfix: override the recipe's site")
     parser.add_argument("--no-eos", action="store_true",
                         help="the recipe's eos: false (map the subject token only, not EOS and padding)")
     parser.add_argument("--seeds", type=int, default=4)
@@ -41,9 +44,15 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     judge = load_judge()
     recipe = load_recipe(ROOT / "recipes" / "british_monarch.yaml")
-    recipe = dataclasses.replace(
-        recipe, preserve=tuple(recipe.preserve) + tuple(args.preserve),
-        edits=tuple(dataclasses.replace(e, layers=tuple(range(16)), eos=not args.no_eos) for e in recipe.edits))
+    def variant(edit):
+        method = args.method or edit.method
+        layers = None if method == "quickfix" else tuple(range(16))
+        site = (args.site or edit.site) if method == "quickfix" else None
+        return dataclasses.replace(edit, method=method, layers=layers, site=site,
+                                   eos=False if args.no_eos else edit.eos)
+
+    recipe = dataclasses.replace(recipe, preserve=tuple(recipe.preserve) + tuple(args.preserve),
+                                 edits=tuple(variant(e) for e in recipe.edits))
     seeds = list(range(args.seeds))
     prompts = {s: template_prompts(s, "fact", HELDOUT_PREFIXES)[::3][: args.prompts] for s in SUBJECTS}
 
@@ -60,7 +69,9 @@ def main() -> None:
     plans = compiler.plan_edits(recipe, model, progress=False)
     compiler.apply_to_pipeline(pipe, compiler.compile_edits(recipe, model, plans, progress=False).new_tensors)
     edited = count()
-    print(f"preserve: {list(recipe.preserve) or 'defaults only'}; eos: {not args.no_eos}; "
+    plan = plans[0]
+    print(f"method: {plan.method}{' at ' + plan.site if plan.site else ''}; "
+          f"preserve: {list(recipe.preserve) or 'defaults only'}; eos: {plan.eos}; "
           f"{args.prompts} held-out prompts x {args.seeds} seeds")
     print("| prompts about | queen elizabeth: base → edited | king charles: base → edited |")
     print("|---|---|---|")

@@ -80,15 +80,18 @@ TASKS = {
     "fact": EditTask("the british monarch", "king charles", "fact"),
 }
 FINE_TUNING = ("esd-x", "concept-ablation")
-CLOSED_FORM = ("uce", "time", "locoedit", "quickfix", "neurons")
+CLOSED_FORM = ("uce", "time", "locoedit", "quickfix", "quickfix-v", "neurons")
 METHODS = FINE_TUNING + CLOSED_FORM
 LABELS = {
     "esd-x": "ESD-x (fine-tuning)", "concept-ablation": "Concept Ablation (fine-tuning)",
     "uce": "UCE (closed form)", "time": "TIME (closed form)", "locoedit": "editc LocoEdit",
-    "quickfix": "editc Diff-QuickFix", "neurons": "editc neurons",
+    "quickfix": "editc Diff-QuickFix", "quickfix-v": "editc Diff-QuickFix at v_proj", "neurons": "editc neurons",
 }
 SHORT_LABELS = {"esd-x": "ESD-x", "concept-ablation": "Concept Ablation"}
-EDITC_METHODS = {"locoedit", "quickfix", "neurons"}
+EDITC_METHODS = {"locoedit", "quickfix", "quickfix-v", "neurons"}
+# Diff-QuickFix at the paper's site (out_proj) and at layer 0's v_proj (what `method: auto` picks
+# for facts).
+QUICKFIX_SITES = {"quickfix": "out_proj", "quickfix-v": "v_proj"}
 NEEDS_LAYERS = {"locoedit", "neurons"}
 # The steps the papers train for, to extrapolate the measured time per step.
 REFERENCE_STEPS = {"esd-x": 1000, "concept-ablation": 400}
@@ -181,6 +184,8 @@ def editc_recipe_text(model_path: str, edits: list[dict]) -> str:
         layers = edit.get("layers")
         if layers is not None:
             lines.append(f"    layers: {layers if isinstance(layers, str) else list(layers)}")
+        if edit.get("site"):
+            lines.append(f"    site: {edit['site']}")
         if edit.get("neurons_top_k"):
             lines.append(f"    neurons_top_k: {edit['neurons_top_k']}")
     return "\n".join(lines) + "\n"
@@ -216,7 +221,10 @@ def editc_edit(loaded, edits: list[dict], label: str) -> BaselineResult:
 
 
 def editc_edit_spec(task: EditTask, method: str, layers, settings: BenchSettings) -> dict:
-    spec = {"concept": task.concept, "replacement": task.replacement, "attribute": task.attribute, "method": method}
+    spec = {"concept": task.concept, "replacement": task.replacement, "attribute": task.attribute,
+            "method": "quickfix" if method in QUICKFIX_SITES else method}
+    if method in QUICKFIX_SITES:
+        spec["site"] = QUICKFIX_SITES[method]
     if method in NEEDS_LAYERS:
         spec.update(layer_spec(layers))
     if method == "neurons":
@@ -635,7 +643,7 @@ def ratio_summary(report: dict) -> list[str]:
     by = {(r["kind"], r["method"]): r for r in rows}
     lines = []
     for tuner in FINE_TUNING:
-        for method in ("locoedit", "quickfix"):
+        for method in ("locoedit", "quickfix", "quickfix-v"):
             measured, paper, cpu = [], [], []
             for kind in report["settings"]["kinds"]:
                 rr = report["ratios"].get(kind, {}).get(method, {}).get(tuner)

@@ -7,7 +7,8 @@ This module wires the stages together; each stage lives in its own module:
 
 All LocoEdit edits of a recipe become rows of *one* ridge regression per context dimension:
 the union of their located layers shares one factorization of ``XᵀX + λI`` for both K and V.
-All Diff-QuickFix edits likewise share one solve for the text encoder's layer-0 ``out_proj``.
+All Diff-QuickFix edits likewise share one solve for the text encoder's layer-0 ``out_proj``
+(or, at the ``v_proj`` site, one per attention head).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch
 from compiler import resolve, solve
 from compiler.errors import UserError
 from compiler.fuse import fuse_weights, get_parameter
-from compiler.models.families import known_location
-from compiler.recipe import Edit, Recipe
+from compiler.models.families import FAMILIES, known_location
+from compiler.recipe import Edit, Recipe, default_eos
 
 METHODS = ("locoedit", "quickfix", "neurons")
 NAMED_PRESERVE_PROMPTS = 24  # template prompts per concept named in ``preserve``
@@ -39,6 +40,8 @@ class PlannedEdit:
     layers_source: str  # "recipe" | "family default" | "locate" | "n/a"
     pairs: list[resolve.PromptPair]
     lam: float
+    site: str | None = None  # quickfix: "out_proj" | "v_proj"; None for UNet methods
+    eos: bool = True  # remap EOS (and, for UNet methods, padding) rows too
 
 
 @dataclass
@@ -52,15 +55,23 @@ class CompileResult:
 
 
 # ----------------------------------------------------------------------------- plan
-def choose_method(edit: Edit, family: str) -> tuple[str, str]:
+def choose_method(edit: Edit, family: str) -> tuple[str, str | None, str]:
+    """(method, quickfix site or None, why)."""
     if edit.method != "auto":
-        return edit.method, "set in the recipe"
+        site = (edit.site or "out_proj") if edit.method == "quickfix" else None
+        return edit.method, site, "set in the recipe"
     if family == "if":
         raise UserError(
             f"edit '{edit.concept}': DeepFloyd IF has no editable location (T5 is bidirectional; "
             "LocoEdit fails there, see DESIGN.md); no method applies"
         )
-    return "locoedit", "auto: LocoEdit on the located cross-attention K/V (works on every CLIP-conditioned family)"
+    if edit.attribute == "fact" and len(FAMILIES[family].text_encoders) == 1:
+        # The text encoder's layer 0 resolves a fact: after it, "the british monarch" and its
+        # old answer have near-identical states, so a UNet K/V edit moves both (measured on the
+        # toy world, bench/edit_toy.py); layer 0's v_proj still sees them apart.
+        return "quickfix", "v_proj", ("auto: Diff-QuickFix at the text encoder's layer-0 v_proj "
+                                      "(a fact; keeps its old answer's own prompts)")
+    return "locoedit", None, "auto: LocoEdit on the located cross-attention K/V (works on every CLIP-conditioned family)"
 
 
 def plan_edits(recipe: Recipe, model, locate_fn=None, progress: bool = True) -> list[PlannedEdit]:
@@ -72,7 +83,7 @@ def plan_edits(recipe: Recipe, model, locate_fn=None, progress: bool = True) -> 
     plans = []
     n_layers = len(model.registry.cross_attention)
     for i, edit in enumerate(recipe.edits):
-        method, reason = choose_method(edit, model.family)
+        method, site, reason = choose_method(edit, model.family)
         layers: tuple[int, ...] = ()
         source = "n/a"
         if method in ("locoedit", "neurons"):
@@ -85,7 +96,8 @@ def plan_edits(recipe: Recipe, model, locate_fn=None, progress: bool = True) -> 
                 )
         pairs = resolve.prompt_pairs(edit.concept, edit.replacement, edit.attribute, edit.prompts)
         lam = edit.lambda_ if edit.lambda_ is not None else recipe.lambda_
-        plans.append(PlannedEdit(edit, method, reason, tuple(layers), source, pairs, lam))
+        eos = edit.eos if edit.eos is not None else default_eos(method, site)
+        plans.append(PlannedEdit(edit, method, reason, tuple(layers), source, pairs, lam, site, eos))
     return plans
 
 
@@ -121,8 +133,9 @@ def _layers_for(edit: Edit, model, locate_fn, progress: bool) -> tuple[tuple[int
 
 
 # ----------------------------------------------------------------------------- rows
-def _positions_by_prompt(tokenizer, pairs, edit: Edit, trailing_to: int | None = None):
-    return resolve.pair_positions(tokenizer, pairs, edit.concept, edit.replacement, edit.eos, trailing_to)
+def _positions_by_prompt(tokenizer, plan: PlannedEdit, trailing_to: int | None = None):
+    edit = plan.edit
+    return resolve.pair_positions(tokenizer, plan.pairs, edit.concept, edit.replacement, plan.eos, trailing_to)
 
 
 def preserve_prompts_for(recipe: Recipe, plans: list[PlannedEdit]) -> list[str]:
@@ -161,7 +174,7 @@ def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], progress: boo
         sources = [pr.source for p in plans for pr in p.pairs]
         targets = [pr.target for p in plans for pr in p.pairs]
         # Trailing (EOS and padding) rows need the pipeline's full 77-token contexts.
-        full = any(p.edit.eos for p in plans)
+        full = any(p.eos for p in plans if p.method != "quickfix")
         contexts = resolve.encode_context(pipe, sources + targets + preserve, full_length=full)
         src_ctx, tgt_ctx = contexts[: len(sources)], contexts[len(sources) : len(sources) + len(targets)]
         pres_ctx = contexts[len(sources) + len(targets) :]
@@ -171,7 +184,7 @@ def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], progress: boo
         rows_by_plan = {}
         for plan in plans:
             n = len(plan.pairs)
-            s_pos, t_pos = _positions_by_prompt(tokenizer, plan.pairs, plan.edit, contexts.shape[1] if full else None)
+            s_pos, t_pos = _positions_by_prompt(tokenizer, plan, contexts.shape[1] if full else None)
             rows_by_plan[id(plan)] = (
                 resolve.gather_rows(src_ctx[offset : offset + n], s_pos),
                 resolve.gather_rows(tgt_ctx[offset : offset + n], t_pos),
@@ -193,12 +206,14 @@ def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], progress: boo
             solve_info.append(info)
             timings["solve"] = timings.get("solve", 0.0) + time.perf_counter() - t0
 
-    if by_method["quickfix"]:
-        result, info, t_embed, t_solve = _solve_quickfix(model, by_method["quickfix"], preserve, recipe.lambda_)
-        new_tensors.update(result)
-        solve_info.append(info)
-        timings["embed"] = timings.get("embed", 0.0) + t_embed
-        timings["solve"] = timings.get("solve", 0.0) + t_solve
+    for site, solver in (("out_proj", _solve_quickfix), ("v_proj", _solve_quickfix_values)):
+        at_site = [p for p in by_method["quickfix"] if p.site == site]
+        if at_site:
+            result, info, t_embed, t_solve = solver(model, at_site, preserve, recipe.lambda_)
+            new_tensors.update(result)
+            solve_info.append(info)
+            timings["embed"] = timings.get("embed", 0.0) + t_embed
+            timings["solve"] = timings.get("solve", 0.0) + t_solve
     return CompileResult(new_tensors, plans, timings, solve_info)
 
 
@@ -263,7 +278,7 @@ def _solve_quickfix(model, plans, preserve, recipe_lam):
     keys, target_keys, offset = [], [], 0
     for plan in plans:
         n = len(plan.pairs)
-        s_pos, t_pos = _positions_by_prompt(tokenizer, plan.pairs, plan.edit)
+        s_pos, t_pos = _positions_by_prompt(tokenizer, plan)
         keys.append(resolve.gather_rows(src_in[offset : offset + n], s_pos))
         target_keys.append(resolve.gather_rows(tgt_in[offset : offset + n], t_pos))
         offset += n
@@ -274,11 +289,57 @@ def _solve_quickfix(model, plans, preserve, recipe_lam):
     qualified = f"{spec.component}/{spec.weight}"
     old = get_parameter(pipe, qualified).detach()
     values = target_keys.double() @ old.double().T  # what the unedited layer gives the replacement
-    result = solve.solve_quickfix(keys, values, old, lam=recipe_lam, preserve_keys=preserve_keys, name=qualified)
+    result = solve.solve_quickfix(keys, values, old, lam=recipe_lam, preserve_keys=preserve_keys, name=qualified,
+                                  row_weights=_row_weights(plans, recipe_lam, tokenizer))
     info = {
-        "method": "quickfix", "rows": result.n_rows, "preserve_rows": result.n_preserve_rows,
+        "method": "quickfix", "site": "out_proj", "rows": result.n_rows, "preserve_rows": result.n_preserve_rows,
         "lambda": recipe_lam, "condition_number": result.condition_number, "solve_seconds": result.seconds,
         "tensors": [qualified],
+    }
+    return result.new_weights, info, t_embed, time.perf_counter() - t0
+
+
+def _row_weights(plans, recipe_lam, tokenizer) -> torch.Tensor:
+    """Each edit's own λ as a weight on its rows relative to the recipe's λ."""
+    weights = []
+    for plan in plans:
+        s_pos, _ = _positions_by_prompt(tokenizer, plan)
+        weights += [recipe_lam / plan.lam] * sum(len(p) for p in s_pos)
+    return torch.tensor(weights, dtype=torch.float64)
+
+
+def _solve_quickfix_values(model, plans, preserve, recipe_lam):
+    """Diff-QuickFix at the layer-0 attention's ``v_proj``: keys mixed by that attention, per head."""
+    pipe = model.pipeline
+    tokenizer = pipe.tokenizer
+    spec = model.registry.text_layer0[0]
+    attention = getattr(pipe, spec.component).get_submodule(spec.module_name.rsplit(".", 1)[0])
+    if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "num_heads")):
+        raise UserError(f"{spec.component}: its layer-0 attention ({type(attention).__name__}) has no "
+                        "separate q/k/v projections; use site: out_proj")
+    t0 = time.perf_counter()
+    sources = [pr.source for p in plans for pr in p.pairs]
+    targets = [pr.target for p in plans for pr in p.pairs]
+    s_pos, t_pos = [], []
+    for plan in plans:
+        s, t = _positions_by_prompt(tokenizer, plan)
+        s_pos += s
+        t_pos += t
+    keys = resolve.attention_value_keys(pipe, spec.component, attention, sources, s_pos)
+    target_keys = resolve.attention_value_keys(pipe, spec.component, attention, targets, t_pos)
+    preserve_keys = resolve.attention_value_keys(pipe, spec.component, attention, preserve,
+                                                 resolve.all_token_positions(tokenizer, preserve))
+    t_embed = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    weight_name = spec.weight.replace("out_proj.weight", "v_proj.weight")
+    qualified = f"{spec.component}/{weight_name}"
+    old = get_parameter(pipe, qualified).detach()
+    result = solve.solve_value_heads(keys, target_keys, old, lam=recipe_lam, preserve_keys=preserve_keys,
+                                     name=qualified, row_weights=_row_weights(plans, recipe_lam, tokenizer))
+    info = {
+        "method": "quickfix", "site": "v_proj", "heads": int(keys.shape[0]), "rows": result.n_rows,
+        "preserve_rows": result.n_preserve_rows, "lambda": recipe_lam,
+        "condition_number": result.condition_number, "solve_seconds": result.seconds, "tensors": [qualified],
     }
     return result.new_weights, info, t_embed, time.perf_counter() - t0
 
@@ -300,7 +361,8 @@ def build_manifest(recipe: Recipe, model, result: CompileResult, timings: dict[s
         "edits": [
             {"concept": p.edit.concept, "replacement": p.edit.replacement, "attribute": p.edit.attribute,
              "method": p.method, "method_reason": p.method_reason, "layers": list(p.layers),
-             "layers_source": p.layers_source, "prompt_pairs": len(p.pairs), "lambda": p.lam, "eos": p.edit.eos}
+             "layers_source": p.layers_source, "prompt_pairs": len(p.pairs), "lambda": p.lam, "eos": p.eos,
+             **({"site": p.site} if p.site else {})}
             for p in result.plans
         ],
         "solves": result.solve_info,

@@ -26,8 +26,10 @@ is optional)::
         prompts: ["a van gogh sunflower field"]   # extra prompts containing the concept
         lambda: 0.01           # overrides the top-level lambda for this edit's rows
         preserve: [mondrian]   # more concepts to keep put, for this edit
-        eos: true              # also remap the end-of-text token (stronger removal)
+        eos: true              # also remap the end-of-text token (default: true, except
+                               # quickfix at v_proj, where later tokens read the edit anyway)
         neurons_top_k: 50      # method neurons only: how many K/V output neurons to ablate
+        site: v_proj           # method quickfix only: out_proj (the paper's) | v_proj
     outputs:
       dir: out/van_gogh        # default output folder (``editc compile --out`` overrides)
       formats: [diffusers]     # any of diffusers, single-file, delta, onnx
@@ -44,11 +46,16 @@ Methods (Basu et al., ICLR 2024 and ICML 2024):
 - ``locoedit``: closed-form update of the UNet cross-attention ``to_k``/``to_v`` weights of the
   located layers, so that the concept's token embedding produces what the old weights gave the
   replacement's embedding.
-- ``quickfix`` (Diff-QuickFix): closed-form update of the text encoder's layer-0 self-attention
-  output projection; no UNet layers are involved, so ``layers`` must not be given.
+- ``quickfix`` (Diff-QuickFix): closed-form update of the text encoder's layer-0 self-attention;
+  no UNet layers are involved, so ``layers`` must not be given. ``site`` says which projection:
+  ``out_proj`` (the paper's, the default) or ``v_proj``, whose keys are the layer's inputs
+  mixed by its own attention weights. Where layer 0 already resolves a fact (the concept's
+  ``out_proj`` input is close to its old answer's), only ``v_proj`` can tell the two apart.
 - ``neurons``: ablate the ``neurons_top_k`` K/V output neurons of the located layers whose
   activations differ most (z-score) between prompts with and without the concept.
-- ``auto``: compile picks per model family and attribute and reports what it picked.
+- ``auto``: compile picks per model family and attribute and reports what it picked
+  (facts on single-text-encoder models: ``quickfix`` at ``v_proj``; everything else:
+  ``locoedit``).
 
 Layers: ``auto`` uses the papers' known location for a known model family, else a cached or
 fresh LocoGen localisation; ``default`` insists on the known location (compile fails when the
@@ -82,6 +89,7 @@ RECIPE_SUFFIXES = (".yaml", ".yml", ".toml")
 DEFAULT_MODEL = "toy"
 DEFAULT_LAMBDA = 0.01  # both papers use λ = 0.01
 DEFAULT_NEURONS_TOP_K = 50  # ICML 2024 ablates 30/50/100 of SD-1.5's 1280 neurons
+QUICKFIX_SITES = ("out_proj", "v_proj")  # which projection of the text encoder's layer-0 attention
 # The embedded toy model has SD-1.5's block layout: 16 cross-attention layers.
 TOY_CROSS_ATTENTION_LAYERS = 16
 
@@ -105,8 +113,21 @@ class Edit:
     prompts: tuple[str, ...] = ()
     lambda_: float | None = None
     preserve: tuple[str, ...] = ()
-    eos: bool = True
+    eos: bool | None = None  # None: the method's default (see ``default_eos``)
     neurons_top_k: int = DEFAULT_NEURONS_TOP_K
+    site: str | None = None  # quickfix only; None: out_proj, or what ``auto`` picks
+
+
+def default_eos(method: str, site: str | None) -> bool:
+    """Whether an edit remaps the end-of-text token when its recipe does not say.
+
+    UNet K/V and ``out_proj`` edits read states that already summarise the prompt, so EOS (and
+    padding) must move too. At layer 0's ``v_proj`` the EOS row is mostly the tokens around the
+    concept (a style, a setting): remapping it drags them along, and every later position
+    already reads the concept's edited value through attention (measured on the toy world: the
+    fact edit's own neighbours drop 9 points with EOS rows, 0 without).
+    """
+    return not (method == "quickfix" and site == "v_proj")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -316,6 +337,7 @@ _EDIT_KEYS = (
     "preserve",
     "eos",
     "neurons_top_k",
+    "site",
 )
 _OUTPUT_KEYS = ("dir", "formats")
 _VERIFY_KEYS = tuple(f.name for f in dataclasses.fields(VerifyGates))
@@ -530,7 +552,7 @@ class _Validator:
             if raw.get("preserve") is not None
             else ()
         )
-        eos = self.boolean(raw["eos"], _join(field_path, "eos")) if raw.get("eos") is not None else True
+        eos = self.boolean(raw["eos"], _join(field_path, "eos")) if raw.get("eos") is not None else None
         neurons_top_k = DEFAULT_NEURONS_TOP_K
         if raw.get("neurons_top_k") is not None:
             neurons_top_k = self.integer(raw["neurons_top_k"], _join(field_path, "neurons_top_k"), 1)
@@ -538,6 +560,15 @@ class _Validator:
                 raise self.fail(
                     _join(field_path, "neurons_top_k"),
                     f"only applies to method neurons (this edit uses {method}); remove it",
+                )
+        site = None
+        if raw.get("site") is not None:
+            site = self.choice(raw["site"], _join(field_path, "site"), QUICKFIX_SITES)
+            if method != "quickfix":
+                raise self.fail(
+                    _join(field_path, "site"),
+                    f"only applies to method quickfix (this edit uses {method}); remove it or "
+                    "set method: quickfix",
                 )
         return Edit(
             concept=concept,
@@ -550,6 +581,7 @@ class _Validator:
             preserve=preserve,
             eos=eos,
             neurons_top_k=neurons_top_k,
+            site=site,
         )
 
     def layers(

@@ -7,7 +7,8 @@ model computes there:
 
 - for LocoEdit, the text encoder's output (the UNet's cross-attention context), so that the
   edited ``to_k``/``to_v`` map the concept's rows onto what the old weights gave the target's;
-- for Diff-QuickFix, the inputs of the text encoder's layer-0 self-attention ``out_proj``.
+- for Diff-QuickFix, the inputs of the text encoder's layer-0 self-attention ``out_proj``, or
+  for its ``v_proj`` site the layer's inputs mixed by that attention's own weights, per head.
 
 Templates follow the papers' shapes ("a house in the style of van gogh", "a photo of snoopy").
 Their subjects are plain English nouns, the same ones the toy world knows, so one template set
@@ -161,6 +162,46 @@ def _encode_unique(pipe, unique, batch, fast, capture, seen, rows, device) -> No
             embeds = seen.pop()
         for prompt, state in zip(chunk, embeds.float().cpu()):
             rows[prompt] = state
+
+
+@torch.no_grad()
+def attention_value_keys(pipe, component: str, attention: torch.nn.Module, prompts: list[str],
+                         positions: list[list[int]], batch: int = 64) -> torch.Tensor:
+    """Keys of a ``v_proj`` edit: ``k_hi = Σ_j a_hij x_j`` for each head h at each requested
+    position i, where ``x_j`` are the attention's inputs and ``a_hij`` its causal softmax
+    weights. Returns (H, R, d) float64, rows in the order of ``positions``.
+
+    Head h's output at i is ``Σ_j a_hij (W_h x_j + b_h) = W_h k_hi + b_h`` (the weights sum to
+    1), so a closed-form edit of ``W_h`` on these keys sets what the head emits at i exactly,
+    with the attention pattern held fixed. The weights are recomputed here from ``q_proj`` and
+    ``k_proj`` so that any attention kernel (eager, SDPA) gives the same keys.
+    """
+    encoder = getattr(pipe, component)
+    tokenizer = pipe.tokenizer_2 if component == "text_encoder_2" else pipe.tokenizer
+    heads = int(attention.num_heads)
+    device = next(encoder.parameters()).device
+    seen: list[torch.Tensor] = []
+    hook = attention.v_proj.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
+    out = []
+    try:
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i : i + batch]
+            ids = tokenizer(chunk, padding="longest", truncation=True,
+                            max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+            encoder(ids.to(device))
+            x = seen.pop()  # B × L × d; causal, so positions up to EOS ignore the padding
+            length = x.shape[1]
+            q = attention.q_proj(x).double().view(len(chunk), length, heads, -1).transpose(1, 2)
+            k = attention.k_proj(x).double().view(len(chunk), length, heads, -1).transpose(1, 2)
+            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+            weights = scores.masked_fill(causal, float("-inf")).softmax(dim=-1)  # B × H × L × L
+            mixed = weights @ x.double().unsqueeze(1)  # B × H × L × d
+            for n, pos in enumerate(positions[i : i + batch]):
+                out.append(mixed[n][:, pos].cpu())
+    finally:
+        hook.remove()
+    return torch.cat(out, dim=1)
 
 
 def gather_rows(states: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:

@@ -47,7 +47,9 @@ unedited model gives for the replacement) and preservation keys ``P`` that keep 
     W = (λŴ + Σ v kᵀ + w Σ Ŵ p pᵀ)(λI + Σ k kᵀ + w Σ p pᵀ)⁻¹
       = Ŵ + (V − K Ŵᵀ)ᵀ K A⁻¹,   A = KᵀK + w PᵀP + λI
 
-Same machinery: one Cholesky factorisation of ``A``.
+Same machinery: one Cholesky factorisation of ``A``. At the ``v_proj`` site
+(:func:`solve_value_heads`) each head is such a regression, with keys ``Σ_j a_hij x_j`` (the
+inputs mixed by that head's attention) and values ``Ŵ_h k'`` (the replacement's mixed inputs).
 
 Many concepts are just more rows: all edits of a recipe are concatenated (or their
 :class:`RidgeProblem` summed with :func:`combine_problems`) into one solve per context
@@ -443,6 +445,7 @@ def solve_quickfix(
     preserve_weight: float = 1.0,
     *,
     name: str = "out_proj",
+    row_weights: Tensor | None = None,
     condition: str = "exact",
 ) -> SolveResult:
     """Diff-QuickFix (ICLR 2024, eq. 4): ``W = (λŴ + Σ v kᵀ + w Σ Ŵ p pᵀ)(λI + Σ k kᵀ + w Σ p pᵀ)⁻¹``.
@@ -459,7 +462,58 @@ def solve_quickfix(
         lam=lam,
         preserve_keys=preserve_keys,
         preserve_weight=preserve_weight,
+        row_weights=row_weights,
         condition=condition,
+    )
+
+
+def solve_value_heads(
+    keys: Tensor,
+    target_keys: Tensor,
+    old_weight: Tensor,
+    lam: float = DEFAULT_LAMBDA,
+    preserve_keys: Tensor | None = None,
+    *,
+    name: str = "v_proj",
+    row_weights: Tensor | None = None,
+    condition: str = "exact",
+) -> SolveResult:
+    """Diff-QuickFix at the layer-0 attention's ``v_proj``: one ridge regression per head.
+
+    ``keys`` / ``target_keys``: H × N × d attention-mixed inputs (see
+    ``resolve.attention_value_keys``) of the concept's and the replacement's prompts;
+    ``preserve_keys``: H × M × d. Head h owns rows ``h·d_h … (h+1)·d_h`` of ``old_weight``
+    (H·d_h × d) and gets ``W_h k = Ŵ_h k'`` for each concept key k and its target key k' —
+    eq. 4 with ``V = K' Ŵ_hᵀ`` — so the head emits at the concept's token what it emitted
+    at the replacement's. Heads read different keys, so there are H factorisations (d × d
+    each). The reported condition number is the largest.
+    """
+    start = time.perf_counter()
+    keys = torch.as_tensor(keys)
+    if keys.ndim != 3 or target_keys.shape != keys.shape:
+        raise ValueError(f"keys {tuple(keys.shape)} and target_keys {tuple(target_keys.shape)} "
+                         "must both be H × N × d")
+    heads = keys.shape[0]
+    if old_weight.shape[0] % heads:
+        raise ValueError(f"{name}: {old_weight.shape[0]} output rows do not split into {heads} heads")
+    rows = old_weight.shape[0] // heads
+    parts, conditions, n_preserve = [], [], 0
+    for h in range(heads):
+        old_h = old_weight[h * rows : (h + 1) * rows]
+        values = target_keys[h].to(torch.float64) @ old_h.detach().to(device=target_keys.device, dtype=torch.float64).T
+        result = solve_values(keys[h], {name: values}, {name: old_h}, lam=lam,
+                              preserve_keys=None if preserve_keys is None else preserve_keys[h],
+                              row_weights=row_weights, condition=condition)
+        parts.append(result.new_weights[name])
+        conditions.append(result.condition_number)
+        n_preserve = result.n_preserve_rows
+    return SolveResult(
+        new_weights={name: torch.cat(parts)},
+        condition_number=max(conditions),
+        seconds=time.perf_counter() - start,
+        lam=float(lam),
+        n_rows=keys.shape[1],
+        n_preserve_rows=n_preserve,
     )
 
 
@@ -471,14 +525,17 @@ def solve_values(
     preserve_keys: Tensor | None = None,
     preserve_weight: float = 1.0,
     *,
+    row_weights: Tensor | None = None,
     condition: str = "exact",
 ) -> SolveResult:
     """Ridge regressions with explicit target values for several weights that read the same
-    ``keys`` (one factorisation of ``KᵀK + w PᵀP + λI`` for all of them)::
+    ``keys`` (one factorisation of ``Kᵀ diag(r) K + w PᵀP + λI`` for all of them)::
 
-        W = Ŵ + (V − K Ŵᵀ)ᵀ K A⁻¹
+        W = Ŵ + (V − K Ŵᵀ)ᵀ diag(r) K A⁻¹
 
-    LocoEdit is the special case ``V = X_target Ŵᵀ``; Diff-QuickFix is one weight."""
+    ``row_weights`` r (N, default 1) weight the key rows, e.g. ``λ_recipe / λ_edit`` gives an
+    edit its own λ in a joint solve. LocoEdit is the special case ``V = X_target Ŵᵀ``;
+    Diff-QuickFix is one weight."""
     start = time.perf_counter()
     _require_positive("lam", lam)
     _require_positive("preserve_weight", preserve_weight)
@@ -489,7 +546,14 @@ def solve_values(
     keys64 = keys.to(dtype=torch.float64)
     dim = keys64.shape[1]
     _check_weights(old_weights, dim, "key dimension")
-    normal = _symmetric(keys64.T @ keys64)
+    weighted = keys64
+    if row_weights is not None:
+        weights = torch.as_tensor(row_weights, dtype=torch.float64, device=device).reshape(-1)
+        _require_finite("row_weights", weights)
+        if weights.shape[0] != keys64.shape[0] or bool((weights <= 0).any()):
+            raise ValueError(f"row_weights must be {keys64.shape[0]} positive numbers, one per key")
+        weighted = keys64 * weights.reshape(-1, 1)
+    normal = _symmetric(weighted.T @ keys64)
     n_preserve = 0
     if preserve_keys is not None:
         kept = _as_rows("preserve_keys", preserve_keys).to(device=device, dtype=torch.float64)
@@ -500,7 +564,7 @@ def solve_values(
     factorization = factorize(_add_ridge(normal, lam), condition=condition)
     solved_at = time.perf_counter()
     # A⁻¹Kᵀ once (N columns) serves every weight when N is small; else solve Kᵀ R per weight.
-    keys_solved = factorization.solve(keys64.T.contiguous()) if keys64.shape[0] <= dim else None
+    keys_solved = factorization.solve(weighted.T.contiguous()) if keys64.shape[0] <= dim else None
     new_weights = {}
     for name, old in old_weights.items():
         target = _as_rows(f"values[{name!r}]", values[name]).to(device=device, dtype=torch.float64)
@@ -514,7 +578,7 @@ def solve_values(
         if keys_solved is not None:
             delta_t = keys_solved @ residual
         else:
-            delta_t = factorization.solve(keys64.T @ residual)
+            delta_t = factorization.solve(weighted.T @ residual)
         new_weights[name] = (old64 + delta_t.T).to(device=old.device, dtype=old.dtype)
     _synchronize(device)
     end = time.perf_counter()

@@ -142,13 +142,14 @@ def test_edited_weights_are_restored(toy):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-@pytest.mark.parametrize("method", ["locoedit", "quickfix", "neurons"])
+@pytest.mark.parametrize("method", ["locoedit", "quickfix", "quickfix-v", "neurons"])
 def test_editc_methods_compile_in_memory(toy, method):
     settings = run_bench.BenchSettings.quick()
     result = run_bench.run_method(method, toy, "style", STYLE, (2, 3, 4), settings, progress=False)
-    prefix = "text_encoder/" if method == "quickfix" else "unet/"
+    prefix = {"quickfix": "text_encoder/encoder.layers.0.self_attn.out_proj",
+              "quickfix-v": "text_encoder/encoder.layers.0.self_attn.v_proj"}.get(method, "unet/")
     assert result.new_tensors and all(name.startswith(prefix) for name in result.new_tensors)
-    if method != "quickfix":
+    if prefix == "unet/":
         layers = {toy.registry.cross_attention[j] for j in (2, 3, 4)}
         assert set(result.new_tensors) == {f"unet/{n}" for layer in layers for n in (layer.to_k, layer.to_v)}
     assert result.seconds > 0

@@ -93,7 +93,7 @@ def test_defaults():
     assert (edit.method, edit.layers, edit.eos, edit.lambda_, edit.neurons_top_k) == (
         "auto",
         "auto",
-        True,
+        None,
         None,
         50,
     )
@@ -193,6 +193,8 @@ MALFORMED = [
     ("layer-out-of-toy-range", "k3.yaml", f"edits: [{EDIT}, layers: [16]}}]", "edits[0].layers[0]"),
     ("duplicate-layer", "k4.yaml", f"edits: [{EDIT}, layers: [8, 8]}}]", "edits[0].layers[1]"),
     ("quickfix-with-layers", "k5.yaml", f"edits: [{EDIT}, method: quickfix, layers: [8]}}]", "edits[0].layers"),
+    ("site-without-quickfix", "k6.yaml", f"edits: [{EDIT}, method: locoedit, site: v_proj}}]", "edits[0].site"),
+    ("site-unknown", "k7.yaml", f"edits: [{EDIT}, method: quickfix, site: q_proj}}]", "edits[0].site"),
     ("lambda-zero", "l.yaml", f"lambda: 0\nedits: [{EDIT}}}]", "lambda"),
     ("lambda-negative-edit", "l2.yaml", f"edits: [{EDIT}, lambda: -0.5}}]", "edits[0].lambda"),
     ("lambda-not-number", "m.yaml", f"lambda: small\nedits: [{EDIT}}}]", "lambda"),

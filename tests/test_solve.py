@@ -17,6 +17,7 @@ from compiler.solve import (
     factorize,
     neuron_zscores,
     solve_quickfix,
+    solve_value_heads,
     solve_ridge,
     solve_ridge_stacked,
     solve_ridge_unshared,
@@ -317,6 +318,40 @@ def test_locoedit_is_solve_values_with_old_outputs_as_values():
     generic = solve_values(x_orig, values, weights, LAM, preserve_keys=kept)
     for name in weights:
         assert torch.allclose(loco.new_weights[name], generic.new_weights[name], rtol=0, atol=1e-10)
+
+
+def test_row_weight_equals_repeating_the_row():
+    # An edit with its own λ enters the joint solve as a row weight: weight 3 on a key is the
+    # same regression as that key written three times.
+    generator = torch.Generator().manual_seed(16)
+    keys, values, old = _rand(generator, 5, 24), _rand(generator, 5, 20), _rand(generator, 20, 24)
+    weighted = solve_quickfix(keys, values, old, LAM, row_weights=torch.tensor([3.0, 1, 1, 1, 1]))
+    repeated = solve_quickfix(torch.cat([keys[:1], keys[:1], keys]), torch.cat([values[:1], values[:1], values]),
+                              old, LAM)
+    assert torch.allclose(weighted.new_weights["out_proj"], repeated.new_weights["out_proj"], rtol=0, atol=1e-10)
+    with pytest.raises(ValueError, match="row_weights"):
+        solve_quickfix(keys, values, old, LAM, row_weights=torch.ones(4))
+
+
+def test_value_heads_solve_each_head_against_lstsq():
+    # Diff-QuickFix at v_proj: head h's rows of W read that head's own keys; each block must
+    # equal the float64 least-squares reference of its own regression (and no other head's).
+    generator = torch.Generator().manual_seed(17)
+    heads, rows, dim, head_dim = 3, 7, 20, 6
+    keys, target_keys = _rand(generator, heads, rows, dim), _rand(generator, heads, rows, dim)
+    kept = _rand(generator, heads, 11, dim)
+    old = _rand(generator, heads * head_dim, dim)
+    new = solve_value_heads(keys, target_keys, old, LAM, preserve_keys=kept).new_weights["v_proj"].numpy()
+    for h in range(heads):
+        w_old = old[h * head_dim : (h + 1) * head_dim].numpy()
+        k, t, p = keys[h].numpy(), target_keys[h].numpy(), kept[h].numpy()
+        design = np.vstack([k, np.sqrt(LAM) * np.eye(dim), p])
+        response = np.vstack([t @ w_old.T, np.sqrt(LAM) * w_old.T, p @ w_old.T])
+        reference = np.linalg.lstsq(design, response, rcond=None)[0].T
+        block = new[h * head_dim : (h + 1) * head_dim]
+        assert np.abs(block - reference).max() <= 1e-8 * max(1.0, np.abs(reference).max())
+    with pytest.raises(ValueError, match="heads"):
+        solve_value_heads(keys, target_keys, old[:-1], LAM)
 
 
 def test_quickfix_dtype_determinism_and_nan():

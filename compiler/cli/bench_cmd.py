@@ -42,7 +42,8 @@ def load_harness():
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Where bench_toy.json and bench_toy.md go (default: bench/results).")
 @click.option("--methods", default=None,
-              help="Comma-separated subset of esd-x, concept-ablation, uce, time, locoedit, quickfix, neurons.")
+              help="Comma-separated subset of esd-x, concept-ablation, uce, time, locoedit, "
+                   "quickfix (Diff-QuickFix at out_proj), quickfix-v (at v_proj), neurons.")
 @click.option("--kinds", default=None, help="Comma-separated subset of style, object, fact.")
 @click.option("--repeats", type=click.IntRange(min=1), default=None, help="Timed repeats of each closed-form edit.")
 @click.option("--esd-steps", type=click.IntRange(min=1), default=None, help="ESD fine-tuning steps.")

@@ -30,7 +30,7 @@ def check(file: str, as_json: bool) -> None:
 
 def _layers_text(edit: Edit) -> str:
     if edit.layers is None:
-        return "text encoder layer 0 out_proj"
+        return f"text encoder layer 0 {edit.site or 'out_proj'}"
     if isinstance(edit.layers, tuple):
         return "layers " + ",".join(str(index) for index in edit.layers)
     return f"layers {edit.layers}"
@@ -52,7 +52,7 @@ def format_summary(parsed: Recipe) -> str:
         details = [edit.attribute, f"method {edit.method}", _layers_text(edit)]
         if edit.lambda_ is not None:
             details.append(f"lambda {edit.lambda_:g}")
-        if not edit.eos:
+        if edit.eos is False:
             details.append("eos off")
         if edit.method in ("neurons", "auto") and edit.neurons_top_k != 50:
             details.append(f"top-{edit.neurons_top_k} neurons")
