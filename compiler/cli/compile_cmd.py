@@ -50,12 +50,14 @@ def _print_summary(manifest: dict, seconds: float) -> None:
     base = manifest["base_model"]
     echo(f"editc compile: {manifest['recipe']['path']} on {base['path']} ({base['family']}, {base['format']})")
     for e in manifest["edits"]:
-        layers = f"layers {e['layers']} ({e['layers_source']})" if e["layers"] else "text encoder layer 0"
-        echo(f"  {e['concept']!r} -> {e['replacement']!r} [{e['attribute']}] {e['method']}: {layers}, "
-             f"{e['prompt_pairs']} prompt pairs, λ={e['lambda']}")
+        where = f"layers {e['layers']} ({e['layers_source']})" if e["layers"] else f"text encoder layer 0 {e.get('site', '')}"
+        echo(f"  {e['concept']!r} -> {e['replacement']!r} [{e['attribute']}] {e['method']}: {where.rstrip()}, "
+             f"{e['prompt_pairs']} prompt pairs, λ={e['lambda']}, eos {'on' if e['eos'] else 'off'} "
+             f"({e['method_reason']})")
     for s in manifest["solves"]:
         extra = f", condition number {s['condition_number']:.3g}" if "condition_number" in s else ""
-        echo(f"  solve {s['method']}: {len(s['tensors'])} tensors{extra}"
+        heads = f", {s['heads']} heads" if "heads" in s else ""
+        echo(f"  solve {s['method']}{' at ' + s['site'] if 'site' in s else ''}: {len(s['tensors'])} tensors{heads}{extra}"
              + (f", {s['rows']} rows + {s['preserve_rows']} preservation rows" if "rows" in s else ""))
     t = manifest["timings_seconds"]
     echo("  time: " + ", ".join(f"{k} {v:.3f}s" for k, v in t.items()) + f" (total {seconds:.1f}s)")
