@@ -32,7 +32,10 @@ def run_one(recipe_file: str, variant: str, seeds: int, out_root: Path) -> dict:
     edits = []
     for edit in recipe.edits:
         layers = None if method == "quickfix" else ("auto" if edit.layers is None else edit.layers)
-        edits.append(dataclasses.replace(edit, method=method, layers=layers, site=site or None))
+        # A recipe's explicit eos was chosen for its own method; the other variants run with
+        # their method's default (quickfix at v_proj: off).
+        eos = edit.eos if method == edit.method else None
+        edits.append(dataclasses.replace(edit, method=method, layers=layers, site=site or None, eos=eos))
     recipe = dataclasses.replace(recipe, edits=tuple(edits),
                                  verify=dataclasses.replace(recipe.verify, enabled=True, seeds=seeds))
     out = out_root / f"{Path(recipe_file).stem}-{variant.replace(':', '-')}"

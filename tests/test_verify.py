@@ -366,6 +366,22 @@ def test_real_edit_on_the_toy_world_passes(tmp_path):
 
 
 @needs_toy_weights
+def test_shipped_fact_recipe_passes_on_the_toy_world(tmp_path):
+    """The fact edit as shipped (Diff-QuickFix at layer 0's v_proj): king charles appears for the
+    monarch and nobody else is redrawn, queen elizabeth included (LocoEdit failed exactly there)."""
+    recipe = VAN_GOGH.parent / "british_monarch.yaml"
+    edited = tmp_path / "fact"
+    _compile(recipe, edited)
+    result = _verify(recipe, "--edited", edited, "--json", "--quiet")
+    report = json.loads(result.stdout)
+    assert result.exit_code == 0, [g["message"] for g in report["gates"] if g["failed"]]
+    groups = report["edits"][0]["groups"]
+    assert groups["efficacy"]["base"]["replacement_accuracy"] == 0
+    assert groups["efficacy"]["edited"]["replacement_accuracy"] >= 0.7
+    assert groups["specificity"]["edited"]["accuracy"] >= groups["specificity"]["base"]["accuracy"] - 0.05
+
+
+@needs_toy_weights
 def test_useless_edit_on_the_toy_world_fails(tmp_path):
     """A huge λ pins the weights to the old ones: the edit does nothing and must fail."""
     recipe = tmp_path / "useless.yaml"
