@@ -51,9 +51,8 @@ def _print_summary(manifest: dict, seconds: float) -> None:
     echo(f"editc compile: {manifest['recipe']['path']} on {base['path']} ({base['family']}, {base['format']})")
     for e in manifest["edits"]:
         where = f"layers {e['layers']} ({e['layers_source']})" if e["layers"] else f"text encoder layer 0 {e.get('site', '')}"
-        echo(f"  {e['concept']!r} -> {e['replacement']!r} [{e['attribute']}] {e['method']}: {where.rstrip()}, "
-             f"{e['prompt_pairs']} prompt pairs, λ={e['lambda']}, eos {'on' if e['eos'] else 'off'} "
-             f"({e['method_reason']})")
+        echo(f"  {e['concept']!r} -> {e['replacement']!r} [{e['attribute']}] {e['method']} ({e['method_reason']}): "
+             f"{where.rstrip()}, {e['prompt_pairs']} prompt pairs, λ={e['lambda']}, eos {'on' if e['eos'] else 'off'}")
     for s in manifest["solves"]:
         extra = f", condition number {s['condition_number']:.3g}" if "condition_number" in s else ""
         heads = f", {s['heads']} heads" if "heads" in s else ""
