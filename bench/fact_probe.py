@@ -1,7 +1,7 @@
 """Who does the toy model draw for each title and person, before and after the fact edit?
 
     python bench/fact_probe.py [--method locoedit|quickfix] [--site out_proj|v_proj]
-                               [--preserve "queen elizabeth"] [--no-eos] [--seeds 4]
+                               [--preserve "queen elizabeth"] [--eos | --no-eos] [--seeds 4]
 
 Compiles ``recipes/british_monarch.yaml`` in memory (its own method, Diff-QuickFix at v_proj,
 unless overridden; LocoEdit on all 16 layers, as ``layers: auto`` gives on the toy model),
@@ -25,6 +25,7 @@ def main() -> None:
     parser.add_argument("--preserve", action="append", default=[], help="a concept to keep (repeatable)")
     parser.add_argument("--method", choices=("locoedit", "quickfix"), help="override the recipe's method")
     parser.add_argument("--site", choices=("out_proj", "v_proj"), help="quickfix: override the recipe's site")
+    parser.add_argument("--eos", action="store_true", help="the recipe's eos: true (also map the EOS token)")
     parser.add_argument("--no-eos", action="store_true",
                         help="the recipe's eos: false (map the subject token only, not EOS and padding)")
     parser.add_argument("--seeds", type=int, default=4)
@@ -49,7 +50,7 @@ def main() -> None:
         layers = None if method == "quickfix" else tuple(range(16))
         site = (args.site or edit.site) if method == "quickfix" else None
         return dataclasses.replace(edit, method=method, layers=layers, site=site,
-                                   eos=False if args.no_eos else edit.eos)
+                                   eos=False if args.no_eos else True if args.eos else edit.eos)
 
     recipe = dataclasses.replace(recipe, preserve=tuple(recipe.preserve) + tuple(args.preserve),
                                  edits=tuple(variant(e) for e in recipe.edits))
