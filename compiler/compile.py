@@ -268,29 +268,19 @@ def _solve_quickfix(model, plans, preserve, recipe_lam):
     spec = model.registry.text_layer0[0]
     out_proj = getattr(pipe, spec.component).get_submodule(spec.module_name)
     t0 = time.perf_counter()
-    sources = [pr.source for p in plans for pr in p.pairs]
-    targets = [pr.target for p in plans for pr in p.pairs]
-    prompts = sources + targets + preserve
-    inputs = resolve.encode_context(pipe, prompts, capture=out_proj)
-    src_in = inputs[: len(sources)]
-    tgt_in = inputs[len(sources) : len(sources) + len(targets)]
-    pres_in = inputs[len(sources) + len(targets) :]
-    keys, target_keys, offset = [], [], 0
-    for plan in plans:
-        n = len(plan.pairs)
-        s_pos, t_pos = _positions_by_prompt(tokenizer, plan)
-        keys.append(resolve.gather_rows(src_in[offset : offset + n], s_pos))
-        target_keys.append(resolve.gather_rows(tgt_in[offset : offset + n], t_pos))
-        offset += n
-    keys, target_keys = torch.cat(keys), torch.cat(target_keys)
-    preserve_keys = resolve.gather_rows(pres_in, resolve.all_token_positions(tokenizer, preserve))
+    rows = _quickfix_rows(tokenizer, plans, recipe_lam)
+    n = len(rows.sources)
+    inputs = resolve.encode_context(pipe, rows.sources + rows.targets + preserve, capture=out_proj)
+    keys = resolve.gather_rows(inputs[:n], rows.source_positions)
+    target_keys = resolve.gather_rows(inputs[n : 2 * n], rows.target_positions)
+    preserve_keys = resolve.gather_rows(inputs[2 * n :], resolve.all_token_positions(tokenizer, preserve))
     t_embed = time.perf_counter() - t0
     t0 = time.perf_counter()
     qualified = f"{spec.component}/{spec.weight}"
     old = get_parameter(pipe, qualified).detach()
     values = target_keys.double() @ old.double().T  # what the unedited layer gives the replacement
     result = solve.solve_quickfix(keys, values, old, lam=recipe_lam, preserve_keys=preserve_keys, name=qualified,
-                                  row_weights=_row_weights(plans, recipe_lam, tokenizer))
+                                  row_weights=rows.weights)
     info = {
         "method": "quickfix", "site": "out_proj", "rows": result.n_rows, "preserve_rows": result.n_preserve_rows,
         "lambda": recipe_lam, "condition_number": result.condition_number, "solve_seconds": result.seconds,
@@ -299,13 +289,30 @@ def _solve_quickfix(model, plans, preserve, recipe_lam):
     return result.new_weights, info, t_embed, time.perf_counter() - t0
 
 
-def _row_weights(plans, recipe_lam, tokenizer) -> torch.Tensor:
-    """Each edit's own λ as a weight on its rows relative to the recipe's λ."""
+@dataclass
+class QuickFixRows:
+    """The prompts and token positions of all Diff-QuickFix edits, in one order, and each key
+    row's weight (an edit's own λ relative to the recipe's)."""
+
+    sources: list[str]
+    targets: list[str]
+    source_positions: list[list[int]]
+    target_positions: list[list[int]]
+    weights: torch.Tensor
+
+
+def _quickfix_rows(tokenizer, plans, recipe_lam) -> QuickFixRows:
+    rows = QuickFixRows([], [], [], [], torch.empty(0))
     weights = []
     for plan in plans:
-        s_pos, _ = _positions_by_prompt(tokenizer, plan)
+        s_pos, t_pos = _positions_by_prompt(tokenizer, plan)
+        rows.sources += [pair.source for pair in plan.pairs]
+        rows.targets += [pair.target for pair in plan.pairs]
+        rows.source_positions += s_pos
+        rows.target_positions += t_pos
         weights += [recipe_lam / plan.lam] * sum(len(p) for p in s_pos)
-    return torch.tensor(weights, dtype=torch.float64)
+    rows.weights = torch.tensor(weights, dtype=torch.float64)
+    return rows
 
 
 def _solve_quickfix_values(model, plans, preserve, recipe_lam):
@@ -318,24 +325,19 @@ def _solve_quickfix_values(model, plans, preserve, recipe_lam):
         raise UserError(f"{spec.component}: its layer-0 attention ({type(attention).__name__}) has no "
                         "separate q/k/v projections; use site: out_proj")
     t0 = time.perf_counter()
-    sources = [pr.source for p in plans for pr in p.pairs]
-    targets = [pr.target for p in plans for pr in p.pairs]
-    s_pos, t_pos = [], []
-    for plan in plans:
-        s, t = _positions_by_prompt(tokenizer, plan)
-        s_pos += s
-        t_pos += t
-    keys = resolve.attention_value_keys(pipe, spec.component, attention, sources, s_pos)
-    target_keys = resolve.attention_value_keys(pipe, spec.component, attention, targets, t_pos)
-    preserve_keys = resolve.attention_value_keys(pipe, spec.component, attention, preserve,
-                                                 resolve.all_token_positions(tokenizer, preserve))
+    rows = _quickfix_rows(tokenizer, plans, recipe_lam)
+    positions = rows.source_positions + rows.target_positions + resolve.all_token_positions(tokenizer, preserve)
+    mixed = resolve.attention_value_keys(pipe, spec.component, attention,
+                                         rows.sources + rows.targets + preserve, positions)
+    n = len(rows.weights)  # key rows per side (source and target positions pair up)
+    keys, target_keys, preserve_keys = mixed[:, :n], mixed[:, n : 2 * n], mixed[:, 2 * n :]
     t_embed = time.perf_counter() - t0
     t0 = time.perf_counter()
     weight_name = spec.weight.replace("out_proj.weight", "v_proj.weight")
     qualified = f"{spec.component}/{weight_name}"
     old = get_parameter(pipe, qualified).detach()
     result = solve.solve_value_heads(keys, target_keys, old, lam=recipe_lam, preserve_keys=preserve_keys,
-                                     name=qualified, row_weights=_row_weights(plans, recipe_lam, tokenizer))
+                                     name=qualified, row_weights=rows.weights)
     info = {
         "method": "quickfix", "site": "v_proj", "heads": int(keys.shape[0]), "rows": result.n_rows,
         "preserve_rows": result.n_preserve_rows, "lambda": recipe_lam,
