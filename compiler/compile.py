@@ -391,67 +391,78 @@ def provenance_for(manifest: dict) -> dict[str, str]:
 
 def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force: bool = False,
                     verify: bool | None = None, progress: bool = True) -> dict:
-    """The full job behind ``editc compile``; returns the manifest (also written to disk)."""
+    """The full job behind ``editc compile``; returns the manifest (also written to disk).
+
+    The output is claimed (checked against the inputs, locked, its folder writable) before the
+    model is loaded; it appears under its name only when complete (``compiler.io``)."""
     from pathlib import Path
 
-    from compiler.export.diffusers_folder import (commit_output_dir, prepare_output_dir,
-                                                  write_diffusers_folder, write_manifest)
+    from compiler.export.diffusers_folder import write_diffusers_folder, write_manifest
+    from compiler.io import claim_output, input_paths
     from compiler.models.load import load_model
 
     say = _reporter(progress)
     timings: dict[str, float] = {}
-    out = Path(out or recipe.outputs.dir or Path("out") / Path(recipe.path).stem)
+    out = compile_output_path(recipe, out)
     formats = tuple(formats or recipe.outputs.formats)
-    if out.exists() and not force:
-        raise UserError(f"{out}: already exists; pass --force to overwrite it or choose another --out")
+    model_spec = model or recipe.model
+    inputs = input_paths(model_spec, *([recipe.path] if Path(recipe.path).exists() else []))
+    with claim_output(out, force=force, inputs=inputs, kind="dir") as claim:
+        out = claim.path
+        t0 = time.perf_counter()
+        say("load model")
+        loaded = load_model(model_spec)
+        timings["load"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    say("load model")
-    loaded = load_model(model or recipe.model)
-    timings["load"] = time.perf_counter() - t0
+        say("plan edits (resolve, locate)")
+        t0 = time.perf_counter()
+        plans = plan_edits(recipe, loaded, locate_fn=_locate_fn(loaded, progress), progress=progress)
+        timings["locate"] = time.perf_counter() - t0
 
-    say("plan edits (resolve, locate)")
-    t0 = time.perf_counter()
-    plans = plan_edits(recipe, loaded, locate_fn=_locate_fn(loaded, progress), progress=progress)
-    timings["locate"] = time.perf_counter() - t0
+        say("embed prompts and solve")
+        result = compile_edits(recipe, loaded, plans, progress=progress)
+        timings.update(result.timings)
 
-    say("embed prompts and solve")
-    result = compile_edits(recipe, loaded, plans, progress=progress)
-    timings.update(result.timings)
+        t0 = time.perf_counter()
+        apply_to_pipeline(loaded.pipeline, result.new_tensors)
+        timings["fuse"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    apply_to_pipeline(loaded.pipeline, result.new_tensors)
-    timings["fuse"] = time.perf_counter() - t0
+        say(f"write {', '.join(formats)} to {out}")
+        t0 = time.perf_counter()
+        outputs = {}
+        manifest = build_manifest(recipe, loaded, result, timings, outputs)
+        provenance = provenance_for(manifest)
+        with claim.staging() as tmp:
+            if "diffusers" in formats:
+                if loaded.source_format == "diffusers":
+                    write_diffusers_folder(Path(loaded.source_path), result.new_tensors, tmp, provenance)
+                else:
+                    loaded.pipeline.save_pretrained(tmp, safe_serialization=True)
+                outputs["diffusers"] = str(out)
+            _export_other_formats(loaded, result, formats, tmp, out, provenance, outputs)
+            timings["save"] = time.perf_counter() - t0
+            manifest["timings_seconds"] = {k: round(v, 4) for k, v in timings.items()}
+            write_manifest(tmp, manifest)
 
-    say(f"write {', '.join(formats)} to {out}")
-    t0 = time.perf_counter()
-    tmp = prepare_output_dir(out, force)
-    outputs = {}
-    manifest = build_manifest(recipe, loaded, result, timings, outputs)
-    provenance = provenance_for(manifest)
-    try:
-        if "diffusers" in formats:
-            if loaded.source_format == "diffusers":
-                write_diffusers_folder(Path(loaded.source_path), result.new_tensors, tmp, provenance)
-            else:
-                loaded.pipeline.save_pretrained(tmp, safe_serialization=True)
-            outputs["diffusers"] = str(out)
-        _export_other_formats(loaded, result, formats, tmp, out, provenance, outputs)
-        timings["save"] = time.perf_counter() - t0
-        manifest["timings_seconds"] = {k: round(v, 4) for k, v in timings.items()}
-        write_manifest(tmp, manifest)
-        commit_output_dir(tmp, out)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-    if verify if verify is not None else recipe.verify.enabled:
-        say("verify")
-        manifest["verify"] = _run_verify(recipe, loaded, out, progress)
-        write_manifest(out, manifest)
+        if verify if verify is not None else recipe.verify.enabled:
+            say("verify")
+            manifest["verify"] = _run_verify(recipe, loaded, out, progress)
+            write_manifest(out, manifest)
     return manifest
+
+
+def compile_output_path(recipe: Recipe, out=None):
+    """``--out`` as given (``~`` expanded, "" refused), else the recipe's ``outputs.dir`` taken
+    from the recipe's folder, else ``out/<recipe name>`` in the working folder."""
+    from pathlib import Path
+
+    from compiler.io.paths import expand, resolve_recipe_output
+
+    if out is not None:
+        return expand(out)
+    if recipe.outputs.dir is not None:
+        return resolve_recipe_output(recipe.path, recipe.outputs.dir)[0]
+    return expand(Path("out") / Path(recipe.path).stem)
 
 
 def _reporter(progress: bool):

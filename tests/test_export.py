@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 
 from compiler.cli import main
 from compiler.errors import UserError
-from compiler.export.atomic import atomic_output_dir, write_atomically
 from compiler.export.delta import apply_delta, export_delta, read_delta
 from compiler.export.provenance import REQUIRED_KEYS, provenance_metadata, read_provenance
 from compiler.export.single_file import SafetensorsTable, export_single_file
@@ -76,27 +75,7 @@ def _assert_holds_exactly(loaded, edited, base) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_atomic_write_refuses_overwrite_and_leaves_nothing_on_failure(tmp_path):
-    target = tmp_path / "out.txt"
-    write_atomically(target, "first")
-    with pytest.raises(UserError, match="already exists"):
-        write_atomically(target, "second")
-    assert target.read_text() == "first"
-    write_atomically(target, "second", force=True)
-    assert target.read_text() == "second"
-
-    folder = tmp_path / "folder"
-    with atomic_output_dir(folder) as tmp:
-        (tmp / "a").write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_output_dir(folder, force=True) as tmp:
-            (tmp / "a").write_text("half-written")
-            raise RuntimeError("writer crashed")
-    assert (folder / "a").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "out.txt"]  # no temporaries
-    with pytest.raises(UserError, match="overwrite the input"):
-        with atomic_output_dir(folder / "inside", inputs=[folder]):
-            pass
+# (the atomic writer's own tests: tests/test_io.py)
 
 
 def test_provenance_is_strings_with_every_required_key():

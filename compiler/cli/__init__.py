@@ -20,7 +20,8 @@ os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
 
 
 class EditcGroup(click.Group):
-    """A click group that turns ``UserError`` into exit 2 with one line, no traceback."""
+    """A click group that turns ``UserError`` (and a disk-full or permission ``OSError``
+    anywhere) into exit 2 with one line, no traceback."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -32,6 +33,14 @@ class EditcGroup(click.Group):
             if str(err):
                 click.echo(f"editc: verify failed: {err}", err=True)
             ctx.exit(1)
+        except OSError as err:
+            from compiler.io.atomic import disk_error
+
+            friendly = disk_error(err, err.filename or "editc")
+            if friendly is None:
+                raise
+            click.echo(f"editc: error: {friendly}", err=True)
+            ctx.exit(2)
 
 
 @click.group(cls=EditcGroup, context_settings={"help_option_names": ["-h", "--help"]})

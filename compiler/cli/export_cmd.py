@@ -46,17 +46,18 @@ def export_onnx_command(model, out_dir, fp16, exporter, no_check, tolerance, for
     Exits 1 when an onnxruntime output differs from PyTorch by more than the tolerance
     (nothing is written then).
     """
-    from compiler.export.atomic import check_output_path
     from compiler.export.onnx import export_onnx
     from compiler.export.provenance import read_provenance
+    from compiler.io import claim_output, input_paths
     from compiler.models.load import load_model
 
     started = time.perf_counter()
-    check_output_path(out_dir, force=force)  # before the minutes a large model takes to load
-    loaded = load_model(model)
-    provenance = read_provenance(loaded.source_path)
-    result = export_onnx(loaded, out_dir, "fp16" if fp16 else "fp32", force=force, provenance=provenance,
-                         exporter=exporter, check=not no_check, tolerance=tolerance)
+    # Claimed (checked, locked) before the minutes a large model takes to load.
+    with claim_output(out_dir, force=force, inputs=input_paths(model), kind="dir"):
+        loaded = load_model(model)
+        provenance = read_provenance(loaded.source_path)
+        result = export_onnx(loaded, out_dir, "fp16" if fp16 else "fp32", force=force, provenance=provenance,
+                             exporter=exporter, check=not no_check, tolerance=tolerance)
     seconds = time.perf_counter() - started
     if as_json:
         _echo_json({"out": str(result.path), "family": result.family, "dtype": result.dtype,
@@ -88,10 +89,13 @@ def export_single_file_command(model, out_path, force, as_json):
     from compiler.export.single_file import export_single_file
     from compiler.models.load import resolve_model_path
 
+    from compiler.io import claim_output, input_paths
+
     started = time.perf_counter()
-    source = resolve_model_path(model)
-    provenance = read_provenance(source)
-    written = export_single_file({}, source, out_path, provenance, force=force)
+    with claim_output(out_path, force=force, inputs=input_paths(model), kind="file"):
+        source = resolve_model_path(model)
+        provenance = read_provenance(source)
+        written = export_single_file({}, source, out_path, provenance, force=force)
     seconds = time.perf_counter() - started
     if as_json:
         _echo_json({"out": str(written), "seconds": seconds, "provenance": sorted(provenance)})
@@ -115,9 +119,11 @@ def apply_command(delta, checkpoint, out_path, force, as_json):
     edited tensors) unless --force; the checkpoint itself is never modified.
     """
     from compiler.export.delta import apply_delta
+    from compiler.io import claim_output, input_paths
 
     started = time.perf_counter()
-    result = apply_delta(delta, checkpoint, out_path, force=force)
+    with claim_output(out_path, force=force, inputs=input_paths(delta, checkpoint), kind="any"):
+        result = apply_delta(delta, checkpoint, out_path, force=force)
     seconds = time.perf_counter() - started
     how = {"hash": "base hash matches", "tensors": "same base weights in the other layout",
            "forced": "NOT the delta's base: applied because of --force"}[result.base_match]

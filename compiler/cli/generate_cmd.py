@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from compiler.cli import main
@@ -35,23 +33,26 @@ def parse_seeds(text: str) -> list[int]:
 @click.option("--guidance", default=4.0, show_default=True, help="Classifier-free guidance scale.")
 @click.option("--scale", default=4, show_default=True, help="Upscale the saved picture (nearest) for viewing.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="PNG to write.")
-def generate_command(prompts, model_path, seeds, steps, guidance, scale, out_path):
+@click.option("--force", is_flag=True, help="Replace an existing --out picture.")
+def generate_command(prompts, model_path, seeds, steps, guidance, scale, out_path, force):
     """Generate images for PROMPTS; one prompt and seed gives one picture, more give a grid
     (one row per prompt, one column per seed)."""
     from PIL import Image
 
     from compiler.generate import generate_images, image_grid
+    from compiler.io import claim_output, input_paths
     from compiler.models.load import load_model
 
     seed_list = parse_seeds(seeds)
     if not out_path.lower().endswith(".png"):
         raise UserError(f"--out: {out_path!r} must end in .png")
-    pipe = load_model(model_path).pipeline
-    pipe.set_progress_bar_config(disable=True)
-    all_prompts = [p for p in prompts for _ in seed_list]
-    all_seeds = [s for _ in prompts for s in seed_list]
-    images = generate_images(pipe, all_prompts, all_seeds, steps=steps, guidance=guidance)
-    picture = image_grid(images, cols=len(seed_list), scale=max(1, scale))
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(picture).save(out_path)
+    with claim_output(out_path, force=force, inputs=input_paths(model_path), kind="file") as claim:
+        pipe = load_model(model_path).pipeline
+        pipe.set_progress_bar_config(disable=True)
+        all_prompts = [p for p in prompts for _ in seed_list]
+        all_seeds = [s for _ in prompts for s in seed_list]
+        images = generate_images(pipe, all_prompts, all_seeds, steps=steps, guidance=guidance)
+        picture = image_grid(images, cols=len(seed_list), scale=max(1, scale))
+        with claim.staging() as temporary:
+            Image.fromarray(picture).save(temporary, format="PNG")
     click.echo(f"wrote {out_path}: {len(prompts)} prompt(s) x {len(seed_list)} seed(s)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -38,6 +39,18 @@ def load_for_sweep(model_path: str, device: str | None):
     loaded = load_model(model_path, device=device or str(process_device))
     loaded.pipeline.set_progress_bar_config(disable=True)
     return loaded
+
+
+def claim_sweep_output(out: Path, force: bool, model_path: str) -> None:
+    """Before the sweep: rank 0 (the writer) claims the output for the command's lifetime
+    (checked against the model, locked); other torchrun ranks write nothing and only check."""
+    from compiler.io import check_output_path, claim_output, input_paths
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.get_current_context().with_resource(
+            claim_output(out, force=force, inputs=input_paths(model_path), kind="dir"))
+    else:
+        check_output_path(out, force=force, inputs=input_paths(model_path))
 
 
 def default_out(kind: str, name: str) -> Path:
@@ -87,14 +100,14 @@ def locate_command(model_path, concept, replacement, attribute, prompt_list, n_p
     """Find the cross-attention layers that hold CONCEPT (LocoGen): every window of m adjacent
     layers is fed the prompt with REPLACEMENT instead, and the smallest m whose best window
     removes the concept (or, for a fact, brings in the replacement) wins."""
-    from compiler.export.atomic import atomic_output_dir, check_output_path
+    from compiler.io import atomic_output_dir
     from compiler.locate import locate, write_outputs
     from compiler.locate.cache import slug
     from compiler.locate.distributed import current_process_group
     from compiler.locate.scoring import load_judge_for
 
     out = Path(out_dir) if out_dir else default_out("locate", f"{slug(concept)}.{attribute}")
-    check_output_path(out, force=force)  # fail before the sweep, not after
+    claim_sweep_output(out, force, model_path)  # fail before the sweep, not after
     seed_list = parse_seed_list(seeds)
     loaded = load_for_sweep(model_path, device)
     judge = load_judge_for(loaded.source_path, judge_dir)

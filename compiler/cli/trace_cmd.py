@@ -49,14 +49,15 @@ def trace_command(model_path, prompt, subject, seeds, steps, guidance, resolutio
     Corrupts SUBJECT's token embeddings, restores one clean state at a time (text encoder:
     every layer x token; UNet: every block) and measures how much of the subject comes back in
     the images (Basu et al. 2023)."""
-    from compiler.export.atomic import atomic_output_dir, check_output_path
+    from compiler.cli.locate_cmd import claim_sweep_output
+    from compiler.io import atomic_output_dir
     from compiler.locate.cache import slug
     from compiler.locate.distributed import current_process_group
     from compiler.locate.scoring import load_judge_for
     from compiler.locate.trace import TEXT_COMPONENTS, trace_text_encoder, trace_unet, write_trace_outputs
 
     out = Path(out_dir) if out_dir else default_out("trace", slug(subject))
-    check_output_path(out, force=force)
+    claim_sweep_output(out, force, model_path)
     seed_list = parse_seed_list(seeds)
     component_list = tuple(c.strip() for c in components.split(",") if c.strip())
     bad = [c for c in component_list if c not in TEXT_COMPONENTS]

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from compiler.cli import main
-from compiler.errors import GateFailed, UserError
+from compiler.errors import GateFailed
 
 
 @main.command("verify")
@@ -48,12 +48,13 @@ def verify_command(recipe_path, edited, base, clip, clip_x100, report_dir, force
     from compiler.verify.report import HTML_NAME, JSON_NAME, JUNIT_NAME
 
     recipe = load_recipe(recipe_path)
-    if report_dir is not None and not force:
-        # Fail on existing reports before minutes of generation, not after.
+    if report_dir is not None:
+        from compiler.io import check_output_path, input_paths
+
+        # Fail on existing reports (or reports over an input) before minutes of generation.
         for name in (JSON_NAME, JUNIT_NAME, HTML_NAME):
-            if (Path(report_dir) / name).exists():
-                raise UserError(f"{Path(report_dir) / name}: already exists; pass --force to overwrite the "
-                                "reports or choose another --report")
+            check_output_path(Path(report_dir) / name, force=force, kind="file",
+                              inputs=input_paths(recipe_path, base, clip))
     report = verify_paths(recipe, edited=edited, base=base, clip=clip, device=device, progress=not quiet,
                           seeds=seeds, steps=steps, guidance=guidance, clip_scale=100.0 if clip_x100 else 1.0,
                           prompts_per_group=prompts_per_group or DEFAULT_PROMPTS_PER_GROUP)

@@ -6,5 +6,6 @@
 - ``onnx``: per-component ONNX graphs checked against PyTorch with onnxruntime.
 - ``onnx_pipeline``: text-to-image on onnxruntime alone (numpy DDIM, classifier-free guidance).
 - ``provenance``: the ``editc.*`` metadata every artifact carries.
-- ``atomic``: temporary-then-rename writes that never overwrite without ``force``.
+
+Every file is written through ``compiler.io`` (atomic, locked, never onto an input).
 """

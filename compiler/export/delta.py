@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from compiler.errors import UserError
-from compiler.export.atomic import atomic_output_dir, atomic_output_file
+from compiler.io import atomic_output_dir, atomic_output_file
 from compiler.export.provenance import check_provenance
 from compiler.export.single_file import (SAFETENSORS_DTYPES, SafetensorsTable, export_single_file,
                                         from_original_value, original_names, patch_safetensors_copy,
@@ -216,7 +216,7 @@ def patch_diffusers_folder(source: Path, edited: Mapping[str, torch.Tensor], out
     provenance added to their metadata); every other file is hard-linked (copied where links
     are refused). Every edited tensor must land in some file.
     """
-    from compiler.export.diffusers_folder import link_or_copy
+    from compiler.io import link_or_copy
 
     by_component: dict[str, dict[str, torch.Tensor]] = {}
     for qualified, value in edited.items():

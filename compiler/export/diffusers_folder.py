@@ -1,57 +1,24 @@
 """Write an edited model as a diffusers folder, touching only what changed.
 
-Components whose tensors did not change are hard-linked from the source folder (copied when
-the filesystem refuses links); a component with edited tensors gets its weight file rewritten
-with the same keys, order, dtypes and metadata, every other tensor bit-identical. The output
-is assembled in a temporary folder beside the target and renamed into place, so a reader never
-sees half a model, and the source is never opened for writing.
+Files that did not change are placed by ``compiler.io.link_or_copy`` (a reflink, a hard link
+for large weight files only, else a copy: an output's configs never share an inode with the
+input's); a component with edited tensors gets its weight file rewritten
+with the same keys, order, dtypes and metadata, every other tensor bit-identical. The caller
+(``compiler.io``) assembles the output in a temporary folder beside the target and renames it
+into place, so a reader never sees half a model; the source is never opened for writing.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from compiler.errors import UserError
 from compiler.export.single_file import SAFETENSORS_DTYPES, SafetensorsTable, patch_safetensors_copy
 from compiler.fuse import split_name
-
-
-def prepare_output_dir(out: Path, force: bool) -> Path:
-    """A fresh temporary folder beside ``out``; refuses an existing ``out`` without force."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out}: already exists; pass --force to overwrite it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return tmp
-
-
-def commit_output_dir(tmp: Path, out: Path) -> None:
-    """Move the finished temporary folder into place (replacing ``out`` when forced)."""
-    out = Path(out)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
-def link_or_copy(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+from compiler.io import link_or_copy, write_atomically
 
 
 def _patch_safetensors(src: Path, dst: Path, replacements: dict[str, torch.Tensor],
@@ -117,4 +84,4 @@ def write_diffusers_folder(source: Path, new_tensors: dict[str, torch.Tensor], t
 
 
 def write_manifest(tmp: Path, manifest: dict) -> None:
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+    write_atomically(Path(tmp) / "manifest.json", json.dumps(manifest, indent=2, sort_keys=False) + "\n", force=True)

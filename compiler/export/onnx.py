@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from compiler.errors import GateFailed, UserError
-from compiler.export.atomic import atomic_output_dir, check_output_path
+from compiler.io import atomic_output_dir, check_output_path
 from compiler.export.provenance import check_provenance
 
 log = logging.getLogger(__name__)

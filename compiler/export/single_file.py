@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from compiler.errors import UserError
-from compiler.export.atomic import atomic_output_file
+from compiler.io import atomic_output_file
 from compiler.export.provenance import check_provenance
 
 # safetensors dtype names <-> torch dtypes

@@ -14,8 +14,6 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -362,24 +360,6 @@ def html_report(report: VerifyReport) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; reports are for reading
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def write_reports(report: VerifyReport, directory: str | Path, *, force: bool = False) -> dict[str, Path]:
     """Write verify.json, junit.xml and report.html into ``directory`` (created if needed).
 
@@ -392,8 +372,9 @@ def write_reports(report: VerifyReport, directory: str | Path, *, force: bool = 
     existing = [p for p in paths.values() if p.exists()]
     if existing and not force:
         raise UserError(f"{existing[0]}: already exists; pass --force to overwrite the reports or choose another --report")
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_atomically(paths["json"], json.dumps(report.to_dict(), indent=2) + "\n")
-    _write_atomically(paths["junit"], junit_xml(report))
-    _write_atomically(paths["html"], html_report(report))
+    from compiler.io import write_atomically
+
+    write_atomically(paths["json"], json.dumps(report.to_dict(), indent=2) + "\n", force=True)
+    write_atomically(paths["junit"], junit_xml(report), force=True)
+    write_atomically(paths["html"], html_report(report), force=True)
     return paths
