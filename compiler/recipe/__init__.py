@@ -1,0 +1,84 @@
+"""Recipes: the declarative file that says what knowledge to remove or update.
+
+The package: :mod:`~compiler.recipe.schema` (the dataclasses), :mod:`~compiler.recipe.parse`
+(reading YAML/TOML), :mod:`~compiler.recipe.validate` (what the data means).
+
+A recipe is a YAML (``.yaml``/``.yml``) or TOML (``.toml``) file. It is read into frozen,
+typed dataclasses (:class:`Recipe`, :class:`Edit`, :class:`Outputs`, :class:`VerifyGates`)
+and validated completely before anything heavy runs. Every mistake raises
+:class:`~compiler.errors.UserError` with one line of the form::
+
+    <file>: <field path>: <what is wrong and what would be valid>
+
+e.g. ``recipes/x.yaml: edits[2].attribute: 'colour' is not one of style, object, fact``.
+Syntax errors name the line instead of a field path.
+
+The schema (every key except ``edits`` and each edit's ``concept``/``replacement``/``attribute``
+is optional)::
+
+    model: toy                 # "toy" (the embedded toy world) or a path to a diffusers folder
+                               # or single-file checkpoint (relative to the current directory)
+    lambda: 0.01               # ridge strength λ of the closed-form solve (> 0); default 0.01
+    preserve: [monet]          # concepts every edit must leave unchanged (preservation rows)
+    edits:
+      - concept: van gogh      # text to find in prompts: its last token is what gets remapped
+        replacement: a painting  # what the concept should now mean
+        attribute: style       # style | object | fact   (chooses prompt templates and gates)
+        method: auto           # auto | locoedit | quickfix | neurons
+        layers: auto           # auto | default | [8, 9]   (UNet cross-attention indices)
+        prompts: ["a van gogh sunflower field"]   # extra prompts containing the concept
+        lambda: 0.01           # overrides the top-level lambda for this edit's rows
+        preserve: [mondrian]   # more concepts to keep put, for this edit
+        eos: true              # also remap the end-of-text token (default: true, except
+                               # quickfix at v_proj, where later tokens read the edit anyway)
+        neurons_top_k: 50      # method neurons only: how many K/V output neurons to ablate
+        site: v_proj           # method quickfix only: out_proj (the paper's) | v_proj
+    outputs:
+      dir: out/van_gogh        # default output folder (``editc compile --out`` overrides)
+      formats: [diffusers]     # any of diffusers, single-file, delta, onnx
+    verify:
+      enabled: false           # run the verify gates right after compile
+      seeds: 4
+      steps: 25
+      efficacy_max_accuracy: 0.2
+      fact_min_accuracy: 0.7
+      specificity_max_drop: 0.05
+
+Methods (Basu et al., ICLR 2024 and ICML 2024):
+
+- ``locoedit``: closed-form update of the UNet cross-attention ``to_k``/``to_v`` weights of the
+  located layers, so that the concept's token embedding produces what the old weights gave the
+  replacement's embedding.
+- ``quickfix`` (Diff-QuickFix): closed-form update of the text encoder's layer-0 self-attention;
+  no UNet layers are involved, so ``layers`` must not be given. ``site`` says which projection:
+  ``out_proj`` (the paper's, the default) or ``v_proj``, whose keys are the layer's inputs
+  mixed by its own attention weights. Where layer 0 already resolves a fact (the concept's
+  ``out_proj`` input is close to its old answer's), only ``v_proj`` can tell the two apart.
+- ``neurons``: ablate the ``neurons_top_k`` K/V output neurons of the located layers whose
+  activations differ most (z-score) between prompts with and without the concept.
+- ``auto``: compile picks per model family and attribute and reports what it picked
+  (facts on single-text-encoder models: ``quickfix`` at ``v_proj``; everything else:
+  ``locoedit``).
+
+Layers: ``auto`` uses the papers' known location for a known model family, else a cached or
+fresh LocoGen localisation; ``default`` insists on the known location (compile fails when the
+family has none); a list names the cross-attention layers by the papers' index (position in
+the sorted list of ``attn2`` module names: 0..15 on SD-1.x/2.x and the toy model, 0..69 on
+SD-XL). For ``quickfix`` the parsed value is ``None``.
+"""
+
+from __future__ import annotations
+
+from compiler.recipe.parse import load_recipe, loads_recipe
+from compiler.recipe.schema import (ATTRIBUTES, DEFAULT_LAMBDA, DEFAULT_MODEL, DEFAULT_NEURONS_TOP_K,
+                                    LAYER_KEYWORDS, METHODS, OUTPUT_FORMATS, QUICKFIX_SITES,
+                                    RECIPE_SUFFIXES, TOY_CROSS_ATTENTION_LAYERS, Edit, Outputs, Recipe,
+                                    VerifyGates, default_eos)
+from compiler.recipe.validate import parse_recipe
+
+__all__ = [
+    "ATTRIBUTES", "DEFAULT_LAMBDA", "DEFAULT_MODEL", "DEFAULT_NEURONS_TOP_K", "LAYER_KEYWORDS",
+    "METHODS", "OUTPUT_FORMATS", "QUICKFIX_SITES", "RECIPE_SUFFIXES", "TOY_CROSS_ATTENTION_LAYERS",
+    "Edit", "Outputs", "Recipe", "VerifyGates", "default_eos", "load_recipe", "loads_recipe",
+    "parse_recipe",
+]

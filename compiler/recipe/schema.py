@@ -1,0 +1,151 @@
+"""The recipe's schema: frozen, typed dataclasses and the constants that bound their values.
+
+See :mod:`compiler.recipe` for the file format these describe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ATTRIBUTES = ("style", "object", "fact")
+METHODS = ("auto", "locoedit", "quickfix", "neurons")
+OUTPUT_FORMATS = ("diffusers", "single-file", "delta", "onnx")
+LAYER_KEYWORDS = ("auto", "default")
+RECIPE_SUFFIXES = (".yaml", ".yml", ".toml")
+
+DEFAULT_MODEL = "toy"
+DEFAULT_LAMBDA = 0.01  # both papers use λ = 0.01
+DEFAULT_NEURONS_TOP_K = 50  # ICML 2024 ablates 30/50/100 of SD-1.5's 1280 neurons
+QUICKFIX_SITES = ("out_proj", "v_proj")  # which projection of the text encoder's layer-0 attention
+# The embedded toy model has SD-1.5's block layout: 16 cross-attention layers.
+TOY_CROSS_ATTENTION_LAYERS = 16
+
+
+@dataclass(frozen=True, kw_only=True)
+class Edit:
+    """One piece of knowledge to change: prompts with ``concept`` should behave as with
+    ``replacement``.
+
+    ``layers`` is ``"auto"``, ``"default"``, a tuple of cross-attention layer indices, or
+    ``None`` for ``method="quickfix"`` (which edits the text encoder, not the UNet).
+    ``lambda_`` is ``None`` when the edit inherits the recipe's λ. ``preserve`` lists only this
+    edit's own preserved concepts; :meth:`Recipe.preserve_for` adds the global ones.
+    """
+
+    concept: str
+    replacement: str
+    attribute: str
+    method: str = "auto"
+    layers: str | tuple[int, ...] | None = "auto"
+    prompts: tuple[str, ...] = ()
+    lambda_: float | None = None
+    preserve: tuple[str, ...] = ()
+    eos: bool | None = None  # None: the method's default (see ``default_eos``)
+    neurons_top_k: int = DEFAULT_NEURONS_TOP_K
+    site: str | None = None  # quickfix only; None: out_proj, or what ``auto`` picks
+
+
+def default_eos(method: str, site: str | None) -> bool:
+    """Whether an edit remaps the end-of-text token when its recipe does not say.
+
+    UNet K/V and ``out_proj`` edits read states that already summarise the prompt, so EOS (and
+    padding) must move too. At layer 0's ``v_proj`` the EOS row is mostly the tokens around the
+    concept (a style, a setting): remapping it drags them along, and every later position
+    already reads the concept's edited value through attention (measured on the toy world,
+    ``bench/fact_probe.py --eos``: king charles for the monarch in 11/16 images with EOS rows,
+    14/16 without, and his own prompts 14 → 12/16 with them).
+    """
+    return not (method == "quickfix" and site == "v_proj")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Outputs:
+    """Where compile writes, and in which formats.
+
+    ``dir`` is ``None`` when the recipe leaves it to ``editc compile --out``. ``formats`` is a
+    non-empty tuple of ``diffusers`` (a diffusers folder), ``single-file`` (the original
+    single-file checkpoint layout, A1111/ComfyUI), ``delta`` (only the edited tensors) and
+    ``onnx`` (per-component ONNX folders).
+    """
+
+    dir: str | None = None
+    formats: tuple[str, ...] = ("diffusers",)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifyGates:
+    """Thresholds of ``editc verify`` (exit 1 when one fails). Accuracies are the judge's
+    zero-shot accuracies in [0, 1] on images generated with fixed seeds.
+
+    - ``enabled``: run the gates right after ``editc compile``.
+    - ``seeds``: seeds per prompt; ``steps``: sampler steps; ``guidance_scale``:
+      classifier-free guidance scale (``None``: the model's usual value).
+    - ``efficacy_max_accuracy``: style/object edits pass when the judge recognises the concept
+      in at most this fraction of the edited model's images for the concept's prompts.
+    - ``fact_min_accuracy``: fact edits pass when the replacement (the new fact) is recognised
+      in at least this fraction.
+    - ``generalization_max_accuracy``: like efficacy, on held-out paraphrases the solve never
+      saw; ``None`` reports it without gating.
+    - ``specificity_max_drop``: accuracy on neighbouring concepts (``neighbours``, the
+      preserve lists and a generic set) may fall by at most this much versus the base model.
+    - ``neighbours``: extra concepts to check for specificity.
+    """
+
+    enabled: bool = False
+    seeds: int = 4
+    steps: int = 25
+    guidance_scale: float | None = None
+    efficacy_max_accuracy: float = 0.2
+    fact_min_accuracy: float = 0.7
+    generalization_max_accuracy: float | None = None
+    specificity_max_drop: float = 0.05
+    neighbours: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """A validated recipe. ``path`` is the file as given; ``sha256`` hashes its exact bytes
+    (provenance metadata of every artifact records it)."""
+
+    path: str
+    model: str = DEFAULT_MODEL
+    edits: tuple[Edit, ...]
+    outputs: Outputs = field(default_factory=Outputs)
+    verify: VerifyGates = field(default_factory=VerifyGates)
+    preserve: tuple[str, ...] = ()
+    lambda_: float = DEFAULT_LAMBDA
+    source_text: str = ""
+    sha256: str = ""
+
+    @property
+    def is_toy_model(self) -> bool:
+        return self.model == DEFAULT_MODEL
+
+    def lambda_for(self, edit: Edit) -> float:
+        """The λ of this edit's rows: its own, else the recipe's."""
+        return self.lambda_ if edit.lambda_ is None else edit.lambda_
+
+    def preserve_for(self, edit: Edit) -> tuple[str, ...]:
+        """Global preserved concepts followed by the edit's own, without duplicates."""
+        return tuple(dict.fromkeys(self.preserve + edit.preserve))
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready description (for ``--json`` and manifests); no source text."""
+        data = dataclasses.asdict(self)
+        data.pop("source_text")
+        data["lambda"] = data.pop("lambda_")
+        for edit in data["edits"]:
+            edit["lambda"] = edit.pop("lambda_")
+            if isinstance(edit["layers"], tuple):
+                edit["layers"] = list(edit["layers"])
+        return _tuples_to_lists(data)
+
+
+def _tuples_to_lists(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _tuples_to_lists(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tuples_to_lists(item) for item in value]
+    return value
