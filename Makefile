@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: demo test bench train-toy clean
+.PHONY: demo test bench train-toy interop clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,5 +28,18 @@ bench: $(VENV)/.installed
 train-toy: $(VENV)/.installed
 	$(PY) -m compiler.toy.train --workdir .toy-train --out compiler/toy/weights
 
+# The ONNX clients users deploy on, in a side venv: optimum's ORT pipelines need transformers < 5.
+INTEROP_VENV := .venv-interop
+$(INTEROP_VENV)/.installed: tools/interop/requirements.txt tools/interop/constraints.txt
+	$(PYTHON) -m venv $(INTEROP_VENV)
+	$(INTEROP_VENV)/bin/pip install -q --upgrade pip
+	# The local CPU wheel of torch 2.13.0 first, then pinned by constraints.txt so nothing pulls another.
+	$(INTEROP_VENV)/bin/pip install -q torch==2.13.0
+	$(INTEROP_VENV)/bin/pip install -q -c tools/interop/constraints.txt -r tools/interop/requirements.txt
+	touch $@
+
+interop: $(VENV)/.installed $(INTEROP_VENV)/.installed
+	$(PY) tools/interop/check.py --side-python $(INTEROP_VENV)/bin/python --out out/interop
+
 clean:
-	rm -rf $(VENV) out .pytest_cache
+	rm -rf $(VENV) $(INTEROP_VENV) out .pytest_cache

@@ -501,9 +501,10 @@ def _export_other_formats(loaded, result, formats, tmp, out, provenance, outputs
         export_delta(result.new_tensors, loaded, path, provenance)
         outputs["delta"] = str(out / path.name)
     if "onnx" in formats:
-        from compiler.export.onnx import export_onnx
+        from compiler.export.onnx import export_onnx, weights_as_stored
 
-        exported = export_onnx(loaded.pipeline, tmp / "onnx", provenance=provenance)
+        with weights_as_stored(loaded.pipeline, result.new_tensors, loaded.stored_dtype):
+            exported = export_onnx(loaded.pipeline, tmp / "onnx", provenance=provenance)
         outputs["onnx"] = str(out / "onnx")
         outputs["onnx_max_abs_error"] = exported.max_abs_errors()
 

@@ -18,6 +18,11 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, steps: int = 
     """
     if len(prompts) != len(seeds):
         raise ValueError("prompts and seeds must pair up")
+    from compiler.export.onnx_pipeline import OnnxTextToImage
+
+    if isinstance(pipe, OnnxTextToImage):
+        return _generate_onnx(pipe, prompts, seeds, steps=steps, guidance=guidance, batch=batch,
+                              height=height, width=width)
     out = []
     starts = range(0, len(prompts), batch)
     for i in tqdm(starts, desc=desc, disable=not progress or len(starts) < 2, leave=False):
@@ -26,6 +31,33 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, steps: int = 
                       guidance_scale=guidance, height=height, width=width, output_type="np")
         out.append((np.clip(result.images, 0, 1) * 255 + 0.5).astype(np.uint8))
     return np.concatenate(out) if out else np.zeros((0, 0, 0, 3), np.uint8)
+
+
+def _generate_onnx(runner, prompts: list[str], seeds: list[int], *, steps: int, guidance: float,
+                   batch: int, height: int | None, width: int | None) -> np.ndarray:
+    """The same pairs on onnxruntime, from the initial noise a diffusers pipeline draws for each
+    seed (one CPU generator per image), so a seed means the same picture in both runtimes."""
+    description = runner.description
+    scale = description["vae_scale_factor"]
+    size = description["default_latent_size"]
+    shape = (description["latent_channels"], (height // scale) if height else size, (width // scale) if width else size)
+    latents = np.stack([torch.randn((1, *shape), generator=torch.Generator("cpu").manual_seed(int(s)))[0].numpy()
+                        for s in seeds])
+    if not len(prompts):
+        return np.zeros((0, 0, 0, 3), np.uint8)
+    return runner(list(prompts), latents=latents, steps=steps, guidance=guidance, batch=batch)
+
+
+def load_generator(path_or_toy: str, **load_options):
+    """What ``generate`` and ``verify`` draw with: an ``export_onnx`` folder runs on onnxruntime
+    (``OnnxTextToImage``), anything else loads as a diffusers pipeline."""
+    from compiler.export.onnx_pipeline import OnnxTextToImage, is_onnx_folder
+
+    if is_onnx_folder(path_or_toy):
+        return OnnxTextToImage(path_or_toy)
+    from compiler.models.load import load_model
+
+    return load_model(path_or_toy, **load_options).pipeline
 
 
 def image_grid(images: np.ndarray, cols: int, scale: int = 1) -> np.ndarray:

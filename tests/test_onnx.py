@@ -72,7 +72,7 @@ def test_toy_export_layout_and_parity(toy_onnx):
     assert (folder / "scheduler" / "scheduler_config.json").is_file()
     assert (folder / "tokenizer" / "tokenizer_config.json").is_file()
     index = json.loads((folder / "model_index.json").read_text())
-    assert index["_class_name"] == "OnnxStableDiffusionPipeline"
+    assert index["_class_name"] == "ORTStableDiffusionPipeline"  # optimum's auto classes map it
     assert index["unet"] == ["diffusers", "OnnxRuntimeModel"]
     unet_inputs = _graph_inputs(folder / "unet" / "model.onnx")
     assert unet_inputs["sample"] == ["batch", 4, "height", "width"]
@@ -187,3 +187,115 @@ def test_sdxl_generates_on_onnxruntime_what_pytorch_generates(sdxl_export):
     torch_images = (np.clip(images, 0, 1) * 255 + 0.5).astype(np.uint8)
     assert onnx_images.shape == (2, 64, 64, 3)
     assert np.abs(onnx_images.astype(int) - torch_images.astype(int)).max() <= 2
+
+
+def test_diffusers_onnx_pipeline_loads_the_export_and_matches_pytorch(tmp_path):
+    """diffusers' OnnxStableDiffusionPipeline, on the folder as written: it feeds int32 ids, reads
+    vocab.json/merges.txt through CLIPTokenizer, and must draw what PyTorch draws."""
+    from diffusers import OnnxStableDiffusionPipeline, StableDiffusionPipeline
+
+    from compiler.testing.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd1")
+    export_onnx(pipe, tmp_path / "sd1", external_data_threshold_bytes=0)
+    folder = tmp_path / "sd1"
+    for name in ("vocab.json", "merges.txt"):
+        assert (folder / "tokenizer" / name).stat().st_size > 100_000
+    assert (folder / "unet" / "model.onnx_data").stat().st_mode & 0o777 == \
+        (folder / "unet" / "model.onnx").stat().st_mode & 0o777 == 0o644 & ~_umask()
+    text_encoder = onnx.load(str(folder / "text_encoder" / "model.onnx"), load_external_data=False)
+    assert text_encoder.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.INT32
+    outputs = [o.name for o in text_encoder.graph.output]
+    layers = pipe.text_encoder.config.num_hidden_layers
+    assert outputs == ["last_hidden_state", "pooler_output", *(f"hidden_states.{i}" for i in range(layers + 1))]
+
+    client = OnnxStableDiffusionPipeline.from_pretrained(str(folder), provider="CPUExecutionProvider")
+    client.set_progress_bar_config(disable=True)
+    prompts = ["a red house in the style of van gogh", "a dog"]
+    latents = np.random.default_rng(0).standard_normal((2, 4, 8, 8)).astype(np.float32)
+    images = client(prompts, latents=latents, height=64, width=64, num_inference_steps=4,
+                    guidance_scale=4.0, output_type="np").images
+    reference = StableDiffusionPipeline(**pipe.components)
+    reference.scheduler = type(client.scheduler).from_config(client.scheduler.config)
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(prompts, latents=torch.from_numpy(latents), height=64, width=64, num_inference_steps=4,
+                         guidance_scale=4.0, output_type="np").images
+    assert images.shape == expected.shape == (2, 64, 64, 3)
+    assert np.abs(images - expected).max() * 255 < 0.5  # under half a pixel level
+    assert np.abs(images - images[::-1]).max() * 255 > 10  # the prompts (and seeds) make different images
+
+
+def test_sdxl_text_encoders_expose_hidden_states_and_pooled_first(sdxl_export):
+    """optimum's SD-XL pipeline reads hidden_states.{N-1} and takes output 0 as the pooled
+    embedding when it is 2-D."""
+    pipe, result = sdxl_export
+    for name, encoder, first in (("text_encoder", pipe.text_encoder, "last_hidden_state"),
+                                 ("text_encoder_2", pipe.text_encoder_2, "text_embeds")):
+        graph = onnx.load(str(result.path / name / "model.onnx"), load_external_data=False).graph
+        names = [o.name for o in graph.output]
+        assert names[0] == first
+        assert names[2:] == [f"hidden_states.{i}" for i in range(encoder.config.num_hidden_layers + 1)]
+        first_rank = len(graph.output[0].type.tensor_type.shape.dim)
+        assert first_rank == (2 if name == "text_encoder_2" else 3)
+    index = json.loads((result.path / "model_index.json").read_text())
+    assert index["_class_name"] == "ORTStableDiffusionXLPipeline"
+    assert (result.path / "tokenizer_2" / "merges.txt").is_file()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_generate_and_inspect_accept_an_onnx_folder(toy_onnx, toy_dir, tmp_path):
+    """`editc generate --model ONNX_DIR` runs on onnxruntime from the same per-seed noise as the
+    PyTorch model, so a seed draws the same picture; `editc inspect` describes the graphs."""
+    from PIL import Image
+
+    runner = CliRunner()
+    for model, name in ((str(toy_onnx.path), "onnx.png"), (str(toy_dir), "torch.png")):
+        result = runner.invoke(main, ["generate", "a red circle in the style of van gogh", "a blue square",
+                                      "--seeds", "0-1", "--steps", "10", "--scale", "1", "--model", model,
+                                      "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    onnx_image = np.asarray(Image.open(tmp_path / "onnx.png")).astype(int)
+    torch_image = np.asarray(Image.open(tmp_path / "torch.png")).astype(int)
+    assert onnx_image.shape == torch_image.shape == (64, 64, 3)
+    assert np.abs(onnx_image - torch_image).max() <= 2 and onnx_image.std() > 20
+    result = runner.invoke(main, ["inspect", str(toy_onnx.path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["format"] == "onnx" and report["family"] == "sd1"
+    assert report["components"]["text_encoder"]["inputs"] == {"input_ids": "int32"}
+    assert report["components"]["unet"]["max_abs_error"] < 1e-4
+
+
+def test_verify_runs_an_onnx_edited_model_but_wants_a_pytorch_base(toy_onnx, toy_dir):
+    from compiler.errors import UserError
+    from compiler.verify.run import load_pipeline
+
+    loaded, info = load_pipeline(toy_onnx.path, "edited", "cpu")
+    assert isinstance(loaded.pipeline, OnnxTextToImage) and info.family == "sd1" and len(info.sha256) == 64
+    with pytest.raises(UserError, match="base model must be a PyTorch model"):
+        load_pipeline(toy_onnx.path, "base", "cpu")
+
+
+def test_onnx_of_a_compile_carries_the_weights_as_stored():
+    """compile's ONNX is exported from the edited tensors rounded to the checkpoint's dtype, as
+    its diffusers folder and single file store them, not from the float32 solve."""
+    from compiler.export.onnx import weights_as_stored
+    from compiler.testing.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd1")
+    name = "unet/down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    parameter = pipe.unet.get_parameter(name.split("/", 1)[1])
+    solved = parameter.detach() + torch.randn_like(parameter) * 1e-3
+    with torch.no_grad():
+        parameter.copy_(solved)  # what fuse leaves in memory
+    with weights_as_stored(pipe, {name: solved}, torch.float16):
+        assert torch.equal(parameter, solved.half().float())
+        assert not torch.equal(parameter, solved)
+    assert torch.equal(parameter, solved)
+    with weights_as_stored(pipe, {name: solved}, torch.float32):
+        assert torch.equal(parameter, solved)

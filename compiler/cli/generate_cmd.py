@@ -27,7 +27,7 @@ def parse_seeds(text: str) -> list[int]:
 
 @main.command("generate")
 @click.argument("prompts", nargs=-1, required=True)
-@click.option("--model", "model_path", default="toy", show_default=True, help="Model folder, single file, or 'toy'.")
+@click.option("--model", "model_path", default="toy", show_default=True, help="Model folder, single file, ONNX export folder (runs on onnxruntime), or 'toy'.")
 @click.option("--seed", "--seeds", "seeds", default="0", show_default=True, help="Seed, range (0-7) or list (1,5,9).")
 @click.option("--steps", default=25, show_default=True, help="DDIM steps.")
 @click.option("--guidance", default=4.0, show_default=True, help="Classifier-free guidance scale.")
@@ -39,15 +39,14 @@ def generate_command(prompts, model_path, seeds, steps, guidance, scale, out_pat
     (one row per prompt, one column per seed)."""
     from PIL import Image
 
-    from compiler.generate import generate_images, image_grid
+    from compiler.generate import generate_images, image_grid, load_generator
     from compiler.io import claim_output, input_paths
-    from compiler.models.load import load_model
 
     seed_list = parse_seeds(seeds)
     if not out_path.lower().endswith(".png"):
         raise UserError(f"--out: {out_path!r} must end in .png")
     with claim_output(out_path, force=force, inputs=input_paths(model_path), kind="file") as claim:
-        pipe = load_model(model_path).pipeline
+        pipe = load_generator(model_path)
         pipe.set_progress_bar_config(disable=True)
         all_prompts = [p for p in prompts for _ in seed_list]
         all_seeds = [s for _ in prompts for s in seed_list]

@@ -77,6 +77,60 @@ def inspect_report(model: str, load: bool = False, prediction_type: str | None =
     }
 
 
+def onnx_report(folder: str) -> dict:
+    """What ``editc inspect`` shows for an ``export_onnx`` folder: read with onnx and
+    onnxruntime's metadata only (no graph is run)."""
+    from pathlib import Path
+
+    import onnx
+
+    from compiler.export.onnx_pipeline import OnnxTextToImage
+
+    runner = OnnxTextToImage(folder, providers=("CPUExecutionProvider",))
+    description = runner.description
+    index = json.loads((Path(folder) / "model_index.json").read_text())
+    graphs = {}
+    for name, info in description["components"].items():
+        model = onnx.load(str(Path(folder) / info["file"]), load_external_data=False)
+        graphs[name] = {
+            "dtype": info["dtype"], "exporter": info["exporter"], "external_data": info["external_data"],
+            "inputs": {i.name: onnx.TensorProto.DataType.Name(i.type.tensor_type.elem_type).lower()
+                       for i in model.graph.input},
+            "outputs": [o.name for o in model.graph.output],
+            "max_abs_error": (description.get("parity") or {}).get(name, {}).get("max_abs_error"),
+        }
+    return {
+        "path": str(folder), "format": "onnx", "family": description["family"],
+        "family_title": FAMILIES[description["family"]].title,
+        "format_version": description.get("format_version"), "pipeline_class": index.get("_class_name"),
+        "model_hash": runner.content_hash(), "dtype": description["dtype"], "opset": description["opset"],
+        "providers": list(runner.providers), "base_model_sha256": description.get("base_model_sha256"),
+        "components": graphs, "provenance": description.get("provenance") or {},
+    }
+
+
+def format_onnx_report(report: dict) -> str:
+    lines = [
+        f"model       {report['path']}",
+        f"format      onnx (editc format {report['format_version']}, opset {report['opset']}, "
+        f"{report['dtype']}; model_index _class_name {report['pipeline_class']})",
+        f"family      {report['family']}: {report['family_title']}",
+        f"hash        sha256:{report['model_hash']} (all files)",
+        f"base model  sha256:{report['base_model_sha256'] or 'unknown'}",
+        f"runs on     onnxruntime: {', '.join(report['providers'])}",
+        "",
+    ]
+    rows = []
+    for name, graph in report["components"].items():
+        error = graph["max_abs_error"]
+        rows.append([name, graph["dtype"], ", ".join(f"{k}:{v}" for k, v in graph["inputs"].items()),
+                     str(len(graph["outputs"])), "-" if error is None else f"{error:.2g}"])
+    lines += _table(rows, ["graph", "dtype", "inputs", "outputs", "parity (max abs error)"])
+    lines.append("")
+    lines += provenance_lines(report["provenance"])
+    return "\n".join(lines)
+
+
 def format_report(report: dict) -> str:
     lines = [
         f"model       {report['path']}",
@@ -143,11 +197,18 @@ def format_report(report: dict) -> str:
 def inspect_command(model: str, as_json: bool, load: bool, prediction_type: str | None) -> None:
     """Show MODEL's family, format, hash and layer registry.
 
-    MODEL is 'toy' (the default), a diffusers folder, or an original single-file checkpoint
-    (.safetensors/.ckpt). The registry lists every UNet cross-attention layer with the papers'
+    MODEL is 'toy' (the default), a diffusers folder, an original single-file checkpoint
+    (.safetensors/.ckpt), or an ONNX folder from `editc export onnx` (its graphs, dtypes,
+    parity and provenance). The registry lists every UNet cross-attention layer with the papers'
     index and its K/V weight names in both checkpoint layouts, and each text encoder's layer-0
     self-attention output projection.
     """
+    from compiler.export.onnx_pipeline import is_onnx_folder
+
+    if is_onnx_folder(model):
+        report = onnx_report(model)
+        click.echo(json.dumps(report, indent=2) if as_json else format_onnx_report(report))
+        return
     report = inspect_report(model, load=load, prediction_type=prediction_type)
     if as_json:
         click.echo(json.dumps(report, indent=2))

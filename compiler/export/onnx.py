@@ -9,9 +9,16 @@ measured at export time and the edit's provenance.
 
 Components and their graphs (all axes named below are dynamic):
 
-- ``text_encoder`` (and ``text_encoder_2`` for SD-XL): ``input_ids`` int64 (batch, sequence)
-  -> ``last_hidden_state`` (batch, sequence, width), ``pooled_output`` (batch, width or
-  projection) and ``penultimate_hidden_state`` (SD-XL conditions on the second-to-last layer).
+- ``text_encoder`` (and ``text_encoder_2`` for SD-XL): ``input_ids`` int32 (batch, sequence)
+  -> the outputs optimum's exporter names, in its order: ``last_hidden_state``,
+  ``pooler_output`` for a ``CLIPTextModel``; ``text_embeds`` (the 2-D pooled projection, first:
+  diffusers' SD-XL pipeline takes output 0 as the pooled embedding when it is 2-D),
+  ``last_hidden_state`` for a ``CLIPTextModelWithProjection``; then ``hidden_states.0`` …
+  ``hidden_states.N`` (the embeddings and each of the N layers' outputs, before the final layer
+  norm: SD-XL conditions on ``hidden_states.{N-1}``). int32 because diffusers'
+  ``OnnxStableDiffusionPipeline`` feeds int32 ids and rejects an int64 graph, while optimum's
+  ORT pipelines cast the ids to whatever type the graph declares; the graph casts to int64
+  inside for the embedding lookup.
 - ``unet``: ``sample`` (batch, channels, height, width), ``timestep`` float32 (timestep_batch:
   1 or batch; batch for a dynamo-exported graph), ``encoder_hidden_states`` (batch, sequence, context) [, SD-XL's ``text_embeds``
   (batch, pooled) and ``time_ids`` (batch, 6)] -> ``out_sample``. Height and width must be
@@ -40,6 +47,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import tempfile
 import time
 import warnings
@@ -66,7 +74,7 @@ TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 EXPORTERS = ("torchscript", "dynamo")
 FORMAT = "editc-onnx"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optimum's text-encoder outputs, int32 input_ids, ORT class names
 
 
 class OnnxParityError(GateFailed):
@@ -79,16 +87,32 @@ class OnnxParityError(GateFailed):
 
 
 class TextEncoderGraph(torch.nn.Module):
-    """input_ids -> last hidden state, pooled output, penultimate hidden state."""
+    """input_ids -> the outputs of ``text_encoder_outputs`` (optimum's names and order)."""
 
     def __init__(self, encoder: torch.nn.Module):
         super().__init__()
         self.encoder = encoder
 
     def forward(self, input_ids):
-        output = self.encoder(input_ids=input_ids, output_hidden_states=True)
-        pooled = output.text_embeds if hasattr(output, "text_embeds") else output.pooler_output
-        return output.last_hidden_state, pooled, output.hidden_states[-2]
+        output = self.encoder(input_ids=input_ids.to(torch.int64), output_hidden_states=True)
+        if hasattr(output, "text_embeds"):
+            first = (output.text_embeds, output.last_hidden_state)
+        else:
+            first = (output.last_hidden_state, output.pooler_output)
+        return (*first, *output.hidden_states)
+
+
+def text_encoder_outputs(encoder: torch.nn.Module) -> list[str]:
+    """The output names of a text encoder's graph: optimum's, in optimum's order."""
+    with_projection = "WithProjection" in type(encoder).__name__
+    first = ["text_embeds", "last_hidden_state"] if with_projection else ["last_hidden_state", "pooler_output"]
+    return first + [f"hidden_states.{i}" for i in range(encoder.config.num_hidden_layers + 1)]
+
+
+def penultimate_output(output_names: list[str]) -> str:
+    """The hidden state SD-XL conditions on: the second-to-last layer's output."""
+    layers = [name for name in output_names if name.startswith("hidden_states.")]
+    return layers[-2]
 
 
 class UNetGraph(torch.nn.Module):
@@ -163,20 +187,21 @@ def _generator(seed: int) -> torch.Generator:
 def _token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
     length = min(int(tokenizer.model_max_length), 77)
     return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                     return_tensors="pt").input_ids.to(torch.int64)
+                     return_tensors="pt").input_ids.to(torch.int32)
 
 
 PARITY_PROMPTS = ("a photograph of an astronaut riding a horse", "a red house in the style of van gogh")
 
 
-def _text_encoder_graph(name: str, tokenizer) -> ComponentGraph:
+def _text_encoder_graph(name: str, tokenizer, encoder: torch.nn.Module) -> ComponentGraph:
     batch_axes = {0: "batch", 1: "sequence"}
+    outputs = text_encoder_outputs(encoder)
+    axes = {"input_ids": batch_axes}
+    for output in outputs:
+        axes[output] = {0: "batch"} if output in ("pooler_output", "text_embeds") else batch_axes
     return ComponentGraph(
         name=name, source_component=name, make_graph=TextEncoderGraph,
-        input_names=["input_ids"],
-        output_names=["last_hidden_state", "pooled_output", "penultimate_hidden_state"],
-        dynamic_axes={"input_ids": batch_axes, "last_hidden_state": batch_axes,
-                      "pooled_output": {0: "batch"}, "penultimate_hidden_state": batch_axes},
+        input_names=["input_ids"], output_names=outputs, dynamic_axes=axes,
         cases=[{"input_ids": _token_ids(tokenizer, list(PARITY_PROMPTS))},
                {"input_ids": _token_ids(tokenizer, [""])}],
     )
@@ -245,9 +270,9 @@ def _vae_graphs(pipeline, family: str) -> list[ComponentGraph]:
 
 def component_graphs(pipeline, family: str) -> list[ComponentGraph]:
     """The graphs of a pipeline, in export order, with their fixed parity inputs."""
-    graphs = [_text_encoder_graph("text_encoder", pipeline.tokenizer)]
+    graphs = [_text_encoder_graph("text_encoder", pipeline.tokenizer, pipeline.text_encoder)]
     if family == "sdxl":
-        graphs.append(_text_encoder_graph("text_encoder_2", pipeline.tokenizer_2))
+        graphs.append(_text_encoder_graph("text_encoder_2", pipeline.tokenizer_2, pipeline.text_encoder_2))
     graphs.append(_unet_graph(pipeline))
     graphs.extend(_vae_graphs(pipeline, family))
     return graphs
@@ -364,6 +389,9 @@ def _finalize_onnx(scratch_file: Path, final_file: Path, metadata: Mapping[str, 
     else:
         onnx.save_model(model, str(final_file))
     onnx.checker.check_model(str(final_file))
+    if external:
+        # onnx writes its external data file 0600; readers of the folder need it like model.onnx
+        os.chmod(final_file.parent / EXTERNAL_DATA_FILE, stat.S_IMODE(final_file.stat().st_mode))
     return EXTERNAL_DATA_FILE if external else None
 
 
@@ -450,6 +478,17 @@ def _export_graph(pipeline, graph: ComponentGraph, dtype_name: str, out_folder: 
     }
 
 
+# ``_class_name`` decides which auto-loader finds the folder; explicit classes ignore it.
+# optimum's ``ORTDiffusionPipeline``/``ORTPipelineForText2Image`` map only optimum's class names
+# (or the PyTorch pipeline's), and diffusers' ``DiffusionPipeline.from_pretrained`` maps only
+# diffusers' names: no one name serves both auto-loaders. The ORT name wins, since diffusers'
+# ONNX pipeline class (SD-1/2 only, deprecated upstream) is always named explicitly in its
+# documentation: ``OnnxStableDiffusionPipeline.from_pretrained(folder)`` loads this folder
+# whatever ``_class_name`` says, while ``DiffusionPipeline.from_pretrained(folder)`` does not.
+PIPELINE_CLASS_NAMES = {"sd1": "ORTStableDiffusionPipeline", "sd2": "ORTStableDiffusionPipeline",
+                        "sdxl": "ORTStableDiffusionXLPipeline"}
+
+
 def _model_index(pipeline, family: str) -> dict:
     import diffusers
 
@@ -458,7 +497,7 @@ def _model_index(pipeline, family: str) -> dict:
         return [module, type(component).__name__]
 
     index = {
-        "_class_name": "ORTStableDiffusionXLPipeline" if family == "sdxl" else "OnnxStableDiffusionPipeline",
+        "_class_name": PIPELINE_CLASS_NAMES[family],
         "_diffusers_version": diffusers.__version__,
         "scheduler": library_of(pipeline.scheduler),
         "text_encoder": ["diffusers", "OnnxRuntimeModel"],
@@ -470,18 +509,64 @@ def _model_index(pipeline, family: str) -> dict:
     if family == "sdxl":
         index["text_encoder_2"] = ["diffusers", "OnnxRuntimeModel"]
         index["tokenizer_2"] = library_of(pipeline.tokenizer_2)
+        index["force_zeros_for_empty_prompt"] = bool(getattr(pipeline.config, "force_zeros_for_empty_prompt", True))
     else:
         index.update({"feature_extractor": [None, None], "safety_checker": [None, None],
                       "requires_safety_checker": False})
     return dict(sorted(index.items()))
 
 
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """``save_pretrained`` plus ``vocab.json`` and ``merges.txt``.
+
+    transformers 5 saves only ``tokenizer.json``; transformers 4's ``CLIPTokenizer`` (which
+    optimum's ORT pipelines load, as named in ``model_index.json``) needs the BPE files. The
+    fast tokenizer's BPE model writes them: for CLIP they equal OpenAI's files, ids included.
+    """
+    tokenizer.save_pretrained(str(folder))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    model = getattr(backend, "model", None)
+    if model is not None and type(model).__name__ == "BPE":
+        model.save(str(folder))
+    if not ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()):
+        raise UserError(f"{folder}: tokenizer {type(tokenizer).__name__} wrote no vocab.json and "
+                        f"merges.txt; the ONNX clients need a CLIP BPE tokenizer")
+
+
 def _save_configs(pipeline, family: str, folder: Path) -> None:
     pipeline.scheduler.save_pretrained(str(folder / "scheduler"))
-    pipeline.tokenizer.save_pretrained(str(folder / "tokenizer"))
+    save_tokenizer(pipeline.tokenizer, folder / "tokenizer")
     if family == "sdxl":
-        pipeline.tokenizer_2.save_pretrained(str(folder / "tokenizer_2"))
+        save_tokenizer(pipeline.tokenizer_2, folder / "tokenizer_2")
     (folder / "model_index.json").write_text(json.dumps(_model_index(pipeline, family), indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def weights_as_stored(pipeline, new_tensors: Mapping[str, torch.Tensor],
+                      stored_dtype: torch.dtype | None) -> Iterator[None]:
+    """Hold the edited tensors in ``pipeline`` as a checkpoint of ``stored_dtype`` stores them
+    while an ONNX export reads the pipeline, so that the ONNX graphs carry exactly the weights
+    that compile's other outputs (diffusers folder, single file, delta) write, not the
+    in-memory float32 solve. The pipeline's own values come back afterwards."""
+    from compiler.fuse import get_parameter
+
+    if stored_dtype is None or not new_tensors:
+        yield
+        return
+    saved = {}
+    with torch.no_grad():
+        for name, value in new_tensors.items():
+            parameter = get_parameter(pipeline, name)
+            if stored_dtype == parameter.dtype:
+                continue
+            saved[name] = parameter.detach().clone()
+            parameter.copy_(value.to(stored_dtype).to(parameter.dtype))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                get_parameter(pipeline, name).copy_(value)
 
 
 @dataclass

@@ -101,18 +101,52 @@ class DDIMSchedule:
         return (alpha_prev**0.5 * original + (1 - alpha_prev) ** 0.5 * epsilon).astype(np.float32)
 
 
-def _token_ids(tokenizer, prompts: list[str]) -> np.ndarray:
+def _token_ids(tokenizer, prompts: list[str], dtype=np.int64) -> np.ndarray:
     length = min(int(tokenizer.model_max_length), 77)
     return tokenizer(prompts, padding="max_length", max_length=length, truncation=True,
-                     return_tensors="np").input_ids.astype(np.int64)
+                     return_tensors="np").input_ids.astype(dtype)
+
+
+class _TextEncoder:
+    """One text encoder's session and the names of what SD-1/2 and SD-XL read from it: the last
+    hidden state, the penultimate one and the pooled output (editc's own names before format 2,
+    optimum's since)."""
+
+    def __init__(self, session):
+        self.session = session
+        self.ids_type = _NUMPY_TYPES[session.get_inputs()[0].type]
+        names = [o.name for o in session.get_outputs()]
+        if "penultimate_hidden_state" in names:  # format 1
+            self.penultimate, self.pooled = "penultimate_hidden_state", "pooled_output"
+        else:
+            self.penultimate = [n for n in names if n.startswith("hidden_states.")][-2]
+            self.pooled = "text_embeds" if "text_embeds" in names else "pooler_output"
+
+    def run(self, outputs: list[str], ids: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(outputs, {"input_ids": ids.astype(self.ids_type)})
+
+
+def is_onnx_folder(path: str | os.PathLike) -> bool:
+    """An ``export_onnx`` folder (what generate, verify and inspect run on onnxruntime)."""
+    return Path(path).is_dir() and (Path(path) / "editc_onnx.json").is_file()
+
+
+def default_providers() -> tuple[str, ...]:
+    """CUDA first when this onnxruntime has it (onnxruntime-gpu), then the CPU."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return tuple(p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available)
 
 
 class OnnxTextToImage:
     """Generate images from an ``export_onnx`` folder on onnxruntime."""
 
-    def __init__(self, folder: str | os.PathLike, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+    def __init__(self, folder: str | os.PathLike, providers: tuple[str, ...] | None = None):
         from transformers import CLIPTokenizer
 
+        providers = providers or default_providers()
+        self.providers = providers
         self.folder = Path(folder)
         description_file = self.folder / "editc_onnx.json"
         if not description_file.is_file():
@@ -122,23 +156,33 @@ class OnnxTextToImage:
         scheduler_config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
         self.schedule = DDIMSchedule.from_config(scheduler_config)
         self.tokenizer = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer"))
-        self.text_encoder = ort_session(self.folder / "text_encoder" / "model.onnx", providers)
+        self.text_encoder = _TextEncoder(ort_session(self.folder / "text_encoder" / "model.onnx", providers))
         if self.family == "sdxl":
             self.tokenizer_2 = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer_2"))
-            self.text_encoder_2 = ort_session(self.folder / "text_encoder_2" / "model.onnx", providers)
+            self.text_encoder_2 = _TextEncoder(ort_session(self.folder / "text_encoder_2" / "model.onnx", providers))
         self.unet = ort_session(self.folder / "unet" / "model.onnx", providers)
         self.vae_decoder = ort_session(self.folder / "vae_decoder" / "model.onnx", providers)
         self._unet_types = {i.name: _NUMPY_TYPES[i.type] for i in self.unet.get_inputs()}
         self._decoder_type = _NUMPY_TYPES[self.vae_decoder.get_inputs()[0].type]
 
+    def content_hash(self) -> str:
+        """SHA-256 over the folder's files (``compiler.models.hashing.folder_sha256``)."""
+        from compiler.models.hashing import folder_sha256
+
+        return folder_sha256(self.folder, sorted(p for p in self.folder.rglob("*") if p.is_file()))
+
+    def set_progress_bar_config(self, **_) -> None:
+        """Accepted for the diffusers pipelines' interface; this sampler shows no progress bar."""
+
     def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """The UNet's context for each prompt and, for SD-XL, the pooled text embedding."""
-        ids = {"input_ids": _token_ids(self.tokenizer, prompts)}
+        ids = _token_ids(self.tokenizer, prompts)
         if self.family != "sdxl":
             return self.text_encoder.run(["last_hidden_state"], ids)[0], None
-        first = self.text_encoder.run(["penultimate_hidden_state"], ids)[0]
-        second, pooled = self.text_encoder_2.run(["penultimate_hidden_state", "pooled_output"],
-                                                 {"input_ids": _token_ids(self.tokenizer_2, prompts)})
+        first = self.text_encoder.run([self.text_encoder.penultimate], ids)[0]
+        second_encoder = self.text_encoder_2
+        second, pooled = second_encoder.run([second_encoder.penultimate, second_encoder.pooled],
+                                            _token_ids(self.tokenizer_2, prompts))
         return np.concatenate([first, second], axis=-1), pooled
 
     def _conditioning(self, prompts: list[str], height: int, width: int) -> dict[str, np.ndarray]:

@@ -126,9 +126,9 @@ def _t5_tokenizer():
 def _clip_tokenizer(pad_token: str):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer(vocab_file=str(CLIP_TOKENIZER / "vocab.json"),
-                         merges_file=str(CLIP_TOKENIZER / "merges.txt"), pad_token=pad_token,
-                         model_max_length=77)
+    # from_pretrained, not CLIPTokenizer(vocab_file=..., merges_file=...): transformers 5
+    # ignores those arguments and builds an empty 3-token vocabulary.
+    return CLIPTokenizer.from_pretrained(str(CLIP_TOKENIZER), pad_token=pad_token, model_max_length=77)
 
 
 def _clip_text_model(spec: dict):

@@ -118,9 +118,28 @@ def run_verify(recipe: Recipe, edited_pipe, base_pipe, judge: Judge, *, seeds: i
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass
+class _OnnxModel:
+    """An ``export_onnx`` folder loaded for verify: the sampler in place of a pipeline."""
+
+    pipeline: object
+    source_path: Path
+
+
 def load_pipeline(path_or_toy: str | Path, role: str, device: str):
-    """Load a model for verify (float32: reproducible on CPU); bad paths are ``UserError``."""
+    """Load a model for verify (float32: reproducible on CPU); bad paths are ``UserError``.
+    An ``export_onnx`` folder (the edited model only) runs on onnxruntime."""
+    from compiler.export.onnx_pipeline import OnnxTextToImage, default_providers, is_onnx_folder
     from compiler.models.load import load_model
+
+    if is_onnx_folder(path_or_toy):
+        if role == "base":
+            raise UserError(f"{path_or_toy}: the base model must be a PyTorch model (diffusers folder, "
+                            f"single file or 'toy'): the judge reads its text encoder; pass --base MODEL")
+        providers = default_providers() if device != "cpu" else ("CPUExecutionProvider",)
+        runner = OnnxTextToImage(path_or_toy, providers=providers)
+        return _OnnxModel(runner, Path(path_or_toy)), ModelInfo(role, str(path_or_toy), runner.family,
+                                                                 runner.content_hash())
 
     loaded = load_model(str(path_or_toy), dtype=torch.float32, device=device)
     info = ModelInfo(role, str(loaded.source_path), loaded.family, loaded.model_hash)
@@ -131,6 +150,8 @@ def base_model_of(edited_dir: Path, recipe: Recipe) -> str:
     """The base model an edited folder was compiled from (its manifest.json), else the
     recipe's model."""
     manifest_path = Path(edited_dir) / "manifest.json"
+    if not manifest_path.is_file() and (Path(edited_dir) / "editc_onnx.json").is_file():
+        manifest_path = Path(edited_dir).parent / "manifest.json"  # compile's onnx/ subfolder
     if manifest_path.is_file():
         try:
             manifest = json.loads(manifest_path.read_text())
