@@ -82,6 +82,11 @@ def folder_sha256(root: str | Path, files: Iterable[str | Path]) -> str:
     root = Path(root)
     h = hashlib.sha256()
     for path in sorted(Path(p) for p in files):
-        relative = path.resolve().relative_to(root.resolve()).as_posix()
+        # The name inside root as listed, not as resolved: in a Hugging Face cache snapshot the
+        # weight files are symlinks into ../../blobs; their bytes (file_sha256 follows the link)
+        # are the content, their names in the snapshot the layout.
+        relative = Path(os.path.relpath(os.path.abspath(path), os.path.abspath(root))).as_posix()
+        if relative.startswith("../"):
+            raise ValueError(f"{path} is not inside {root}")
         h.update(f"{relative} {file_sha256(path)}\n".encode())
     return h.hexdigest()

@@ -45,8 +45,9 @@ TOY_PIPELINE = Path(__file__).resolve().parents[1] / "toy" / "weights" / "pipeli
 # Components a pipeline may list that editing and generation never need.
 SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder", "watermarker")
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-_VALID = ("valid: 'toy', a diffusers folder (sd1, sd2, sdxl, DeepFloyd IF stage I) or an "
-          "original single file (.safetensors/.ckpt) of sd1, sd2 or sdxl")
+_VALID = ("valid: 'toy', a diffusers folder (sd1, sd2, sdxl, DeepFloyd IF stage I), an "
+          "original single file (.safetensors/.ckpt) of sd1, sd2 or sdxl, or a Hugging Face "
+          "cache folder or repo id (org/name) in the local cache")
 
 
 @dataclass
@@ -97,6 +98,11 @@ def resolve_model_path(path_or_toy: str | os.PathLike) -> Path:
             raise UserError(f"the embedded toy model's weights are missing ({TOY_PIPELINE}); "
                             f"`make train-toy` builds them")
         return TOY_PIPELINE
+    from compiler.models.hub_cache import resolve_hub_model
+
+    hub = resolve_hub_model(path_or_toy)  # a Hugging Face cache folder or repo id, offline
+    if hub is not None:
+        return hub
     path = Path(path_or_toy).expanduser()
     if not path.exists():
         raise UserError(f"{path}: no such file or folder; {_VALID}")
