@@ -223,3 +223,27 @@ def test_cli_export_single_file_carries_provenance(sd1_delta, tmp_path):
     loaded = load_model(out)
     for qualified, value in edited.items():
         assert torch.equal(_parameter(loaded.pipeline, qualified), value.to(loaded.dtype))
+
+
+def test_apply_refuses_a_base_changed_in_place_with_size_and_mtime_kept(sd1_delta, tiny, tmp_path):
+    """The hash cache must not vouch for changed bytes: a tensor the delta edits is zeroed in
+    the base after a first apply cached its hash (the size and mtime are restored)."""
+    import os
+    import shutil
+
+    _, edited, delta = sd1_delta
+    base = tmp_path / "base"
+    shutil.copytree(tiny("sd1"), base)
+    assert apply_delta(delta, base, tmp_path / "first").base_match == "hash"
+    weights = base / "unet" / "diffusion_pytorch_model.safetensors"
+    table = SafetensorsTable.read(weights)
+    name = next(n.split("/", 1)[1] for n in edited if n.startswith("unet/"))
+    start, end = table.entries[name]["data_offsets"]
+    stat = weights.stat()
+    with weights.open("r+b") as f:
+        f.seek(table.data_start + start)
+        f.write(b"\0" * (end - start))
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    refused = CliRunner().invoke(main, ["apply", str(delta), "--to", str(base), "--out", str(tmp_path / "second")])
+    assert refused.exit_code == 2 and "not the delta's base" in refused.stderr
+    assert not (tmp_path / "second").exists()

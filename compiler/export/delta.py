@@ -275,7 +275,8 @@ def apply_delta(delta_path: str | os.PathLike, checkpoint_path: str | os.PathLik
         raise UserError(f"{source.path}: is a {source.family} model, but the delta {delta.path} was "
                         f"made for {family}")
     expected_hash = delta.metadata["editc.delta.base_model_sha256"]
-    if source_hash(source) == expected_hash:
+    actual_hash = source_hash(source, full=True)  # a safety check: the bytes, not the cache
+    if actual_hash == expected_hash:
         match = "hash"
     else:
         current = read_base_tensors(source, delta.tensors)
@@ -285,7 +286,7 @@ def apply_delta(delta_path: str | os.PathLike, checkpoint_path: str | os.PathLik
             match = "forced"
         else:
             raise UserError(f"{source.path}: is not the delta's base model (its sha256 is "
-                            f"{source_hash(source)[:16]}…, the delta was made for "
+                            f"{actual_hash[:16]}…, the delta was made for "
                             f"{expected_hash[:16]}…, and the edited tensors' base values differ); "
                             f"pass --force to apply it anyway")
     provenance = delta.provenance

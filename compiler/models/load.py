@@ -414,10 +414,12 @@ def inspect_source(path_or_toy: str | os.PathLike, prediction_type: str | None =
     return _inspect_single_file(path, prediction_type)
 
 
-def source_hash(source: ModelSource) -> str:
+def source_hash(source: ModelSource, *, full: bool = False) -> str:
+    """The model's content hash; ``full`` re-reads every byte instead of trusting the cache
+    (for safety checks, see compiler.models.hashing)."""
     if source.format == "single-file":
-        return file_sha256(source.path)
-    return folder_sha256(source.path, source.weight_files)
+        return file_sha256(source.path, full=full)
+    return folder_sha256(source.path, source.weight_files, full=full)
 
 
 def detect_pipeline_family(pipeline) -> FamilyDetection:
