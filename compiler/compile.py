@@ -57,14 +57,15 @@ class CompileResult:
 # ----------------------------------------------------------------------------- plan
 def choose_method(edit: Edit, family: str) -> tuple[str, str | None, str]:
     """(method, quickfix site or None, why)."""
-    if edit.method != "auto":
-        site = (edit.site or "out_proj") if edit.method == "quickfix" else None
-        return edit.method, site, "set in the recipe"
     if family == "if":
         raise UserError(
             f"edit '{edit.concept}': DeepFloyd IF has no editable location (T5 is bidirectional; "
-            "LocoEdit fails there, see DESIGN.md); no method applies"
+            f"LocoEdit fails there, see DESIGN.md); no method applies"
+            + (f", not even the recipe's {edit.method}" if edit.method != "auto" else "")
         )
+    if edit.method != "auto":
+        site = (edit.site or "out_proj") if edit.method == "quickfix" else None
+        return edit.method, site, "set in the recipe"
     if edit.attribute == "fact" and len(FAMILIES[family].text_encoders) == 1:
         # The text encoder's layer 0 resolves a fact: after it, "the british monarch" and its
         # old answer have near-identical states, so a UNet K/V edit moves both (measured on the
@@ -84,6 +85,8 @@ def plan_edits(recipe: Recipe, model, locate_fn=None, progress: bool = True) -> 
     n_layers = len(model.registry.cross_attention)
     for i, edit in enumerate(recipe.edits):
         method, site, reason = choose_method(edit, model.family)
+        pairs = resolve.prompt_pairs(edit.concept, edit.replacement, edit.attribute, edit.prompts)
+        resolve.check_prompt_lengths(model.pipeline.tokenizer, pairs, edit.concept)  # before locating
         layers: tuple[int, ...] = ()
         source = "n/a"
         if method in ("locoedit", "neurons"):
@@ -94,7 +97,6 @@ def plan_edits(recipe: Recipe, model, locate_fn=None, progress: bool = True) -> 
                     f"{recipe.path}: edits[{i}].layers: {bad} out of range; this model has "
                     f"{n_layers} cross-attention layers (0..{n_layers - 1})"
                 )
-        pairs = resolve.prompt_pairs(edit.concept, edit.replacement, edit.attribute, edit.prompts)
         lam = edit.lambda_ if edit.lambda_ is not None else recipe.lambda_
         eos = edit.eos if edit.eos is not None else default_eos(method, site)
         plans.append(PlannedEdit(edit, method, reason, tuple(layers), source, pairs, lam, site, eos))
@@ -255,6 +257,9 @@ def _solve_neurons(model, plans, rows_by_plan):
                 qualified = f"unet/{name}"
                 weight = new.get(qualified, get_parameter(model.pipeline, qualified).detach())
                 w64 = weight.double()
+                if plan.edit.neurons_top_k > w64.shape[0]:
+                    raise UserError(f"edit '{plan.edit.concept}': neurons_top_k {plan.edit.neurons_top_k} exceeds "
+                                    f"the {w64.shape[0]} output neurons of {qualified}; use at most {w64.shape[0]}")
                 idx = solve.zscore_neurons(with_rows.double() @ w64.T, without_rows.double() @ w64.T, plan.edit.neurons_top_k)
                 new[qualified] = solve.ablate_neurons(weight, None, idx).weight
                 counts[qualified] = int(idx.numel())

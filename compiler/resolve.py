@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from compiler.errors import UserError
+
 from compiler.toy import world
 
 # Prefixes of the prompt templates used to *solve*; verify's held-out paraphrases differ.
@@ -106,6 +108,20 @@ def last_token_index(tokenizer, prompt: str, phrase: str) -> int:
         raise ValueError(f"{phrase!r} does not occur in prompt {prompt!r}")
     prefix_ids = tokenizer(prompt[: i + len(phrase)], add_special_tokens=False).input_ids
     return len(prefix_ids)  # +1 for BOS, -1 for the last index
+
+
+def check_prompt_lengths(tokenizer, pairs: list[PromptPair], concept: str) -> None:
+    """Every source and target prompt fits the text encoder (BOS and EOS included); else one
+    line with the token count, before anything is encoded (the encoder would truncate it)."""
+    limit = getattr(tokenizer, "model_max_length", None) or 77
+    for pair in pairs:
+        for prompt in (pair.source, pair.target):
+            tokens = len(tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids) + 2  # BOS, EOS
+            if tokens > limit:
+                shown = concept if len(concept) <= 40 else concept[:40] + "…"
+                raise UserError(f"edit {shown!r}: a prompt is {tokens} tokens long (with BOS and EOS), over "
+                                f"the text encoder's limit of {limit} ({prompt[:60]!r}…); shorten the concept, "
+                                f"the replacement or the prompt")
 
 
 def eos_index(tokenizer, prompt: str) -> int:
@@ -220,6 +236,7 @@ def pair_positions(tokenizer, pairs: list[PromptPair], concept: str, replacement
     them); the k-th trailing position of the source maps to the k-th of the target.
     """
     src, tgt = [], []
+    check_prompt_lengths(tokenizer, pairs, concept)
     for pair in pairs:
         s = [last_token_index(tokenizer, pair.source, concept)]
         t = [last_token_index(tokenizer, pair.target, replacement)]

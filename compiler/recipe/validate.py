@@ -14,6 +14,17 @@ from compiler.recipe.schema import (ATTRIBUTES, DEFAULT_LAMBDA, DEFAULT_MODEL, D
                                     LAYER_KEYWORDS, METHODS, OUTPUT_FORMATS, QUICKFIX_SITES,
                                     TOY_CROSS_ATTENTION_LAYERS, Edit, Outputs, Recipe, VerifyGates)
 
+# Ranges of the numeric fields. λ: below 1e-6 the ridge term no longer keeps the normal matrix
+# positive definite in float64 (λ = 5e-324 fails the factorisation); above 1e6 it swamps any
+# edit (λ = 1e308 returns the old weights). neurons_top_k is also checked against the located
+# layers' width at compile time.
+LAMBDA_RANGE = (1e-6, 1e6)
+MAX_NEURONS_TOP_K = 65536
+MAX_LAYER_INDEX = 1023
+MAX_VERIFY_SEEDS = 1024
+MAX_VERIFY_STEPS = 1000
+GUIDANCE_RANGE = (1e-3, 100.0)
+
 _TOP_LEVEL_KEYS = ("model", "lambda", "preserve", "edits", "outputs", "verify")
 _EDIT_KEYS = (
     "concept",
@@ -85,11 +96,14 @@ class _Validator:
             raise self.fail(field_path, f"expected true or false, got {_describe(value)}")
         return value
 
-    def integer(self, value: Any, field_path: str, minimum: int) -> int:
+    def integer(self, value: Any, field_path: str, minimum: int, maximum: int) -> int:
+        valid = f"a whole number from {minimum} to {maximum}"
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(field_path, f"expected a whole number >= {minimum}, got {_describe(value)}")
+            raise self.fail(field_path, f"expected {valid}, got {_describe(value)}")
         if value < minimum:
-            raise self.fail(field_path, f"{value} is too small; use a whole number >= {minimum}")
+            raise self.fail(field_path, f"{value} is too small; use {valid}")
+        if value > maximum:
+            raise self.fail(field_path, f"{str(value)[:24]} is too large; use {valid}")
         return value
 
     def number(
@@ -99,8 +113,11 @@ class _Validator:
         *,
         positive: bool = False,
         unit_interval: bool = False,
+        bounds: tuple[float, float] | None = None,
     ) -> float:
-        valid = "a number > 0" if positive else "a number between 0 and 1" if unit_interval else "a number"
+        valid = ("a number > 0" if positive else "a number between 0 and 1" if unit_interval else "a number")
+        if bounds is not None:
+            valid = f"a number from {bounds[0]:g} to {bounds[1]:g}"
         number: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             number = float(value)
@@ -118,6 +135,8 @@ class _Validator:
             raise self.fail(field_path, f"{_fmt_number(value)} must be > 0 (e.g. 0.01)")
         if unit_interval and not 0.0 <= number <= 1.0:
             raise self.fail(field_path, f"{_fmt_number(value)} is outside [0, 1]; use {valid}")
+        if bounds is not None and not bounds[0] <= number <= bounds[1]:
+            raise self.fail(field_path, f"{_fmt_number(value)} is outside the valid range; use {valid}")
         return number
 
     def text_list(self, value: Any, field_path: str, *, what: str) -> tuple[str, ...]:
@@ -154,7 +173,7 @@ class _Validator:
 
         model = self.text(data["model"], "model") if "model" in data and data["model"] is not None else DEFAULT_MODEL
         lambda_ = (
-            self.number(data["lambda"], "lambda", positive=True)
+            self.number(data["lambda"], "lambda", positive=True, bounds=LAMBDA_RANGE)
             if data.get("lambda") is not None
             else DEFAULT_LAMBDA
         )
@@ -232,7 +251,7 @@ class _Validator:
                     "extra prompts must mention it",
                 )
         lambda_ = (
-            self.number(raw["lambda"], _join(field_path, "lambda"), positive=True)
+            self.number(raw["lambda"], _join(field_path, "lambda"), positive=True, bounds=LAMBDA_RANGE)
             if raw.get("lambda") is not None
             else None
         )
@@ -244,7 +263,7 @@ class _Validator:
         eos = self.boolean(raw["eos"], _join(field_path, "eos")) if raw.get("eos") is not None else None
         neurons_top_k = DEFAULT_NEURONS_TOP_K
         if raw.get("neurons_top_k") is not None:
-            neurons_top_k = self.integer(raw["neurons_top_k"], _join(field_path, "neurons_top_k"), 1)
+            neurons_top_k = self.integer(raw["neurons_top_k"], _join(field_path, "neurons_top_k"), 1, MAX_NEURONS_TOP_K)
             if method not in ("neurons", "auto"):
                 raise self.fail(
                     _join(field_path, "neurons_top_k"),
@@ -302,6 +321,9 @@ class _Validator:
                 raise self.fail(item_path, f"expected a whole-number layer index >= 0, got {_describe(item)}")
             if item < 0:
                 raise self.fail(item_path, f"{item} is negative; layer indices count from 0")
+            if item > MAX_LAYER_INDEX:
+                raise self.fail(item_path, f"{str(item)[:24]} is out of range; no model has more than "
+                                           f"{MAX_LAYER_INDEX + 1} cross-attention layers")
             if model == DEFAULT_MODEL and item >= TOY_CROSS_ATTENTION_LAYERS:
                 raise self.fail(
                     item_path,
@@ -391,9 +413,9 @@ class _Validator:
             if key == "enabled":
                 values[key] = self.boolean(item, path)
             elif key in ("seeds", "steps"):
-                values[key] = self.integer(item, path, 1)
+                values[key] = self.integer(item, path, 1, MAX_VERIFY_SEEDS if key == "seeds" else MAX_VERIFY_STEPS)
             elif key == "guidance_scale":
-                values[key] = self.number(item, path, positive=True)
+                values[key] = self.number(item, path, positive=True, bounds=GUIDANCE_RANGE)
             elif key == "neighbours":
                 values[key] = self.text_list(item, path, what="concept names")
             else:  # the accuracy thresholds
