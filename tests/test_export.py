@@ -115,7 +115,7 @@ def test_single_file_is_the_source_patched_tensor_by_tensor(sd2_with_extras, tmp
     assert after.entries == before.entries  # same dtypes, shapes and byte ranges
     assert after.metadata["vendor.note"] == "keep me"
     assert after.metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v"
-    assert after.metadata["modelspec.title"] == "tiny sd2 (edited by editc)"
+    assert after.metadata["modelspec.title"] == "tiny sd2 (edited by editc: locoedit, recipe remove van gogh)"
     assert set(REQUIRED_KEYS) <= set(after.metadata)
     patched = {n for n in before.entries if not torch.equal(before.tensor(n), after.tensor(n))}
     # K/V of two layers, the text out_proj and the fused in_proj (holding q_proj): 6 tensors.
@@ -127,7 +127,8 @@ def test_single_file_is_the_source_patched_tensor_by_tensor(sd2_with_extras, tmp
     assert read_provenance(out)["editc.method"] == "locoedit"
 
 
-def test_single_file_from_diffusers_folder_loads_with_the_edits(tiny, tmp_path):
+def test_single_file_from_diffusers_folder_loads_with_the_edits(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # modelspec.date: the same day for both
     base = load_model(tiny("sdxl"))
     edited = _edit(base, layers=(0, 45))
     out = export_single_file(edited, base, tmp_path / "xl.safetensors", _provenance(base, edited))
@@ -247,3 +248,43 @@ def test_apply_refuses_a_base_changed_in_place_with_size_and_mtime_kept(sd1_delt
     refused = CliRunner().invoke(main, ["apply", str(delta), "--to", str(base), "--out", str(tmp_path / "second")])
     assert refused.exit_code == 2 and "not the delta's base" in refused.stderr
     assert not (tmp_path / "second").exists()
+
+def test_single_file_metadata_drops_stale_hashes_and_states_no_guess_as_fact(tmp_path):
+    """An edited single file: the source's data hashes go (the data changed), date, resolution
+    and title are the edit's; an SD-2 file without metadata gets no guessed prediction type
+    unless --prediction-type says it, and inspect marks the guess."""
+    import json as _json
+
+    from compiler.export.single_file import export_single_file, modelspec_metadata
+    from compiler.models.checkpoint import read_safetensors_header
+    from compiler.testing.tiny import write_tiny
+
+    source = {"modelspec.hash_sha256": "0xabc", "sshs_model_hash": "abc", "sshs_legacy_hash": "12345678",
+              "modelspec.date": "2023-01-01", "modelspec.title": "Dreamy 2", "ss_sd_model_name": "base.ckpt",
+              "modelspec.resolution": "640x640"}
+    provenance = {"editc.method": "locoedit", "editc.recipe_sha256": "f" * 64, "editc.base_model_sha256": "e" * 64,
+                  "editc.recipe": "edits:\n  - concept: van gogh\n    replacement: a painting\n"}
+    metadata = modelspec_metadata(source, "sd1", "epsilon", provenance, source_name="dreamy")
+    assert not {"modelspec.hash_sha256", "sshs_model_hash", "sshs_legacy_hash"} & set(metadata)
+    assert metadata["ss_sd_model_name"] == "base.ckpt" and metadata["modelspec.resolution"] == "640x640"
+    assert metadata["modelspec.date"] != "2023-01-01" and metadata["modelspec.date"][:2] == "20"
+    assert metadata["modelspec.title"] == "Dreamy 2 (edited by editc: locoedit, recipe van gogh -> a painting)"
+    untitled = modelspec_metadata({}, "sdxl", "epsilon", provenance, source_name="my_model")
+    assert untitled["modelspec.title"].startswith("my_model (edited by editc")
+    assert untitled["modelspec.resolution"] == "1024x1024"
+
+    write_tiny("sd2", "single-file", tmp_path / "sd2.safetensors")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "sd2.safetensors")])
+    assert result.exit_code == 0 and "prediction  v_prediction (guessed" in result.output
+    export_single_file({}, tmp_path / "sd2.safetensors", tmp_path / "guess.safetensors", {})
+    guessed = read_safetensors_header(tmp_path / "guess.safetensors")[1]
+    assert "modelspec.prediction_type" not in guessed and "modelspec.resolution" not in guessed
+    assert guessed["editc.prediction_type_guessed"].startswith("v_prediction")
+    result = CliRunner().invoke(main, ["export", "single-file", str(tmp_path / "sd2.safetensors"), "--out",
+                                       str(tmp_path / "told.safetensors"), "--prediction-type", "epsilon",
+                                       "--resolution", "512x512"])
+    assert result.exit_code == 0, result.output
+    told = read_safetensors_header(tmp_path / "told.safetensors")[1]
+    assert told["modelspec.prediction_type"] == "epsilon" and told["modelspec.resolution"] == "512x512"
+    assert told["modelspec.architecture"] == "stable-diffusion-v2-512" and "editc.prediction_type_guessed" not in told
+    assert _json.dumps(told)  # all strings

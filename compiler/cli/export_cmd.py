@@ -78,8 +78,13 @@ def export_onnx_command(model, out_dir, fp16, exporter, no_check, tolerance, for
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
               help="Output .safetensors file.")
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
+              help="SD-2.x files without metadata: 512-base (epsilon) or 768-v (v_prediction); "
+                   "written to modelspec.prediction_type instead of a guess.")
+@click.option("--resolution", default=None, metavar="WxH",
+              help="modelspec.resolution to write (default: the source's, else the UNet's size).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export_single_file_command(model, out_path, force, as_json):
+def export_single_file_command(model, out_path, force, prediction_type, resolution, as_json):
     """Write MODEL in its family's original single-file layout (A1111/ComfyUI).
 
     A diffusers folder is converted (its editc provenance carried over); a single file is
@@ -95,7 +100,8 @@ def export_single_file_command(model, out_path, force, as_json):
     with claim_output(out_path, force=force, inputs=input_paths(model), kind="file"):
         source = resolve_model_path(model)
         provenance = read_provenance(source)
-        written = export_single_file({}, source, out_path, provenance, force=force)
+        written = export_single_file({}, source, out_path, provenance, force=force,
+                                     prediction_type=prediction_type, resolution=resolution)
     seconds = time.perf_counter() - started
     if as_json:
         _echo_json({"out": str(written), "seconds": seconds, "provenance": sorted(provenance)})

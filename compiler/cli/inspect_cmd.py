@@ -67,6 +67,7 @@ def inspect_report(model: str, load: bool = False, prediction_type: str | None =
         "model_hash": source_hash(source),
         "stored_dtype": str(source.stored_dtype).removeprefix("torch.") if source.stored_dtype else None,
         "prediction_type": source.prediction_type,
+        "prediction_type_guessed": source.prediction_type_guessed,
         "text_widths": list(source.detection.text_widths),
         "matches_reference_widths": registry.matches_reference_widths,
         "expected_cross_attention_layers": family.cross_attention_layers,
@@ -139,7 +140,9 @@ def format_report(report: dict) -> str:
         f"evidence    {report['evidence']}",
         f"hash        sha256:{report['model_hash']}",
         f"dtype       {report['stored_dtype'] or 'unknown'} (as stored)",
-        f"prediction  {report['prediction_type']}",
+        f"prediction  {report['prediction_type']}" + (" (guessed: the file does not record it; "
+                                                       "--prediction-type sets it)"
+                                                       if report.get("prediction_type_guessed") else ""),
     ]
     if report["loaded"]:
         lines.append("loaded      yes: the diffusers pipeline builds from these weights")

@@ -59,23 +59,97 @@ def modelspec_architecture(family: str, prediction_type: str | None) -> str:
     raise UserError(f"{family} has no single-file format (valid: sd1, sd2, sdxl)")
 
 
+# Keys that hash the source's tensor data (ModelSpec, kohya sd-scripts' sshs_*, A1111's legacy
+# hash): an edit changes the data, so they no longer hold and are dropped. The source's own
+# hash stays known as editc.base_model_sha256.
+_STALE_HASH_KEY = re.compile(r"^(modelspec\.hash_|sshs_)")
+# What a family's files were trained at, when neither the source nor the user says.
+_NATIVE_RESOLUTION = {"sd1": 512, "sdxl": 1024}
+
+
+def modelspec_date() -> str:
+    """Today (UTC, ISO-8601 date); ``SOURCE_DATE_EPOCH`` fixes it for byte-reproducible files."""
+    import datetime
+
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    moment = (datetime.datetime.fromtimestamp(int(epoch), datetime.timezone.utc) if epoch
+              else datetime.datetime.now(datetime.timezone.utc))
+    return moment.date().isoformat()
+
+
+def modelspec_resolution(family: str, configs: Mapping[str, Mapping] | None,
+                         prediction_type: str | None) -> str | None:
+    """``WxH`` the UNet works at: its sample size times the VAE's downsampling when the configs
+    say, else the family's native size (SD-2: 768 for v, 512 for epsilon)."""
+    unet, vae = (configs or {}).get("unet") or {}, (configs or {}).get("vae") or {}
+    if unet.get("sample_size") and vae.get("block_out_channels"):
+        side = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    elif family == "sd2":
+        side = 768 if prediction_type == "v_prediction" else 512
+    else:
+        side = _NATIVE_RESOLUTION.get(family)
+    return f"{side}x{side}" if side else None
+
+
+def _recipe_summary(provenance: Mapping[str, str]) -> str:
+    """'van gogh -> a painting; ...' from the recipe text in the provenance, else its hash."""
+    import yaml
+
+    try:
+        recipe = yaml.safe_load(provenance.get("editc.recipe", "")) or {}
+        edits = [f"{e['concept']} -> {e['replacement']}" if e.get("replacement") else f"remove {e['concept']}"
+                 for e in recipe.get("edits", [])]
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError):
+        edits = []
+    return "; ".join(edits) or provenance.get("editc.recipe_sha256", "")[:12]
+
+
 def modelspec_metadata(source_metadata: Mapping[str, str], family: str, prediction_type: str | None,
-                       provenance: Mapping[str, str]) -> dict[str, str]:
-    """Source metadata, ModelSpec keys added where missing or updated, then the provenance."""
-    metadata = dict(source_metadata)
-    metadata.setdefault("modelspec.sai_model_spec", "1.0.0")
-    metadata.setdefault("modelspec.architecture", modelspec_architecture(family, prediction_type))
-    metadata.setdefault("modelspec.implementation", _MODELSPEC_IMPLEMENTATION[family])
-    if prediction_type is not None:
-        metadata.setdefault("modelspec.prediction_type", "v" if prediction_type == "v_prediction" else "epsilon")
-    title = metadata.get("modelspec.title", "")
-    if provenance and "(edited by editc)" not in title:
-        metadata["modelspec.title"] = f"{title} (edited by editc)".strip()
+                       provenance: Mapping[str, str], *, source_name: str | None = None,
+                       resolution: str | None = None, configs: Mapping[str, Mapping] | None = None,
+                       prediction_type_guessed: bool = False) -> dict[str, str]:
+    """The edited file's metadata: the source's, less what no longer holds, ModelSpec keys, the
+    provenance.
+
+    - Hashes of the source's tensor data are dropped (the data changed); ``modelspec.date`` is
+      the export's; ``modelspec.resolution`` is ``resolution`` when given, else the source's, else the
+      UNet's size from ``configs``.
+    - The title: the source's title (else its file or folder name) plus the recipe's method.
+    - A prediction type that was guessed (an SD-2 file without metadata) is not written as a
+      fact: no ``modelspec.prediction_type``, and ``editc.prediction_type_guessed`` says so.
+    """
+    metadata = {k: v for k, v in source_metadata.items()
+                if k.startswith("editc.") or not _STALE_HASH_KEY.search(k)}
     if provenance:
+        metadata = {k: v for k, v in metadata.items() if not k.startswith("editc.")}
+    metadata.setdefault("modelspec.sai_model_spec", "1.0.0")
+    if prediction_type_guessed:
+        metadata.pop("modelspec.prediction_type", None)
+        metadata["editc.prediction_type_guessed"] = (
+            f"{prediction_type}: the source does not record it; set it with --prediction-type")
+        metadata.setdefault("modelspec.architecture", "stable-diffusion-v2")
+    else:
+        metadata.setdefault("modelspec.architecture", modelspec_architecture(family, prediction_type))
+        if prediction_type is not None:
+            metadata.setdefault("modelspec.prediction_type", "v" if prediction_type == "v_prediction" else "epsilon")
+    metadata.setdefault("modelspec.implementation", _MODELSPEC_IMPLEMENTATION[family])
+    if resolution:
+        metadata["modelspec.resolution"] = resolution
+    elif not prediction_type_guessed:  # SD-2's size follows its prediction type: a guess too
+        derived = modelspec_resolution(family, configs, prediction_type)
+        if derived:
+            metadata.setdefault("modelspec.resolution", derived)
+    if provenance:
+        metadata["modelspec.date"] = modelspec_date()
+        base_title = source_metadata.get("modelspec.title") or source_name or "model"
+        base_title = base_title.split(" (edited by editc")[0]
         method = provenance.get("editc.method", "edit")
+        recipe = _recipe_summary(provenance)
+        metadata["modelspec.title"] = f"{base_title} (edited by editc: {method}" + \
+            (f", recipe {recipe})" if recipe else ")")
         note = (f"editc {method} edit, recipe sha256 {provenance.get('editc.recipe_sha256', '?')[:12]}, "
                 f"base sha256 {provenance.get('editc.base_model_sha256', '?')[:12]}")
-        description = metadata.get("modelspec.description", "")
+        description = source_metadata.get("modelspec.description", "")
         metadata["modelspec.description"] = f"{description}\n{note}".strip() if description else note
     metadata.update(provenance)
     return metadata
@@ -267,31 +341,39 @@ class _Source:
     metadata: dict[str, str]
     prediction_type: str | None
     pipeline: object | None = None  # loaded pipeline, when the caller had one
+    prediction_type_guessed: bool = False
 
 
-def _describe_source(source) -> _Source:
+def _describe_source(source, prediction_type: str | None = None) -> _Source:
     from compiler.models.load import LoadedModel, inspect_source
 
     if isinstance(source, LoadedModel):
         inspected = inspect_source(source.source_path, source.prediction_type)
         return _Source(Path(source.source_path), source.source_format, source.family,
-                       inspected.configs, dict(source.metadata), source.prediction_type, source.pipeline)
-    inspected = inspect_source(source)
+                       inspected.configs, dict(source.metadata), source.prediction_type, source.pipeline,
+                       source.prediction_type_guessed and inspected.prediction_type_guessed)
+    inspected = inspect_source(source, prediction_type)
     return _Source(inspected.path, inspected.format, inspected.family, inspected.configs,
-                   dict(inspected.metadata), inspected.prediction_type)
+                   dict(inspected.metadata), inspected.prediction_type,
+                   prediction_type_guessed=inspected.prediction_type_guessed)
 
 
 def export_single_file(edited: Mapping[str, torch.Tensor], source, out_path: str | os.PathLike,
-                       provenance: Mapping[str, str] | None = None, *, force: bool = False) -> Path:
+                       provenance: Mapping[str, str] | None = None, *, force: bool = False,
+                       resolution: str | None = None, prediction_type: str | None = None) -> Path:
     """Write the edited model as an original single file at ``out_path`` (``.safetensors``).
 
     ``edited``: qualified diffusers names (``unet/...attn2.to_k.weight``) -> new tensors.
     ``source``: the unedited model, a ``LoadedModel`` or a path (single file or diffusers folder).
     ``provenance``: ``editc.*`` strings for the metadata. The write is atomic; an existing
     ``out_path`` is replaced only with ``force``; the source is never modified.
+    ``resolution`` (``WxH``) and ``prediction_type`` (a path source only) state what an SD-2
+    file without metadata cannot tell; without them a guess is marked as one.
     """
     metadata_in = check_provenance(provenance or {})
-    described = _describe_source(source)
+    if resolution is not None and not re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", resolution):
+        raise UserError(f"--resolution: {resolution!r} is not WIDTHxHEIGHT (e.g. 768x768)")
+    described = _describe_source(source, prediction_type)
     from compiler.models.families import FAMILIES
 
     if not FAMILIES[described.family].has_single_file_format:
@@ -301,7 +383,9 @@ def export_single_file(edited: Mapping[str, torch.Tensor], source, out_path: str
     if out.suffix.lower() != ".safetensors":
         raise UserError(f"{out}: single-file output must end in .safetensors")
     metadata = modelspec_metadata(described.metadata, described.family, described.prediction_type,
-                                  metadata_in)
+                                  metadata_in, source_name=described.path.stem if described.path.suffix
+                                  else described.path.name, configs=described.configs,
+                                  resolution=resolution, prediction_type_guessed=described.prediction_type_guessed)
     with atomic_output_file(out, force=force, inputs=[described.path]) as temporary:
         if described.format == "single-file" and described.path.suffix.lower() == ".safetensors":
             table = SafetensorsTable.read(described.path)

@@ -65,6 +65,9 @@ class ModelSource:
     variant: str | None = None  # diffusers weight variant ("fp16") when only variants exist
     notes: list[str] = field(default_factory=list)
     stored_dtype: torch.dtype | None = None  # of the UNet's weights in the checkpoint
+    # True when nothing recorded the prediction type (an SD-2 single file without metadata):
+    # exports must not write it as a fact
+    prediction_type_guessed: bool = False
 
     @property
     def editc_metadata(self) -> dict[str, str]:
@@ -85,6 +88,7 @@ class LoadedModel:
     prediction_type: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    prediction_type_guessed: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -194,14 +198,16 @@ def _inspect_single_file(path: Path, prediction_type: str | None) -> ModelSource
     # ModelSpec metadata, and for SD-2 (whose two variants share their keys) the global_step of
     # Stability's 512-base release, else 768-v.
     guess = prediction_type or detection.prediction_type
+    guessed = False
     if guess is None and family == "sd2" and not stored_configs:
         if header.global_step == 875000:
             guess = "epsilon"
             notes.append("prediction type: epsilon (SD-2 512-base, from global_step 875000)")
         else:
             guess = "v_prediction"
+            guessed = True
             notes.append("prediction type not recorded in the file: assumed v_prediction "
-                         "(SD-2.x 768-v); pass prediction_type='epsilon' for a 512-base model")
+                         "(SD-2.x 768-v, a guess); pass --prediction-type epsilon for a 512-base model")
     try:
         configs = infer_single_file_configs(detection, header.shapes, guess)
     except KeyError as err:
@@ -219,7 +225,7 @@ def _inspect_single_file(path: Path, prediction_type: str | None) -> ModelSource
     first_key = next(k for k in sorted(header.shapes) if k.endswith("attn2.to_k.weight"))
     return ModelSource(path, "single-file", family, detection, configs, [path], header.metadata,
                        configs["scheduler"].get("prediction_type", "epsilon"), None, notes,
-                       stored_dtype=torch_dtype(header.dtypes[first_key]))
+                       stored_dtype=torch_dtype(header.dtypes[first_key]), prediction_type_guessed=guessed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,6 +518,7 @@ def load_model(path_or_toy: str | os.PathLike = "toy", dtype: torch.dtype | None
         dtype=pipeline.unet.dtype,
         stored_dtype=source.stored_dtype,
         prediction_type=source.prediction_type,
+        prediction_type_guessed=source.prediction_type_guessed,
         metadata=dict(source.metadata),
         notes=registry.notes,
     )
