@@ -410,9 +410,14 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
     timings: dict[str, float] = {}
     out = compile_output_path(recipe, out)
     formats = tuple(formats or recipe.outputs.formats)
+    # `--out edited.safetensors` with the one format single-file: that file, not a folder
+    single_file_out = Path(out).suffix.lower() == ".safetensors"
+    if single_file_out and formats != ("single-file",):
+        raise UserError(f"{out}: an output ending in .safetensors is one single file; use it with "
+                        f"--format single-file alone (asked: {', '.join(formats)}), or give a folder")
     model_spec = model or recipe.model
     inputs = input_paths(model_spec, *([recipe.path] if Path(recipe.path).exists() else []))
-    with claim_output(out, force=force, inputs=inputs, kind="dir") as claim:
+    with claim_output(out, force=force, inputs=inputs, kind="file" if single_file_out else "dir") as claim:
         out = claim.path
         t0 = time.perf_counter()
         say("load model")
@@ -437,6 +442,20 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
         outputs = {}
         manifest = build_manifest(recipe, loaded, result, timings, outputs)
         provenance = provenance_for(manifest)
+        if single_file_out:
+            from compiler.export.single_file import export_single_file
+
+            export_single_file(result.new_tensors, loaded, out, provenance, force=force)
+            outputs["single-file"] = str(out)
+            timings["save"] = time.perf_counter() - t0
+            manifest["timings_seconds"] = {k: round(v, 4) for k, v in timings.items()}
+            if verify if verify is not None else recipe.verify.enabled:
+                say("verify")
+                from compiler.verify import verify_compiled
+
+                manifest["verify"] = verify_compiled(recipe, edited_dir=out, base=loaded, progress=progress,
+                                                     report_dir=Path(out).with_name(Path(out).stem + "-verify"))
+            return manifest
         with claim.staging() as tmp:
             if "diffusers" in formats:
                 if loaded.source_format == "diffusers":

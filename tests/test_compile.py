@@ -271,3 +271,29 @@ def test_auto_picks_quickfix_at_v_proj_for_facts_on_one_text_encoder():
     assert compile_stage.choose_method(style, "sd1")[:2] == ("locoedit", None)
     explicit = Edit(concept="x", replacement="y", attribute="fact", method="quickfix", layers=None)
     assert compile_stage.choose_method(explicit, "sd1")[:2] == ("quickfix", "out_proj")  # the paper's site
+
+
+def test_out_ending_in_safetensors_writes_that_single_file(tiny, tmp_path):
+    """`--out edited.safetensors --format single-file` writes the file itself (a checkpoint
+    A1111/ComfyUI open), not a folder of that name; with another format it is refused."""
+    from click.testing import CliRunner
+
+    from compiler.cli import main
+    from compiler.models.checkpoint import read_safetensors_header
+    from compiler.models.load import load_model
+
+    recipe = _recipe(tmp_path, tiny("sd1"))
+    out = tmp_path / "edited.safetensors"
+    runner = CliRunner()
+    result = runner.invoke(main, ["compile", str(recipe), "--out", str(out), "--format", "single-file",
+                                  "--no-verify", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert out.is_file()
+    metadata = read_safetensors_header(out)[1]
+    assert metadata["editc.method"] == "locoedit" and "modelspec.date" in metadata
+    loaded = load_model(str(out))
+    assert loaded.family == "sd1" and loaded.source_format == "single-file"
+    refused = runner.invoke(main, ["compile", str(recipe), "--out", str(tmp_path / "x.safetensors"),
+                                   "--format", "diffusers", "--no-verify", "--quiet"])
+    assert refused.exit_code == 2 and "--format single-file alone" in refused.output
+    assert not (tmp_path / "x.safetensors").exists()

@@ -14,8 +14,9 @@ from compiler.cli import main
 @main.command("compile")
 @click.argument("recipe_path", metavar="RECIPE", type=click.Path(dir_okay=False))
 @click.option("--model", "model_path", default=None, help="Model to edit (path or 'toy'); overrides the recipe's model.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="Output folder (default: the recipe's outputs.dir, else out/<recipe name>).")
+@click.option("--out", "out_dir", type=click.Path(), default=None,
+              help="Output folder (default: the recipe's outputs.dir, else out/<recipe name>); "
+                   "a path ending in .safetensors with --format single-file writes that one file.")
 @click.option("--format", "formats", multiple=True, type=click.Choice(["diffusers", "single-file", "delta", "onnx"]),
               help="Output format(s); default: the recipe's outputs.formats.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
