@@ -58,7 +58,12 @@ dimension, so a 100-concept recipe is one factorisation.
 Numerical rules: all arithmetic is float64 on the device the problem lives on (the GPU when
 the caller put the rows there); NaN/Inf inputs are refused with :class:`NonFiniteInputError`;
 results are cast back to each weight's dtype (fp16/bf16 included); the same inputs give
-bit-identical outputs (no randomness, no atomics, a fixed order of operations).
+bit-identical outputs (no randomness, no atomics, a fixed order of operations), whatever the
+number of CPU threads: a multi-threaded BLAS splits the long reductions of the Gram products
+(``XᵀX`` over tens of thousands of rows) across threads, which changes the order of the
+float64 sums (measured on the toy world: Gram matrices 3e-11 apart with 1 vs 2 threads, edited
+fp32 weights 1 ulp apart), so every public solver runs its CPU arithmetic on one thread
+(:func:`_fixed_order`); the prompt embeddings feeding it were measured identical.
 """
 
 from __future__ import annotations
@@ -75,6 +80,25 @@ from torch import Tensor
 from compiler.errors import UserError
 
 DEFAULT_LAMBDA = 0.01  # λ of both papers
+
+
+def _fixed_order(function):
+    """Run ``function`` with one intra-op CPU thread, so that its float64 reductions are
+    summed in the same order on every machine setting (see the module docstring)."""
+    import functools
+
+    @functools.wraps(function)
+    def run(*args, **kwargs):
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return function(*args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
 
 
 class NonFiniteInputError(UserError):
@@ -150,6 +174,7 @@ class RidgeProblem:
         )
 
 
+@_fixed_order
 def build_problem(
     x_orig: Tensor,
     x_target: Tensor,
@@ -211,6 +236,7 @@ def build_problem(
     )
 
 
+@_fixed_order
 def combine_problems(problems: Sequence[RidgeProblem]) -> RidgeProblem:
     """Sum the statistics of several problems (same d, same λ): the rows of all edits in one
     regression. Equal to :func:`build_problem` on the concatenated rows."""
@@ -264,6 +290,7 @@ class Factorization:
         return torch.cholesky_solve(rhs, self.cholesky)
 
 
+@_fixed_order
 def factorize(matrix: Tensor, condition: str = "exact") -> Factorization:
     """Cholesky-factorise a symmetric positive definite float64 matrix."""
     if condition not in ("exact", "estimate", "none"):
@@ -330,6 +357,7 @@ class SolveResult:
 # --------------------------------------------------------------------------------------------
 
 
+@_fixed_order
 def solve_ridge(
     problem: RidgeProblem,
     old_weights: Mapping[str, Tensor],
@@ -391,6 +419,7 @@ def solve_ridge(
     )
 
 
+@_fixed_order
 def solve_ridge_stacked(problem: RidgeProblem, old_weights: Mapping[str, Tensor]) -> SolveResult:
     """The same solution with every layer's right-hand side ``(cross + λI) Ŵᵀ`` stacked into
     one Cholesky solve (the textbook batched form). Slower than :func:`solve_ridge`; kept so
@@ -414,6 +443,7 @@ def solve_ridge_stacked(problem: RidgeProblem, old_weights: Mapping[str, Tensor]
                        problem.lam, problem.n_rows, problem.n_preserve_rows)
 
 
+@_fixed_order
 def solve_ridge_unshared(problem: RidgeProblem, old_weights: Mapping[str, Tensor]) -> SolveResult:
     """The naive way, for reference only: one ``torch.linalg.solve`` (LU) per layer, with the
     right-hand side formed per layer. What the shared factorisation avoids."""
@@ -436,6 +466,7 @@ def solve_ridge_unshared(problem: RidgeProblem, old_weights: Mapping[str, Tensor
 # --------------------------------------------------------------------------------------------
 
 
+@_fixed_order
 def solve_quickfix(
     keys: Tensor,
     values: Tensor,
@@ -467,6 +498,7 @@ def solve_quickfix(
     )
 
 
+@_fixed_order
 def solve_value_heads(
     keys: Tensor,
     target_keys: Tensor,
@@ -517,6 +549,7 @@ def solve_value_heads(
     )
 
 
+@_fixed_order
 def solve_values(
     keys: Tensor,
     values: Mapping[str, Tensor],
@@ -598,6 +631,7 @@ def solve_values(
 # --------------------------------------------------------------------------------------------
 
 
+@_fixed_order
 def neuron_zscores(acts_with: Tensor, acts_without: Tensor, eps: float = 1e-12) -> Tensor:
     """Two-sample z statistic per output neuron (float64, length d_out)::
 
@@ -616,6 +650,7 @@ def neuron_zscores(acts_with: Tensor, acts_without: Tensor, eps: float = 1e-12) 
     return difference / torch.sqrt(spread + eps)
 
 
+@_fixed_order
 def zscore_neurons(acts_with: Tensor, acts_without: Tensor, top_k: int) -> Tensor:
     """Indices (int64, ascending) of the ``top_k`` output neurons with the largest ``|z|``
     (:func:`neuron_zscores`); ties broken by the lower index, so the choice is deterministic."""
@@ -639,6 +674,7 @@ class NeuronAblation:
     mode: str
 
 
+@_fixed_order
 def ablate_neurons(
     weight: Tensor,
     bias: Tensor | None,
