@@ -408,7 +408,7 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
 
     say = _reporter(progress)
     timings: dict[str, float] = {}
-    out = compile_output_path(recipe, out)
+    out, out_from = compile_output_path(recipe, out)
     formats = tuple(formats or recipe.outputs.formats)
     # `--out edited.safetensors` with the one format single-file: that file, not a folder
     single_file_out = Path(out).suffix.lower() == ".safetensors"
@@ -441,6 +441,7 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
         t0 = time.perf_counter()
         outputs = {}
         manifest = build_manifest(recipe, loaded, result, timings, outputs)
+        manifest["output"] = {"path": str(out), "from": out_from}
         provenance = provenance_for(manifest)
         if single_file_out:
             from compiler.export.single_file import export_single_file
@@ -476,17 +477,19 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
 
 
 def compile_output_path(recipe: Recipe, out=None):
-    """``--out`` as given (``~`` expanded, "" refused), else the recipe's ``outputs.dir`` taken
-    from the recipe's folder, else ``out/<recipe name>`` in the working folder."""
+    """(path, where it came from): ``--out`` as given (``~`` expanded, "" refused), else the
+    recipe's ``outputs.dir`` taken from the recipe's folder (an absolute one is allowed and
+    said in the summary), else ``out/<recipe name>`` in the working folder."""
     from pathlib import Path
 
     from compiler.io.paths import expand, resolve_recipe_output
 
     if out is not None:
-        return expand(out)
+        return expand(out), "--out"
     if recipe.outputs.dir is not None:
-        return resolve_recipe_output(recipe.path, recipe.outputs.dir)[0]
-    return expand(Path("out") / Path(recipe.path).stem)
+        path, absolute = resolve_recipe_output(recipe.path, recipe.outputs.dir)
+        return path, "the recipe's outputs.dir (an absolute path)" if absolute else "the recipe's outputs.dir"
+    return expand(Path("out") / Path(recipe.path).stem), "the default out/<recipe name>"
 
 
 def _reporter(progress: bool):

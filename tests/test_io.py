@@ -225,3 +225,13 @@ def test_generate_does_not_overwrite_a_picture_without_force(tmp_path):
     assert result.exit_code == 2 and "already exists" in result.stderr
     assert picture.read_bytes() == b"mine"
 
+
+
+def test_a_recipe_output_that_climbs_out_of_its_folder_is_refused(tmp_path):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    recipe = folder / "r.yaml"
+    recipe.write_text(RECIPE.read_text().replace("outputs:\n", "outputs:\n  dir: ../../../../elsewhere\n"))
+    result = CliRunner().invoke(main, ["compile", str(recipe), "--quiet"])
+    assert result.exit_code == 2 and "climbs out of the recipe's folder" in result.stderr, result.output
+    assert _names(tmp_path) == ["recipes"] and _names(folder) == ["r.yaml"]

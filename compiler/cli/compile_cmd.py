@@ -63,6 +63,9 @@ def _print_summary(manifest: dict, seconds: float) -> None:
     echo("  time: " + ", ".join(f"{k} {v:.3f}s" for k, v in t.items()) + f" (total {seconds:.1f}s)")
     for fmt, path in manifest["outputs"].items():
         echo(f"  wrote {fmt}: {path}")
+    output = manifest.get("output", {})
+    if "absolute" in output.get("from", ""):
+        echo(f"  note: the output folder {output['path']} comes from {output['from']}, outside the recipe's folder")
     v = manifest.get("verify")
     if v:
         echo(f"  verify: {'PASSED' if v['passed'] else 'FAILED'} ({v.get('report', '')})")
