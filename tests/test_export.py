@@ -288,3 +288,36 @@ def test_single_file_metadata_drops_stale_hashes_and_states_no_guess_as_fact(tmp
     assert told["modelspec.prediction_type"] == "epsilon" and told["modelspec.resolution"] == "512x512"
     assert told["modelspec.architecture"] == "stable-diffusion-v2-512" and "editc.prediction_type_guessed" not in told
     assert _json.dumps(told)  # all strings
+
+
+def test_sd2_single_file_from_diffusers_has_the_original_24_text_blocks(tmp_path):
+    """diffusers keeps 23 of OpenCLIP-H's 24 blocks (SD-2 reads the penultimate layer); the
+    single file gets the 24th back (as an identity block) and the text_projection, so its text
+    tower has the original layout, and it loads back to the same 23-layer encoder."""
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from compiler.models.configs import config_metadata
+    from compiler.models.layout import pipeline_to_original
+    from compiler.testing.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd2")
+    config = CLIPTextConfig.from_dict({**pipe.text_encoder.config.to_dict(), "num_hidden_layers": 23})
+    torch.manual_seed(0)
+    pipe.text_encoder = CLIPTextModel(config).eval()
+    state = {k: v.contiguous() for k, v in pipeline_to_original("sd2", pipe.components).items()}
+    prefix = "cond_stage_model.model."
+    blocks = {int(k.split(".")[4]) for k in state if k.startswith(prefix + "transformer.resblocks.")}
+    assert blocks == set(range(24))
+    block = prefix + "transformer.resblocks.23."
+    assert not state[block + "attn.out_proj.weight"].any() and not state[block + "mlp.c_proj.weight"].any()
+    assert torch.equal(state[block + "ln_1.weight"], torch.ones_like(state[block + "ln_1.weight"]))
+    assert prefix + "text_projection" in state
+    save_file(state, tmp_path / "sd2.safetensors", metadata=config_metadata(pipe.components))
+    loaded = load_model(tmp_path / "sd2.safetensors")
+    assert loaded.pipeline.text_encoder.config.num_hidden_layers == 23
+    ids = pipe.tokenizer(["a red house"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = pipe.text_encoder(ids).last_hidden_state
+        got = loaded.pipeline.text_encoder(ids).last_hidden_state
+    assert torch.equal(want, got)

@@ -301,7 +301,36 @@ def component_to_original(
             out[original] = tensor
     for original, parts in fused.items():
         out[original] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    if family == "sd2" and component == "text_encoder":
+        _complete_sd2_openclip(out)
     return out
+
+
+# SD-2's original OpenCLIP-H text tower has 24 resblocks and a text_projection. SD-2 conditions
+# on the penultimate layer, so diffusers drops block 23 and the projection
+# (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE) and its text encoder has 23 layers. A file written back
+# without them has a 23-block tower that ComfyUI reports as missing weights; their trained
+# values are gone with the conversion, so the 24th block is written as the identity (zero
+# attention and MLP outputs: it passes its input through) and the projection as the identity
+# matrix. Nothing that SD-2 computes reads either (its UNet context is block 22's output).
+_SD2_REFERENCE_TEXT_LAYERS = 23
+
+
+def _complete_sd2_openclip(out: dict[str, torch.Tensor]) -> None:
+    prefix = "cond_stage_model.model."
+    last = f"{prefix}transformer.resblocks.{_SD2_REFERENCE_TEXT_LAYERS - 1}."
+    layers = {k.split(".")[4] for k in out if k.startswith(prefix + "transformer.resblocks.")}
+    if len(layers) != _SD2_REFERENCE_TEXT_LAYERS or last + "ln_1.weight" not in out:
+        return  # not the reference 23-layer encoder (a narrower model keeps its own layout)
+    block = f"{prefix}transformer.resblocks.{_SD2_REFERENCE_TEXT_LAYERS}."
+    for key in [k for k in out if k.startswith(last)]:
+        name = key[len(last):]
+        template = out[key]
+        identity_scale = name.endswith(("ln_1.weight", "ln_2.weight"))
+        out[block + name] = torch.ones_like(template) if identity_scale else torch.zeros_like(template)
+    if prefix + "text_projection" not in out:
+        width = out[last + "ln_1.weight"].shape[0]
+        out[prefix + "text_projection"] = torch.eye(width, dtype=out[last + "ln_1.weight"].dtype)
 
 
 def expected_original_names(
