@@ -395,7 +395,8 @@ def provenance_for(manifest: dict) -> dict[str, str]:
 
 
 def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force: bool = False,
-                    verify: bool | None = None, progress: bool = True) -> dict:
+                    verify: bool | None = None, progress: bool = True, prediction_type: str | None = None,
+                    resolution: str | None = None) -> dict:
     """The full job behind ``editc compile``; returns the manifest (also written to disk).
 
     The output is claimed (checked against the inputs, locked, its folder writable) before the
@@ -421,7 +422,8 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
         out = claim.path
         t0 = time.perf_counter()
         say("load model")
-        loaded = load_model(model_spec)
+        loaded = load_model(model_spec, prediction_type=prediction_type or recipe.prediction_type)
+        resolution = resolution or recipe.outputs.resolution
         timings["load"] = time.perf_counter() - t0
 
         say("plan edits (resolve, locate)")
@@ -446,7 +448,7 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
         if single_file_out:
             from compiler.export.single_file import export_single_file
 
-            export_single_file(result.new_tensors, loaded, out, provenance, force=force)
+            export_single_file(result.new_tensors, loaded, out, provenance, force=force, resolution=resolution)
             outputs["single-file"] = str(out)
             timings["save"] = time.perf_counter() - t0
             manifest["timings_seconds"] = {k: round(v, 4) for k, v in timings.items()}
@@ -464,7 +466,7 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
                 else:
                     loaded.pipeline.save_pretrained(tmp, safe_serialization=True)
                 outputs["diffusers"] = str(out)
-            _export_other_formats(loaded, result, formats, tmp, out, provenance, outputs)
+            _export_other_formats(loaded, result, formats, tmp, out, provenance, outputs, resolution)
             timings["save"] = time.perf_counter() - t0
             manifest["timings_seconds"] = {k: round(v, 4) for k, v in timings.items()}
             write_manifest(tmp, manifest)
@@ -513,13 +515,13 @@ def _locate_fn(loaded, progress: bool):
     return run
 
 
-def _export_other_formats(loaded, result, formats, tmp, out, provenance, outputs) -> None:
+def _export_other_formats(loaded, result, formats, tmp, out, provenance, outputs, resolution=None) -> None:
     """single-file, delta and ONNX outputs, written into the same atomic folder."""
     if "single-file" in formats:
         from compiler.export.single_file import export_single_file
 
         path = tmp / "model.safetensors"
-        export_single_file(result.new_tensors, loaded, path, provenance)
+        export_single_file(result.new_tensors, loaded, path, provenance, resolution=resolution)
         outputs["single-file"] = str(out / path.name)
     if "delta" in formats:
         from compiler.export.delta import export_delta

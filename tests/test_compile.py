@@ -297,3 +297,21 @@ def test_out_ending_in_safetensors_writes_that_single_file(tiny, tmp_path):
                                    "--format", "diffusers", "--no-verify", "--quiet"])
     assert refused.exit_code == 2 and "--format single-file alone" in refused.output
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_compile_states_an_sd2_prediction_type_and_resolution_when_told(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from compiler.cli import main
+    from compiler.models.checkpoint import read_safetensors_header
+
+    recipe = _recipe(tmp_path, tiny("sd2", "single-file"))
+    out = tmp_path / "sd2-edited.safetensors"
+    result = CliRunner().invoke(main, ["compile", str(recipe), "--out", str(out), "--format", "single-file",
+                                       "--prediction-type", "epsilon", "--resolution", "512x512",
+                                       "--no-verify", "--quiet"])
+    assert result.exit_code == 0, result.output
+    metadata = read_safetensors_header(out)[1]
+    assert metadata["modelspec.prediction_type"] == "epsilon"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v2-512"
+    assert metadata["modelspec.resolution"] == "512x512" and "editc.prediction_type_guessed" not in metadata

@@ -304,3 +304,17 @@ def test_subprocess_good_recipe():
     )
     assert proc.returncode == 0, proc.stderr
     assert "van gogh -> a painting" in proc.stdout
+
+
+def test_prediction_type_and_resolution_fields_for_sd2_single_files(tmp_path):
+    from compiler.errors import UserError
+    from compiler.recipe import loads_recipe
+
+    text = ("prediction_type: epsilon\nedits:\n  - {concept: van gogh, replacement: a painting, attribute: style}\n"
+            "outputs:\n  formats: [single-file]\n  resolution: 512x512\n")
+    recipe = loads_recipe(text, str(tmp_path / "r.yaml"))
+    assert recipe.prediction_type == "epsilon" and recipe.outputs.resolution == "512x512"
+    with pytest.raises(UserError, match="outputs.resolution"):
+        loads_recipe(text.replace("512x512", "big"), str(tmp_path / "r.yaml"))
+    with pytest.raises(UserError, match="prediction_type"):
+        loads_recipe(text.replace("epsilon", "v"), str(tmp_path / "r.yaml"))

@@ -20,10 +20,16 @@ from compiler.cli import main
 @click.option("--format", "formats", multiple=True, type=click.Choice(["diffusers", "single-file", "delta", "onnx"]),
               help="Output format(s); default: the recipe's outputs.formats.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
+              help="SD-2.x single files without metadata: 512-base (epsilon) or 768-v (v_prediction); "
+                   "overrides the recipe's prediction_type.")
+@click.option("--resolution", default=None, metavar="WxH",
+              help="modelspec.resolution of a single-file output; overrides the recipe's outputs.resolution.")
 @click.option("--verify/--no-verify", "run_verify", default=None, help="Run the recipe's verify gates after export.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
-def compile_command(recipe_path, model_path, out_dir, formats, force, run_verify, as_json, quiet):
+def compile_command(recipe_path, model_path, out_dir, formats, force, prediction_type, resolution, run_verify,
+                    as_json, quiet):
     """Compile RECIPE into an edited checkpoint (diffusers folder + manifest.json).
 
     Locates the layers holding each concept, solves one closed-form ridge regression per
@@ -35,7 +41,8 @@ def compile_command(recipe_path, model_path, out_dir, formats, force, run_verify
     recipe = load_recipe(recipe_path)
     started = time.perf_counter()
     manifest = compile_to_disk(recipe, model=model_path, out=out_dir, formats=formats or None, force=force,
-                               verify=run_verify, progress=not quiet)
+                               verify=run_verify, progress=not quiet, prediction_type=prediction_type,
+                               resolution=resolution)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
     else:

@@ -18,6 +18,8 @@ is optional)::
 
     model: toy                 # "toy" (the embedded toy world) or a path to a diffusers folder
                                # or single-file checkpoint (relative to the current directory)
+    prediction_type: epsilon   # SD-2 single files without metadata: epsilon (512-base) or
+                               # v_prediction (768-v); default: what the file records
     lambda: 0.01               # ridge strength λ of the closed-form solve (> 0); default 0.01
     preserve: [monet]          # concepts every edit must leave unchanged (preservation rows)
     edits:
@@ -36,6 +38,7 @@ is optional)::
     outputs:
       dir: out/van_gogh        # default output folder (``editc compile --out`` overrides)
       formats: [diffusers]     # any of diffusers, single-file, delta, onnx
+      resolution: 768x768      # a single file's modelspec.resolution (default: the source's)
     verify:
       enabled: false           # run the verify gates right after compile
       seeds: 4

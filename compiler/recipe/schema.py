@@ -67,11 +67,14 @@ class Outputs:
     ``dir`` is ``None`` when the recipe leaves it to ``editc compile --out``. ``formats`` is a
     non-empty tuple of ``diffusers`` (a diffusers folder), ``single-file`` (the original
     single-file checkpoint layout, A1111/ComfyUI), ``delta`` (only the edited tensors) and
-    ``onnx`` (per-component ONNX folders).
+    ``onnx`` (per-component ONNX folders). ``resolution`` (``WxH``) is written to a single file's
+    ``modelspec.resolution``.
     """
 
     dir: str | None = None
     formats: tuple[str, ...] = ("diffusers",)
+    # modelspec.resolution of a single-file output ("WxH"; None: the source's or the UNet's)
+    resolution: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,6 +114,8 @@ class Recipe:
 
     path: str
     model: str = DEFAULT_MODEL
+    # epsilon | v_prediction, for an SD-2 single file that does not record it (None: the file's)
+    prediction_type: str | None = None
     edits: tuple[Edit, ...]
     outputs: Outputs = field(default_factory=Outputs)
     verify: VerifyGates = field(default_factory=VerifyGates)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,7 +26,7 @@ MAX_VERIFY_SEEDS = 1024
 MAX_VERIFY_STEPS = 1000
 GUIDANCE_RANGE = (1e-3, 100.0)
 
-_TOP_LEVEL_KEYS = ("model", "lambda", "preserve", "edits", "outputs", "verify")
+_TOP_LEVEL_KEYS = ("model", "prediction_type", "lambda", "preserve", "edits", "outputs", "verify")
 _EDIT_KEYS = (
     "concept",
     "replacement",
@@ -39,7 +40,7 @@ _EDIT_KEYS = (
     "neurons_top_k",
     "site",
 )
-_OUTPUT_KEYS = ("dir", "formats")
+_OUTPUT_KEYS = ("dir", "formats", "resolution")
 _VERIFY_KEYS = tuple(f.name for f in dataclasses.fields(VerifyGates))
 
 
@@ -197,9 +198,12 @@ class _Validator:
         self.cross_check(edits, preserve)
         outputs = self.outputs(data.get("outputs"))
         verify = self.verify(data.get("verify"))
+        prediction_type = (self.choice(data["prediction_type"], "prediction_type", ("epsilon", "v_prediction"))
+                           if data.get("prediction_type") is not None else None)
         return Recipe(
             path=self.label,
             model=model,
+            prediction_type=prediction_type,
             edits=edits,
             outputs=outputs,
             verify=verify,
@@ -396,7 +400,12 @@ class _Validator:
                     raise self.fail(f"outputs.formats[{index}]", f"{name!r} is listed twice; list each format once")
                 chosen.append(name)
             formats = tuple(chosen)
-        return Outputs(dir=directory, formats=formats)
+        resolution = None
+        if raw.get("resolution") is not None:
+            resolution = str(raw["resolution"]).strip().lower()
+            if not re.fullmatch(r"[1-9][0-9]{0,5}x[1-9][0-9]{0,5}", resolution):
+                raise self.fail("outputs.resolution", f"{raw['resolution']!r} is not WIDTHxHEIGHT, e.g. 768x768")
+        return Outputs(dir=directory, formats=formats, resolution=resolution)
 
     def verify(self, raw: Any) -> VerifyGates:
         if raw is None:
