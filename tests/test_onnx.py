@@ -71,6 +71,8 @@ def test_toy_export_layout_and_parity(toy_onnx):
         assert onnx.load(str(folder / name / "model.onnx"), load_external_data=False).opset_import[0].version >= 17
     assert (folder / "scheduler" / "scheduler_config.json").is_file()
     assert (folder / "tokenizer" / "tokenizer_config.json").is_file()
+    for name in ("vocab.json", "merges.txt"):  # transformers 4's CLIPTokenizer (optimum) needs them
+        assert (folder / "tokenizer" / name).stat().st_size > 100_000
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "ORTStableDiffusionPipeline"  # optimum's auto classes map it
     assert index["unet"] == ["diffusers", "OnnxRuntimeModel"]

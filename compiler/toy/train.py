@@ -404,6 +404,9 @@ def export(cfg: ToyConfig, workdir: Path, out: Path) -> None:
     tmp = out.parent / (out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.to(torch.float16).save_pretrained(tmp / "pipeline", safe_serialization=True)
+    from compiler.export.onnx import save_tokenizer
+
+    save_tokenizer(pipe.tokenizer, tmp / "pipeline" / "tokenizer")  # + vocab.json, merges.txt (transformers 4)
     judge_dir = tmp / "judge"
     judge_dir.mkdir(parents=True)
     clip.config.save_pretrained(judge_dir)
