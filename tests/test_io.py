@@ -235,3 +235,19 @@ def test_a_recipe_output_that_climbs_out_of_its_folder_is_refused(tmp_path):
     result = CliRunner().invoke(main, ["compile", str(recipe), "--quiet"])
     assert result.exit_code == 2 and "climbs out of the recipe's folder" in result.stderr, result.output
     assert _names(tmp_path) == ["recipes"] and _names(folder) == ["r.yaml"]
+
+
+def test_an_output_inside_a_hub_repo_given_by_id_is_refused(tmp_path, monkeypatch):
+    """A repo id's snapshot files are links into the repo's blobs/: the whole repo is input."""
+    repo = tmp_path / "cache" / "models--org--m"
+    snapshot = repo / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (repo / "blobs").mkdir()
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(main, ["compile", str(RECIPE), "--model", "org/m", "--out",
+                                       str(repo / "blobs" / "edited"), "--quiet"])
+    assert result.exit_code == 2 and "lies inside the input" in result.stderr, result.output
+    assert _names(repo / "blobs") == []

@@ -23,20 +23,25 @@ def expand(path: PathLike, what: str = "--out") -> Path:
 
 
 def input_paths(*given: PathLike | None) -> list[Path]:
-    """The inputs among ``given`` that are files or folders on disk ('toy' is the embedded model's
-    folder; a name that is not a path, e.g. a hub id, is left to the loader)."""
+    """The inputs among ``given`` on disk: paths, 'toy' (the embedded model's folder), Hugging
+    Face repo ids (their cache folder); a name that resolves to nothing is left to the loader."""
     paths = []
     for item in given:
         if item is None:
             continue
-        if str(item) == "toy":
-            from compiler.models.load import TOY_PIPELINE
-
-            paths.append(Path(TOY_PIPELINE))
-            continue
         path = Path(os.path.expanduser(os.fspath(item)))
         if path.exists():
             paths.append(path)
+            continue
+        from compiler.models.load import resolve_model_path
+
+        try:  # 'toy', a Hugging Face repo id or cache folder
+            resolved = resolve_model_path(item)
+        except UserError:
+            continue
+        paths.append(resolved)
+        # A hub snapshot's files are links into the repo's blobs/: the whole repo folder is input.
+        paths.extend(p for p in resolved.parents if p.name.startswith("models--"))
     return paths
 
 
