@@ -251,3 +251,16 @@ def test_an_output_inside_a_hub_repo_given_by_id_is_refused(tmp_path, monkeypatc
                                        str(repo / "blobs" / "edited"), "--quiet"])
     assert result.exit_code == 2 and "lies inside the input" in result.stderr, result.output
     assert _names(repo / "blobs") == []
+
+
+def test_leftovers_of_an_older_editc_are_repaired(tmp_path):
+    """Older editc named its temporaries .NAME.tmp-PID / .NAME.old-PID (a kill between its two
+    renames left no NAME at all): the next writer puts the old output back and cleans up."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    (tmp_path / f".out.old-{dead}").mkdir()
+    (tmp_path / f".out.old-{dead}" / "a").write_text("old")
+    (tmp_path / f".out.tmp-{dead}").mkdir()
+    with claim_output(tmp_path / "out", force=True):
+        pass
+    assert _names(tmp_path) == ["out"] and (tmp_path / "out" / "a").read_text() == "old"

@@ -188,7 +188,7 @@ class OutputClaim:
 
     def _recover(self) -> None:
         """Clean up after killed writers of this path (we hold the lock, so none is running)."""
-        pattern = re.compile(rf"\.{re.escape(self.path.name)}\.(tmp|old)-(\d+)-[0-9a-f]+")
+        pattern = re.compile(rf"\.{re.escape(self.path.name)}\.(tmp|old)-(\d+)(?:-[0-9a-f]+)?")  # (older editc: no suffix)
         leftovers = []
         for entry in self.path.parent.iterdir():
             match = pattern.fullmatch(entry.name)
