@@ -105,8 +105,9 @@ class NonFiniteInputError(UserError):
     """An input of a solve holds NaN or Inf (a corrupt checkpoint or a broken embedding)."""
 
 
-class SolveError(RuntimeError):
-    """The normal matrix could not be factorised (it is not positive definite)."""
+class SolveError(UserError, RuntimeError):
+    """The normal matrix could not be factorised (it is not positive definite). It follows
+    from the recipe's λ and rows, so it is reported like bad input: one line, exit 2."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,7 +303,7 @@ def factorize(matrix: Tensor, condition: str = "exact") -> Factorization:
     if int(info) != 0:
         raise SolveError(
             f"the normal matrix (d={matrix.shape[0]}) is not positive definite at column "
-            f"{int(info)}; λ must be > 0 and the rows finite"
+            f"{int(info)}; raise lambda (the recipe's or the edit's), or give fewer, less similar prompts"
         )
     if condition == "exact":
         eigenvalues = torch.linalg.eigvalsh(matrix)
