@@ -264,3 +264,9 @@ def test_leftovers_of_an_older_editc_are_repaired(tmp_path):
     with claim_output(tmp_path / "out", force=True):
         pass
     assert _names(tmp_path) == ["out"] and (tmp_path / "out" / "a").read_text() == "old"
+
+
+def test_an_output_under_a_file_is_refused_before_loading(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    result = CliRunner().invoke(main, ["compile", str(RECIPE), "--out", str(tmp_path / "a-file" / "out"), "--quiet"])
+    assert result.exit_code == 2 and "is a file, not a folder" in result.stderr, result.output
