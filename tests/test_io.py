@@ -270,3 +270,12 @@ def test_an_output_under_a_file_is_refused_before_loading(tmp_path):
     (tmp_path / "a-file").write_text("x")
     result = CliRunner().invoke(main, ["compile", str(RECIPE), "--out", str(tmp_path / "a-file" / "out"), "--quiet"])
     assert result.exit_code == 2 and "is a file, not a folder" in result.stderr, result.output
+
+
+@pytest.mark.parametrize("args,expected", [(["--seeds", "0-99999999"], "more than 1024 seeds"),
+                                           (["--seeds", "-5"], "out of range"),
+                                           (["--steps", "0"], "0 is not in the range")])
+def test_generate_refuses_unbounded_requests_before_loading(tmp_path, args, expected):
+    result = CliRunner().invoke(main, ["generate", "a red circle", "--out", str(tmp_path / "a.png"), *args])
+    assert result.exit_code == 2 and expected in result.stderr, result.output
+    assert _names(tmp_path) == []
