@@ -67,8 +67,8 @@ def main() -> None:
         return out
 
     base = count()
-    plans = compiler.plan_edits(recipe, model, progress=False)
-    compiler.apply_to_pipeline(pipe, compiler.compile_edits(recipe, model, plans, progress=False).new_tensors)
+    plans = compiler.plan_edits(recipe, model)
+    compiler.apply_to_pipeline(pipe, compiler.compile_edits(recipe, model, plans).new_tensors)
     edited = count()
     plan = plans[0]
     print(f"method: {plan.method}{' at ' + plan.site if plan.site else ''}; "

@@ -166,8 +166,8 @@ def locoedit_applier(loaded, case: Case) -> Callable[[list[int]], object]:
             f"model: toy\nedits:\n  - concept: {case.concept}\n    replacement: {case.replacement}\n"
             f"    attribute: {case.attribute}\n    method: locoedit\n    layers: {list(layers)}\n",
             "bench-locate.yaml")
-        plans = plan_edits(recipe, loaded, progress=False)
-        apply_to_pipeline(pipe, compile_edits(recipe, loaded, plans, progress=False).new_tensors)
+        plans = plan_edits(recipe, loaded)
+        apply_to_pipeline(pipe, compile_edits(recipe, loaded, plans).new_tensors)
         return pipe
 
     def reset() -> None:

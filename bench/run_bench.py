@@ -70,6 +70,7 @@ from bench.baselines.time_edit import TIMEConfig, time_edit  # noqa: E402
 from bench.baselines.uce import UCEConfig, uce_edit  # noqa: E402
 from compiler.errors import UserError  # noqa: E402
 from compiler.fuse import fuse_weights, get_parameter  # noqa: E402
+from compiler.methods import REGISTRY as METHOD_REGISTRY  # noqa: E402
 
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 TOY_PIPELINE = REPO_ROOT / "compiler" / "toy" / "weights" / "pipeline"
@@ -79,20 +80,23 @@ TASKS = {
     "object": EditTask("snoopy", "a dog", "object"),
     "fact": EditTask("the british monarch", "king charles", "fact"),
 }
+# editc's own methods come from the method plug-ins' registry: each plug-in's bench variants
+# (Diff-QuickFix at the paper's site, out_proj, and at layer 0's v_proj, which `method: auto`
+# picks for facts) -> (method, its recipe keys, label).
+EDITC_VARIANTS = {label: (method.name, fields, title) for method in METHOD_REGISTRY.values()
+                  for label, (fields, title) in method.bench_variants().items()}
 FINE_TUNING = ("esd-x", "concept-ablation")
-CLOSED_FORM = ("uce", "time", "locoedit", "quickfix", "quickfix-v", "neurons")
+CLOSED_FORM = ("uce", "time", *EDITC_VARIANTS)
 METHODS = FINE_TUNING + CLOSED_FORM
 LABELS = {
     "esd-x": "ESD-x (fine-tuning)", "concept-ablation": "Concept Ablation (fine-tuning)",
-    "uce": "UCE (closed form)", "time": "TIME (closed form)", "locoedit": "editc LocoEdit",
-    "quickfix": "editc Diff-QuickFix", "quickfix-v": "editc Diff-QuickFix at v_proj", "neurons": "editc neurons",
+    "uce": "UCE (closed form)", "time": "TIME (closed form)",
+    **{label: title for label, (_, _, title) in EDITC_VARIANTS.items()},
 }
 SHORT_LABELS = {"esd-x": "ESD-x", "concept-ablation": "Concept Ablation"}
-EDITC_METHODS = {"locoedit", "quickfix", "quickfix-v", "neurons"}
-# Diff-QuickFix at the paper's site (out_proj) and at layer 0's v_proj (what `method: auto` picks
-# for facts).
-QUICKFIX_SITES = {"quickfix": "out_proj", "quickfix-v": "v_proj"}
-NEEDS_LAYERS = {"locoedit", "neurons"}
+EDITC_METHODS = set(EDITC_VARIANTS)
+NEEDS_LAYERS = {label for label, (method, _, _) in EDITC_VARIANTS.items()
+                if METHOD_REGISTRY[method].edits_unet_layers}
 # The steps the papers train for, to extrapolate the measured time per step.
 REFERENCE_STEPS = {"esd-x": 1000, "concept-ablation": 400}
 # The toy world's style window measured on the design prototype (layers 2–4): the layers of
@@ -209,22 +213,20 @@ def editc_edit(loaded, edits: list[dict], label: str) -> BaselineResult:
     located = {edit["attribute"]: edit["located"] for edit in edits if "located" in edit}
     started = time.perf_counter()
     recipe = loads_recipe(editc_recipe_text(str(loaded.source_path), edits), f"{label}.yaml")
-    plans = plan_edits(recipe, loaded, locate_fn=(lambda edit: located[edit.attribute]) if located else None,
-                       progress=False)
-    result = compile_edits(recipe, loaded, plans, progress=False)
+    plans = plan_edits(recipe, loaded, locate_fn=(lambda edit: located[edit.attribute]) if located else None)
+    result = compile_edits(recipe, loaded, plans)
     synchronize(loaded.pipeline.unet.device)
     seconds = time.perf_counter() - started
     info = {"timings": result.timings, "solves": result.solve_info, "tensors": len(result.new_tensors),
             "layers": sorted({j for p in plans for j in p.layers}),
-            "layers_source": sorted({p.layers_source for p in plans})}
+            "layers_source": sorted({p.layers_source.value for p in plans})}
     return BaselineResult(edits[0]["method"] if len(edits) == 1 else "locoedit", result.new_tensors, seconds, info)
 
 
 def editc_edit_spec(task: EditTask, method: str, layers, settings: BenchSettings) -> dict:
+    name, fields, _ = EDITC_VARIANTS[method]
     spec = {"concept": task.concept, "replacement": task.replacement, "attribute": task.attribute,
-            "method": "quickfix" if method in QUICKFIX_SITES else method}
-    if method in QUICKFIX_SITES:
-        spec["site"] = QUICKFIX_SITES[method]
+            "method": name, **fields}
     if method in NEEDS_LAYERS:
         spec.update(layer_spec(layers))
     if method == "neurons":

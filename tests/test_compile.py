@@ -15,6 +15,7 @@ import torch
 
 from compiler import compile as compile_stage
 from compiler import resolve
+from compiler.fuse import get_parameter
 from compiler.recipe import loads_recipe
 
 RECIPE = """
@@ -73,7 +74,7 @@ def test_locoedit_maps_concept_onto_replacement_and_keeps_the_rest(quick_toy, tm
     unrelated = ctx[2, :8]
     errors, moves = [], []
     for name, new in result.new_tensors.items():
-        old = compile_stage.get_parameter(pipe, name).detach()
+        old = get_parameter(pipe, name).detach()
         want = x_tgt @ old.T
         errors.append(((x_src @ new.T - want).norm() / want.norm()).item())
         moves.append(((unrelated @ new.T - unrelated @ old.T).norm() / (unrelated @ old.T).norm()).item())
@@ -171,15 +172,15 @@ def test_layers_auto_uses_a_confirmed_window_and_falls_back_to_all_layers_otherw
         return SimpleNamespace(passed=passed, layers=(11, 12), best_size=2, confirmation=confirmation)
 
     def plan(res):
-        (planned,) = compile_stage.plan_edits(recipe, loaded, locate_fn=lambda edit: res, progress=False)
-        return planned.layers, planned.layers_source
+        (planned,) = compile_stage.plan_edits(recipe, loaded, locate_fn=lambda edit: res)
+        return planned.layers, planned.layers_source.value, planned.layers_reason
 
     every = tuple(range(16))
-    assert plan(result(True, True)) == ((11, 12), "locate (LocoGen)")
+    assert plan(result(True, True))[:2] == ((11, 12), "locate")
     assert plan(result(True, None))[0] == (11, 12)
-    assert plan(result(False, None))[0] == every
-    layers, source = plan(result(True, False))
-    assert layers == every and "not confirmed" in source
+    assert plan(result(False, None))[:2] == (every, "all layers")
+    layers, source, reason = plan(result(True, False))
+    assert layers == every and source == "all layers" and "not confirmed" in reason
 
 
 FACT_RECIPE = """
@@ -226,8 +227,8 @@ def test_quickfix_at_v_proj_moves_the_concept_and_keeps_its_old_answer(quick_toy
 
     before = emitted()
     recipe = loads_recipe(FACT_RECIPE.format(model=quick_toy, extra=""), str(tmp_path / "r.yaml"))
-    (plan,) = compile_stage.plan_edits(recipe, model, progress=False)
-    result = compile_stage.compile_edits(recipe, model, [plan], progress=False)
+    (plan,) = compile_stage.plan_edits(recipe, model)
+    result = compile_stage.compile_edits(recipe, model, [plan])
     assert list(result.new_tensors) == ["text_encoder/encoder.layers.0.self_attn.v_proj.weight"]
     assert result.solve_info[0]["site"] == "v_proj" and result.solve_info[0]["heads"] == attention.num_heads
     compile_stage.apply_to_pipeline(pipe, result.new_tensors)
@@ -253,10 +254,9 @@ def test_an_edits_own_lambda_counts_for_quickfix(quick_toy, tmp_path):
     changes = {}
     for lam in ("0.01", "1.0e+6"):
         recipe = loads_recipe(FACT_RECIPE.format(model=quick_toy, extra=f"    lambda: {lam}\n"), str(tmp_path / "r.yaml"))
-        result = compile_stage.compile_edits(recipe, model, compile_stage.plan_edits(recipe, model, progress=False),
-                                             progress=False)
+        result = compile_stage.compile_edits(recipe, model, compile_stage.plan_edits(recipe, model))
         (name, new), = result.new_tensors.items()
-        changes[lam] = (new - compile_stage.get_parameter(model.pipeline, name)).norm().item()
+        changes[lam] = (new - get_parameter(model.pipeline, name)).norm().item()
     assert changes["1.0e+6"] < 1e-3 * changes["0.01"], changes
 
 

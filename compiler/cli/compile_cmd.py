@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from compiler.cli import main
+from compiler.export.formats import format_names
 
 
 @main.command("compile")
@@ -17,7 +18,7 @@ from compiler.cli import main
 @click.option("--out", "out_dir", type=click.Path(), default=None,
               help="Output folder (default: the recipe's outputs.dir, else out/<recipe name>); "
                    "a path ending in .safetensors with --format single-file writes that one file.")
-@click.option("--format", "formats", multiple=True, type=click.Choice(["diffusers", "single-file", "delta", "onnx"]),
+@click.option("--format", "formats", multiple=True, type=click.Choice(format_names()),
               help="Output format(s); default: the recipe's outputs.formats.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
@@ -58,7 +59,7 @@ def _print_summary(manifest: dict, seconds: float) -> None:
     base = manifest["base_model"]
     echo(f"editc compile: {manifest['recipe']['path']} on {base['path']} ({base['family']}, {base['format']})")
     for e in manifest["edits"]:
-        where = f"layers {e['layers']} ({e['layers_source']})" if e["layers"] else f"text encoder layer 0 {e.get('site', '')}"
+        where = f"layers {e['layers']} ({e['layers_source']}: {e['layers_reason']})" if e["layers"] else f"text encoder layer 0 {e.get('site', '')}"
         echo(f"  {e['concept']!r} -> {e['replacement']!r} [{e['attribute']}] {e['method']} ({e['method_reason']}): "
              f"{where.rstrip()}, {e['prompt_pairs']} prompt pairs, λ={e['lambda']}, eos {'on' if e['eos'] else 'off'}")
     for s in manifest["solves"]:

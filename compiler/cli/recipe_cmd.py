@@ -7,6 +7,7 @@ import json
 import click
 
 from compiler.cli import main
+from compiler.methods import AUTO, REGISTRY, get_method
 from compiler.recipe import Edit, Recipe, load_recipe
 
 
@@ -29,11 +30,18 @@ def check(file: str, as_json: bool) -> None:
 
 
 def _layers_text(edit: Edit) -> str:
-    if edit.layers is None:
-        return f"text encoder layer 0 {edit.site or 'out_proj'}"
+    if edit.layers is None:  # a method that edits no UNet layers says where it edits
+        return get_method(edit.method).where(edit)
     if isinstance(edit.layers, tuple):
         return "layers " + ",".join(str(index) for index in edit.layers)
     return f"layers {edit.layers}"
+
+
+def _methods_of(edit: Edit):
+    """The method plug-in of the edit; for ``auto``, every one whose keys auto accepts."""
+    if edit.method != AUTO:
+        return [get_method(edit.method)]
+    return [method for method in REGISTRY.values() if any(spec.with_auto for spec in method.fields)]
 
 
 def format_summary(parsed: Recipe) -> str:
@@ -54,8 +62,7 @@ def format_summary(parsed: Recipe) -> str:
             details.append(f"lambda {edit.lambda_:g}")
         if edit.eos is False:
             details.append("eos off")
-        if edit.method in ("neurons", "auto") and edit.neurons_top_k != 50:
-            details.append(f"top-{edit.neurons_top_k} neurons")
+        details += [detail for method in _methods_of(edit) for detail in method.edit_details(edit)]
         if edit.prompts:
             details.append(f"+{len(edit.prompts)} prompts")
         if edit.preserve:

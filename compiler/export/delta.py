@@ -301,3 +301,10 @@ def apply_delta(delta_path: str | os.PathLike, checkpoint_path: str | os.PathLik
                             f".safetensors")
         written = export_single_file(delta.tensors, source.path, out_path, provenance, force=force)
     return AppliedDelta(written, match, len(delta.tensors))
+
+
+def write_output(job) -> dict:
+    """Compile's ``delta`` format (:mod:`compiler.export.formats`)."""
+    path = job.folder / "delta.safetensors"
+    export_delta(job.new_tensors, job.loaded, path, job.provenance)
+    return {"delta": str(job.out / path.name)}

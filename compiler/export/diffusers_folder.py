@@ -85,3 +85,14 @@ def write_diffusers_folder(source: Path, new_tensors: dict[str, torch.Tensor], t
 
 def write_manifest(tmp: Path, manifest: dict) -> None:
     write_atomically(Path(tmp) / "manifest.json", json.dumps(manifest, indent=2, sort_keys=False) + "\n", force=True)
+
+
+def write_output(job) -> dict:
+    """Compile's ``diffusers`` format (:mod:`compiler.export.formats`): the base folder with only
+    the edited tensors rewritten, or the loaded pipeline saved when the base is a single file."""
+    loaded = job.loaded
+    if loaded.source_format == "diffusers":
+        write_diffusers_folder(Path(loaded.source_path), job.new_tensors, job.folder, job.provenance)
+    else:
+        loaded.pipeline.save_pretrained(job.folder, safe_serialization=True)
+    return {"diffusers": str(job.out)}

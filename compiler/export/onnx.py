@@ -724,3 +724,12 @@ def check_onnx_parity(onnx_dir: str | os.PathLike, reference, *, family: str | N
     if failures:
         raise OnnxParityError(f"{onnx_dir}: onnxruntime differs from PyTorch: " + "; ".join(failures))
     return results
+
+
+def write_output(job) -> dict:
+    """Compile's ``onnx`` format (:mod:`compiler.export.formats`): graphs from the weights as the
+    checkpoint stores them, checked against PyTorch."""
+    loaded = job.loaded
+    with weights_as_stored(loaded.pipeline, job.new_tensors, loaded.stored_dtype):
+        exported = export_onnx(loaded.pipeline, job.folder / "onnx", provenance=job.provenance)
+    return {"onnx": str(job.out / "onnx"), "onnx_max_abs_error": exported.max_abs_errors()}

@@ -461,3 +461,10 @@ def _write_from_diffusers(described: _Source, edited, out_file: Path, metadata: 
 
     metadata = {**config_metadata(pipeline.components), **metadata}
     write_safetensors(tensors, out_file, metadata)
+
+
+def write_output(job) -> dict:
+    """Compile's ``single-file`` format (:mod:`compiler.export.formats`)."""
+    path = job.folder / "model.safetensors"
+    export_single_file(job.new_tensors, job.loaded, path, job.provenance, resolution=job.resolution)
+    return {"single-file": str(job.out / path.name)}

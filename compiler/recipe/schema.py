@@ -9,16 +9,19 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from compiler.export.formats import format_names
+from compiler.methods import AUTO, method_names
+from compiler.methods.neurons import DEFAULT_NEURONS_TOP_K
+from compiler.methods.quickfix import SITES as QUICKFIX_SITES
+
 ATTRIBUTES = ("style", "object", "fact")
-METHODS = ("auto", "locoedit", "quickfix", "neurons")
-OUTPUT_FORMATS = ("diffusers", "single-file", "delta", "onnx")
+METHODS = (AUTO, *method_names())  # the method plug-ins' registry decides
+OUTPUT_FORMATS = format_names()  # the export formats' registry decides
 LAYER_KEYWORDS = ("auto", "default")
 RECIPE_SUFFIXES = (".yaml", ".yml", ".toml")
 
 DEFAULT_MODEL = "toy"
 DEFAULT_LAMBDA = 0.01  # both papers use λ = 0.01
-DEFAULT_NEURONS_TOP_K = 50  # ICML 2024 ablates 30/50/100 of SD-1.5's 1280 neurons
-QUICKFIX_SITES = ("out_proj", "v_proj")  # which projection of the text encoder's layer-0 attention
 # The embedded toy model has SD-1.5's block layout: 16 cross-attention layers.
 TOY_CROSS_ATTENTION_LAYERS = 16
 
@@ -32,6 +35,8 @@ class Edit:
     ``None`` for ``method="quickfix"`` (which edits the text encoder, not the UNet).
     ``lambda_`` is ``None`` when the edit inherits the recipe's λ. ``preserve`` lists only this
     edit's own preserved concepts; :meth:`Recipe.preserve_for` adds the global ones.
+    ``neurons_top_k`` and ``site`` are the built-in methods' own keys; a plug-in method's other
+    keys land in ``options`` (name, value pairs; read them with :meth:`option`).
     """
 
     concept: str
@@ -45,19 +50,18 @@ class Edit:
     eos: bool | None = None  # None: the method's default (see ``default_eos``)
     neurons_top_k: int = DEFAULT_NEURONS_TOP_K
     site: str | None = None  # quickfix only; None: out_proj, or what ``auto`` picks
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def option(self, name: str, default: Any = None) -> Any:
+        return dict(self.options).get(name, default)
 
 
 def default_eos(method: str, site: str | None) -> bool:
-    """Whether an edit remaps the end-of-text token when its recipe does not say.
+    """Whether an edit remaps the end-of-text token when its recipe does not say: the method
+    plug-in's default (:meth:`compiler.methods.base.EditMethod.default_eos`)."""
+    from compiler.methods import get_method
 
-    UNet K/V and ``out_proj`` edits read states that already summarise the prompt, so EOS (and
-    padding) must move too. At layer 0's ``v_proj`` the EOS row is mostly the tokens around the
-    concept (a style, a setting): remapping it drags them along, and every later position
-    already reads the concept's edited value through attention (measured on the toy world,
-    ``bench/fact_probe.py --eos``: king charles for the monarch in 11/16 images with EOS rows,
-    14/16 without, and his own prompts 14 → 12/16 with them).
-    """
-    return not (method == "quickfix" and site == "v_proj")
+    return get_method(method).default_eos(site)
 
 
 @dataclass(frozen=True, kw_only=True)

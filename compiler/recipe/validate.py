@@ -11,16 +11,16 @@ from collections.abc import Mapping
 from typing import Any
 
 from compiler.errors import UserError
-from compiler.recipe.schema import (ATTRIBUTES, DEFAULT_LAMBDA, DEFAULT_MODEL, DEFAULT_NEURONS_TOP_K,
-                                    LAYER_KEYWORDS, METHODS, OUTPUT_FORMATS, QUICKFIX_SITES,
-                                    TOY_CROSS_ATTENTION_LAYERS, Edit, Outputs, Recipe, VerifyGates)
+from compiler.methods import AUTO, get_method, method_fields
+from compiler.recipe.schema import (ATTRIBUTES, DEFAULT_LAMBDA, DEFAULT_MODEL, LAYER_KEYWORDS, METHODS,
+                                    OUTPUT_FORMATS, TOY_CROSS_ATTENTION_LAYERS, Edit, Outputs, Recipe,
+                                    VerifyGates)
 
 # Ranges of the numeric fields. λ: below 1e-6 the ridge term no longer keeps the normal matrix
 # positive definite in float64 (λ = 5e-324 fails the factorisation); above 1e6 it swamps any
-# edit (λ = 1e308 returns the old weights). neurons_top_k is also checked against the located
-# layers' width at compile time.
+# edit (λ = 1e308 returns the old weights). A method's own keys (neurons_top_k) are bounded by
+# its plug-in.
 LAMBDA_RANGE = (1e-6, 1e6)
-MAX_NEURONS_TOP_K = 65536
 MAX_LAYER_INDEX = 1023
 MAX_VERIFY_SEEDS = 1024
 MAX_VERIFY_STEPS = 1000
@@ -37,8 +37,7 @@ _EDIT_KEYS = (
     "lambda",
     "preserve",
     "eos",
-    "neurons_top_k",
-    "site",
+    *method_fields(),  # the method plug-ins' own keys
 )
 _OUTPUT_KEYS = ("dir", "formats", "resolution")
 _VERIFY_KEYS = tuple(f.name for f in dataclasses.fields(VerifyGates))
@@ -265,23 +264,8 @@ class _Validator:
             else ()
         )
         eos = self.boolean(raw["eos"], _join(field_path, "eos")) if raw.get("eos") is not None else None
-        neurons_top_k = DEFAULT_NEURONS_TOP_K
-        if raw.get("neurons_top_k") is not None:
-            neurons_top_k = self.integer(raw["neurons_top_k"], _join(field_path, "neurons_top_k"), 1, MAX_NEURONS_TOP_K)
-            if method not in ("neurons", "auto"):
-                raise self.fail(
-                    _join(field_path, "neurons_top_k"),
-                    f"only applies to method neurons (this edit uses {method}); remove it",
-                )
-        site = None
-        if raw.get("site") is not None:
-            site = self.choice(raw["site"], _join(field_path, "site"), QUICKFIX_SITES)
-            if method != "quickfix":
-                raise self.fail(
-                    _join(field_path, "site"),
-                    f"only applies to method quickfix (this edit uses {method}); remove it or "
-                    "set method: quickfix",
-                )
+        method_values = self.method_fields(raw, field_path, method)
+        edit_fields = {f.name for f in dataclasses.fields(Edit)}
         return Edit(
             concept=concept,
             replacement=replacement,
@@ -292,20 +276,32 @@ class _Validator:
             lambda_=lambda_,
             preserve=preserve,
             eos=eos,
-            neurons_top_k=neurons_top_k,
-            site=site,
+            **{key: value for key, value in method_values.items() if key in edit_fields},
+            options=tuple((key, value) for key, value in method_values.items() if key not in edit_fields),
         )
+
+    def method_fields(self, raw: Mapping, field_path: str, method: str) -> dict[str, Any]:
+        """The keys only some methods read, parsed by the method plug-in that owns each; a key
+        given to an edit whose method does not read it is refused."""
+        values: dict[str, Any] = {}
+        for key, owners in method_fields().items():
+            if raw.get(key) is None:
+                continue
+            path = _join(field_path, key)
+            owner, spec = next(((m, s) for m, s in owners if m.name == method), owners[0])
+            values[key] = spec.parse(self, raw[key], path)
+            if method != owner.name and not (method == AUTO and spec.with_auto):
+                names = " or ".join(m.name for m, _ in owners)
+                hint = "" if spec.with_auto else f" or set method: {owners[0][0].name}"
+                raise self.fail(path, f"only applies to method {names} (this edit uses {method}); remove it{hint}")
+        return values
 
     def layers(
         self, value: Any, field_path: str, method: str, model: str
     ) -> str | tuple[int, ...] | None:
-        if method == "quickfix":
+        if method != AUTO and not get_method(method).edits_unet_layers:
             if value is not None:
-                raise self.fail(
-                    field_path,
-                    "method quickfix edits the text encoder's layer-0 output projection, not "
-                    "UNet layers; remove 'layers' or use method locoedit or neurons",
-                )
+                raise self.fail(field_path, get_method(method).layers_refusal)
             return None
         if value is None:
             return "auto"

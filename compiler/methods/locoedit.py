@@ -1,0 +1,51 @@
+"""LocoEdit (Basu et al., ICML 2024): closed-form update of the located UNet cross-attention
+layers' ``to_k``/``to_v`` so that the concept's token rows produce what the old weights gave the
+replacement's: ``W = (XᵀX + λI)⁻¹(XᵀX_target Ŵ + λŴ)``. All LocoEdit edits of a recipe are rows
+of one ridge regression: their layers are united and share one factorization for K and V."""
+
+from __future__ import annotations
+
+from compiler.methods.base import AutoChoice, EditMethod, Solved
+
+
+class LocoEdit(EditMethod):
+    name = "locoedit"
+    title = "LocoEdit"
+    summary = "rewrite the UNet cross-attention K/V of the located layers (closed form)"
+    edits_unet_layers = True
+
+    def auto_choice(self, edit, family):
+        if family.name == "if":
+            return None  # T5's bidirectional attention spreads the concept over every token
+        return AutoChoice(None, "auto: LocoEdit on the located cross-attention K/V (works on every "
+                                "CLIP-conditioned family)")
+
+    def build_rows(self, context, plans):
+        return context.context_rows()
+
+    def solve(self, context, plans, rows):
+        """One ridge regression for every LocoEdit edit: rows concatenated, layers united."""
+        import torch
+
+        from compiler import solve
+        from compiler.fuse import get_parameter
+
+        model, lam = context.model, context.lam
+        x_orig = torch.cat([rows.by_plan[id(p)][0] for p in plans])
+        x_target = torch.cat([rows.by_plan[id(p)][1] for p in plans])
+        # An edit's own λ enters as a row weight relative to the recipe's λ.
+        weights = torch.cat([torch.full((len(rows.by_plan[id(p)][0]),), lam / p.lam) for p in plans])
+        problem = solve.build_problem(x_orig, x_target, lam=lam, preserve=rows.preserve, row_weights=weights)
+        layers = sorted({j for p in plans for j in p.layers})
+        old = {}
+        for layer in (model.registry.cross_attention[j] for j in layers):
+            for name in (layer.to_k, layer.to_v):
+                qualified = f"unet/{name}"
+                old[qualified] = get_parameter(model.pipeline, qualified).detach()
+        result = solve.solve_ridge(problem, old)
+        info = {
+            "method": "locoedit", "layers": layers, "rows": problem.n_rows, "preserve_rows": problem.n_preserve_rows,
+            "context_dim": problem.dim, "lambda": lam, "condition_number": result.condition_number,
+            "solve_seconds": result.seconds, "tensors": sorted(old),
+        }
+        return [Solved(result.new_weights, info)]

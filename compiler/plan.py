@@ -1,0 +1,146 @@
+"""Plan: for every edit of a recipe, its method (and site), its layers and its prompt pairs, and
+why each was chosen. Method policy lives in the method plug-ins (:mod:`compiler.methods`)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from compiler import resolve
+from compiler.errors import UserError
+from compiler.methods import AUTO_PREFERENCE, EditMethod, get_method
+from compiler.models.families import FAMILIES, known_location
+from compiler.recipe import Edit, Recipe
+
+NAMED_PRESERVE_PROMPTS = 24  # template prompts per concept named in ``preserve``
+
+
+class LayersSource(str, enum.Enum):
+    """Where an edit's UNet layers came from."""
+
+    RECIPE = "recipe"
+    FAMILY_DEFAULT = "family default"  # the papers' table, at reference widths only
+    LOCATE = "locate"  # LocoGen, cached
+    ALL_LAYERS = "all layers"  # LocoGen found or confirmed no window: every layer, as UCE does
+    NOT_APPLICABLE = "n/a"  # a text-encoder method
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class PlannedEdit:
+    """An edit after resolve: its method, layers and prompt pairs, and why."""
+
+    edit: Edit
+    method: str
+    method_reason: str
+    layers: tuple[int, ...]
+    layers_source: LayersSource
+    pairs: list[resolve.PromptPair]
+    lam: float
+    site: str | None = None  # where the method edits when it has several places (quickfix)
+    eos: bool = True  # remap EOS (and, for UNet methods, padding) rows too
+    layers_reason: str = ""  # the detail behind ``layers_source``
+
+    @property
+    def method_plugin(self) -> EditMethod:
+        return get_method(self.method)
+
+
+def choose_method(edit: Edit, family: str) -> tuple[str, str | None, str]:
+    """(method, site or None, why). ``method: auto`` asks the plug-ins in ``AUTO_PREFERENCE``."""
+    if family == "if":
+        raise UserError(
+            f"edit '{edit.concept}': DeepFloyd IF has no editable location: its T5 encoder is "
+            "bidirectional, so the concept is not concentrated in its last token and LocoEdit fails "
+            "there (Basu et al., ICML 2024); no method applies"
+            + (f", not even the recipe's {edit.method}" if edit.method != "auto" else "")
+        )
+    if edit.method != "auto":
+        method = get_method(edit.method)
+        return edit.method, method.site(edit), "set in the recipe"
+    for name in AUTO_PREFERENCE:
+        choice = get_method(name).auto_choice(edit, FAMILIES[family])
+        if choice is not None:
+            return name, choice.site, choice.reason
+    raise UserError(f"edit '{edit.concept}': no method applies to {FAMILIES[family].title}; "
+                    "name one in the recipe's method")
+
+
+def plan_edits(recipe: Recipe, model, locate_fn=None) -> list[PlannedEdit]:
+    """Pick method, layers and prompts for every edit.
+
+    Layers come from the recipe, else the family's known location (the papers' table, only for
+    checkpoints at the reference widths), else LocoGen (``locate_fn``, cached).
+    """
+    plans = []
+    n_layers = len(model.registry.cross_attention)
+    for i, edit in enumerate(recipe.edits):
+        method, site, reason = choose_method(edit, model.family)
+        plugin = get_method(method)
+        pairs = resolve.prompt_pairs(edit.concept, edit.replacement, edit.attribute, edit.prompts)
+        resolve.check_prompt_lengths(model.pipeline.tokenizer, pairs, edit.concept)  # before locating
+        layers: tuple[int, ...] = ()
+        source, why = LayersSource.NOT_APPLICABLE, ""
+        if plugin.edits_unet_layers:
+            layers, source, why = _layers_for(edit, model, locate_fn)
+            bad = [j for j in layers if j >= n_layers]
+            if bad:
+                raise UserError(
+                    f"{recipe.path}: edits[{i}].layers: {bad} out of range; this model has "
+                    f"{n_layers} cross-attention layers (0..{n_layers - 1})"
+                )
+        lam = recipe.lambda_for(edit)
+        eos = edit.eos if edit.eos is not None else plugin.default_eos(site)
+        plans.append(PlannedEdit(edit, method, reason, tuple(layers), source, pairs, lam, site, eos, why))
+    return plans
+
+
+def _layers_for(edit: Edit, model, locate_fn) -> tuple[tuple[int, ...], LayersSource, str]:
+    if isinstance(edit.layers, tuple):
+        return edit.layers, LayersSource.RECIPE, "set in the recipe"
+    known = None
+    if model.registry.matches_reference_widths:  # the papers' table holds at reference widths only
+        known = known_location(model.family, edit.attribute)
+    if known is not None and edit.layers in ("auto", "default", None):
+        return tuple(known.layers), LayersSource.FAMILY_DEFAULT, "the papers' table"
+    if edit.layers == "default":
+        raise UserError(
+            f"edit '{edit.concept}': no known default location for this {model.family} checkpoint "
+            "(its widths differ from the papers' models); use layers: auto to run LocoGen"
+        )
+    if locate_fn is None:
+        raise UserError(f"edit '{edit.concept}': no known location and locate is unavailable; set layers: [..]")
+    result = locate_fn(edit)
+    confirmation = getattr(result, "confirmation", None)
+    if not result.passed:
+        # No small window holds the concept on this model (the toy world spreads its knowledge
+        # over most of the UNet).
+        reason = f"LocoGen found no window of <= {result.best_size} layers that removes the concept"
+    elif confirmation is not None and not confirmation.best.passed:
+        # The sweep's cheap settings found a window that the full-settings run does not confirm:
+        # trusting it would edit too little.
+        reason = f"LocoGen's window {list(result.layers)} was not confirmed at {confirmation.steps} steps"
+    else:
+        return tuple(result.layers), LayersSource.LOCATE, "LocoGen"
+    # Edit every cross-attention layer, as UCE does, and say why.
+    return tuple(range(len(model.registry.cross_attention))), LayersSource.ALL_LAYERS, reason
+
+
+def preserve_prompts_for(recipe: Recipe, plans: list[PlannedEdit]) -> list[str]:
+    """Default generic captions (without any edited concept) plus the recipe's preserve list."""
+    avoid = [p.edit.concept for p in plans] + [p.edit.replacement for p in plans]
+    prompts = resolve.default_preserve_prompts(avoid)
+    # The replacement must keep meaning what it meant ("a painting" still looks like one).
+    for plan in plans:
+        prompts.extend(pair.target for pair in plan.pairs)
+    named = set(recipe.preserve)
+    for plan in plans:
+        named.update(plan.edit.preserve)
+    attributes = sorted({p.edit.attribute for p in plans})
+    for name in sorted(named):
+        for attribute in attributes:
+            named_prompts = resolve.template_prompts(name, attribute)
+            prompts.extend(named_prompts[:: max(1, len(named_prompts) // NAMED_PRESERVE_PROMPTS)])
+    return list(dict.fromkeys(prompts))
