@@ -1,8 +1,11 @@
-"""Shared, session-scoped fixtures: tiny checkpoints written once per test session."""
+"""Shared, session-scoped fixtures: the quick toy model and tiny checkpoints, each built once
+per test session."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,3 +45,22 @@ def tiny(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def quick_toy_weights(tmp_path_factory) -> Path:
+    """The toy model trained for a few steps (``compiler.toy.train --quick``): the trained toy's
+    exact structure, garbage pictures. ``pipeline/`` is a diffusers folder, ``judge/`` its CLIP
+    judge. Trained once per session (in a process of its own: training seeds torch's global
+    generator) and shared by every test module; treat it as read-only, copy it to modify it."""
+    work = tmp_path_factory.mktemp("quick-toy")
+    subprocess.run([sys.executable, "-m", "compiler.toy.train", "--quick", "--workdir", str(work / "train"),
+                    "--out", str(work / "weights")], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return work / "weights"
+
+
+@pytest.fixture(scope="session")
+def quick_toy(quick_toy_weights) -> Path:
+    """The quick toy model's diffusers folder (read-only)."""
+    return quick_toy_weights / "pipeline"

@@ -28,15 +28,6 @@ OBJECT = EditTask("snoopy", "a dog", "object")
 
 
 @pytest.fixture(scope="module")
-def quick_toy(tmp_path_factory) -> Path:
-    """The quick toy model (a few training steps: structure of the real one, garbage quality)."""
-    work = tmp_path_factory.mktemp("bench-quick-toy")
-    subprocess.run([sys.executable, "-m", "compiler.toy.train", "--quick", "--workdir", str(work / "w"),
-                    "--out", str(work / "weights")], check=True, capture_output=True)
-    return work / "weights" / "pipeline"
-
-
-@pytest.fixture(scope="module")
 def toy(quick_toy):
     from compiler.models.load import load_model
 
@@ -169,15 +160,18 @@ def test_scaling_recipes_are_valid_up_to_100_concepts():
 
 
 def _editc(*args):
-    return subprocess.run([sys.executable, "-m", "compiler.cli", "bench", *map(str, args)],
-                          capture_output=True, text=True, cwd=REPO)
+    from click.testing import CliRunner
+
+    from compiler.cli import main
+
+    return CliRunner().invoke(main, ["bench", *map(str, args)])
 
 
 def test_editc_bench_quick_writes_json_and_table(quick_toy, tmp_path):
     out = tmp_path / "results"
     result = _editc("--quick", "--model", quick_toy, "--out", out, "--methods", "esd-x,time,locoedit",
                     "--kinds", "style", "--no-scaling", "--quiet")
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.exit_code == 0, result.output[-2000:]
     assert "| Edit | Method | Time (s)" in result.stdout
     report = json.loads((out / "bench_toy_quick.json").read_text())
     assert (out / "bench_toy_quick.md").is_file()
@@ -194,10 +188,10 @@ def test_editc_bench_quick_writes_json_and_table(quick_toy, tmp_path):
 
 def test_editc_bench_bad_input_exits_2(tmp_path):
     result = _editc("--methods", "dreambooth", "--model", tmp_path)
-    assert result.returncode == 2
+    assert result.exit_code == 2
     assert result.stderr.strip().count("\n") == 0 and "dreambooth" in result.stderr
     result = _editc("--model", tmp_path / "missing")
-    assert result.returncode == 2 and "missing" in result.stderr
+    assert result.exit_code == 2 and "missing" in result.stderr
 
 
 def _write_clip_folder(folder: Path) -> Path:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,15 +27,6 @@ edits:
 {layers}"""
 
 
-@pytest.fixture(scope="module")
-def quick_toy(tmp_path_factory) -> Path:
-    """A toy model trained for a few steps: garbage pictures, exact structure."""
-    work = tmp_path_factory.mktemp("quick-toy")
-    subprocess.run([sys.executable, "-m", "compiler.toy.train", "--quick", "--workdir", str(work / "w"),
-                    "--out", str(work / "weights")], check=True, capture_output=True)
-    return work / "weights" / "pipeline"
-
-
 def _recipe_text(model: Path, method: str = "locoedit") -> str:
     layers = "" if method == "quickfix" else "    layers: [2, 3, 4]\n"
     return RECIPE.format(model=model, method=method, layers=layers)
@@ -47,6 +36,14 @@ def _recipe(tmp_path: Path, model: Path, method: str = "locoedit") -> Path:
     path = tmp_path / "recipe.yaml"
     path.write_text(_recipe_text(model, method))
     return path
+
+
+def _editc(*args: str):
+    from click.testing import CliRunner
+
+    from compiler.cli import main
+
+    return CliRunner().invoke(main, list(args))
 
 
 def _tree_hash(folder: Path) -> str:
@@ -102,10 +99,9 @@ def test_same_recipe_gives_bit_identical_tensors(quick_toy, tmp_path):
 def test_cli_compile_writes_folder_and_manifest_without_touching_input(quick_toy, tmp_path, method, expected):
     before = _tree_hash(quick_toy)
     out = tmp_path / "edited"
-    cmd = [sys.executable, "-m", "compiler.cli", "compile", str(_recipe(tmp_path, quick_toy, method)),
-           "--out", str(out), "--quiet"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    args = ["compile", str(_recipe(tmp_path, quick_toy, method)), "--out", str(out), "--quiet"]
+    done = _editc(*args)
+    assert done.exit_code == 0, done.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["edited_tensors"]) == expected
     assert manifest["edits"][0]["method"] == method
@@ -116,8 +112,8 @@ def test_cli_compile_writes_folder_and_manifest_without_touching_input(quick_toy
     untouched = "vae/diffusion_pytorch_model.safetensors"
     assert os.stat(out / untouched).st_ino == os.stat(quick_toy / untouched).st_ino
     # An existing output is refused without --force: exit 2, one line.
-    again = subprocess.run(cmd, capture_output=True, text=True)
-    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
+    again = _editc(*args)
+    assert again.exit_code == 2 and len(again.stderr.strip().splitlines()) == 1
     assert "--force" in again.stderr
 
 
@@ -125,8 +121,7 @@ def test_edited_folder_loads_and_holds_the_new_tensors(quick_toy, tmp_path):
     from diffusers import StableDiffusionPipeline
 
     out = tmp_path / "edited"
-    subprocess.run([sys.executable, "-m", "compiler.cli", "compile", str(_recipe(tmp_path, quick_toy)),
-                    "--out", str(out), "--quiet"], check=True, capture_output=True)
+    assert _editc("compile", str(_recipe(tmp_path, quick_toy)), "--out", str(out), "--quiet").exit_code == 0
     manifest = json.loads((out / "manifest.json").read_text())
     base = StableDiffusionPipeline.from_pretrained(str(quick_toy))
     edited = StableDiffusionPipeline.from_pretrained(str(out))
@@ -145,8 +140,7 @@ def test_compile_twice_writes_byte_identical_files(quick_toy, tmp_path):
     outs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        subprocess.run([sys.executable, "-m", "compiler.cli", "compile", str(recipe), "--out", str(out), "--quiet"],
-                       check=True, capture_output=True)
+        assert _editc("compile", str(recipe), "--out", str(out), "--quiet").exit_code == 0
         outs.append(out)
     weights = "unet/diffusion_pytorch_model.safetensors"
     assert (outs[0] / weights).read_bytes() == (outs[1] / weights).read_bytes()

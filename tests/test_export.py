@@ -78,12 +78,17 @@ def _assert_holds_exactly(loaded, edited, base) -> None:
 # (the atomic writer's own tests: tests/test_io.py)
 
 
-def test_provenance_is_strings_with_every_required_key():
-    metadata = provenance_metadata(recipe_text="x: 1", base_model_sha256="0" * 64, edited_tensors=["unet/a"],
-                                   method="locoedit", lam=0.01, layers=[8, 9])
-    assert set(REQUIRED_KEYS) <= set(metadata)
-    assert all(isinstance(v, str) for v in metadata.values())
-    assert json.loads(metadata["editc.layers"]) == [8, 9]
+def test_provenance_says_what_was_edited_from_what():
+    metadata = provenance_metadata(recipe_text="x: 1", base_model_sha256="0" * 64, edited_tensors=["unet/b", "unet/a"],
+                                   method="locoedit", lam=0.01, layers=[9, 8], solve_seconds=0.25)
+    assert metadata["editc.recipe_sha256"] == hashlib.sha256(b"x: 1").hexdigest()
+    assert metadata["editc.recipe"] == "x: 1" and metadata["editc.base_model_sha256"] == "0" * 64
+    assert json.loads(metadata["editc.edited_tensors"]) == ["unet/a", "unet/b"]
+    assert (metadata["editc.method"], float(metadata["editc.lambda"])) == ("locoedit", 0.01)
+    assert json.loads(metadata["editc.layers"]) == [8, 9] and metadata["editc.solve_seconds"] == "0.250"
+    with pytest.raises(ValueError, match="string"):  # safetensors metadata holds strings only
+        provenance_metadata(recipe_text="x: 1", base_model_sha256="0" * 64, edited_tensors=[], method="m",
+                            lam=0.01, layers=[], extra={"note": 3})
 
 
 # --------------------------------------------------------------------------------------------

@@ -27,21 +27,12 @@ ALTERNATIVES = [p.replace("van gogh", "a painting") for p in PROMPTS]
 FAST = GenerationSettings(steps=2, guidance=4.0, batch=8)
 
 
-def quick_toy_weights(tmp_path_factory) -> Path:
-    """The --quick toy model, trained once per session (shared with test_trace.py)."""
-    weights = tmp_path_factory.getbasetemp() / "locate-quick-toy" / "weights"
-    if not (weights / "pipeline" / "model_index.json").is_file():
-        subprocess.run([sys.executable, "-m", "compiler.toy.train", "--quick", "--workdir",
-                        str(weights.parent / "work"), "--out", str(weights)], check=True, capture_output=True)
-    return weights
-
-
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(quick_toy_weights):
     from compiler.models.load import load_model
     from compiler.toy.judge import load_judge
 
-    weights = quick_toy_weights(tmp_path_factory)
+    weights = quick_toy_weights
     loaded = load_model(str(weights / "pipeline"))
     loaded.pipeline.set_progress_bar_config(disable=True)
     return loaded, load_judge(weights / "pipeline", weights / "judge")
@@ -260,10 +251,10 @@ def test_sharded_samples_merge_to_the_single_process_result(toy):
 
 
 # ----------------------------------------------------------------------------- CLI
-def test_cli_locate_json_files_and_exit_codes(toy, tmp_path, tmp_path_factory):
+def test_cli_locate_json_files_and_exit_codes(toy, tmp_path, quick_toy):
     from compiler.cli import main
 
-    pipeline = quick_toy_weights(tmp_path_factory) / "pipeline"
+    pipeline = quick_toy
     out = tmp_path / "loc"
     args = ["locate", "--model", str(pipeline), "--concept", "snoopy", "--replacement", "a dog",
             "--attribute", "object", "--steps", "1", "--prompts", "1", "--max-m", "1", "--out", str(out)]

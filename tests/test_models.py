@@ -73,7 +73,7 @@ def test_reference_size_single_files_get_the_shipped_configs(family):
             shapes[name.replace(".resblocks.22.", ".resblocks.23.")] = shapes[name]
     detection = detect_family(shapes, {}, family)
     assert detection.family == family and detection.matches_reference_widths
-    assert detection.context_dim == FAMILIES[family].context_dim
+    assert detection.context_dim == {"sd1": 768, "sd2": 1024, "sdxl": 2048}[family]  # CLIP-L, OpenCLIP-H, both
     inferred = infer_single_file_configs(detection, shapes, None)
     assert inferred == shipped
     with config_folder(family, inferred) as folder:
@@ -130,7 +130,7 @@ def test_every_family_loads_with_its_registry(tiny, family, fmt, suffix):
     path = tiny(family, fmt, suffix or ".safetensors")
     model = load_model(path)
     assert model.family == family and model.source_format == fmt
-    assert type(model.pipeline).__name__ == FAMILIES[family].pipeline_class
+    assert type(model.pipeline).__name__ == {**PIPELINES, "if": "IFPipeline"}[family]
     assert model.dtype == torch.float32
     registry = model.registry
     layers = registry.cross_attention
@@ -153,7 +153,7 @@ def test_every_family_loads_with_its_registry(tiny, family, fmt, suffix):
         assert layers[0].to_k.endswith(".add_k_proj.weight") and layers[0].original_to_k is None
 
     text = registry.text_layer0
-    assert [t.component for t in text] == [s.component for s in FAMILIES[family].text_encoders]
+    assert [t.component for t in text] == (["text_encoder", "text_encoder_2"] if family == "sdxl" else ["text_encoder"])
     for t in text:
         params = dict(getattr(model.pipeline, t.component).named_parameters())
         assert params[t.weight].shape == (t.width, t.width)
@@ -169,6 +169,23 @@ def test_every_family_loads_with_its_registry(tiny, family, fmt, suffix):
         assert text[0].module_name == "encoder.layers.0.self_attn.out_proj"
         assert text[1].module_name == "text_model.encoder.layers.0.self_attn.out_proj"
         assert text[1].original_bias == "conditioner.embedders.1.model.transformer.resblocks.0.attn.out_proj.bias"
+
+
+# CLIP's own ids (openai/clip-vit-large-patch14's tokenizer) for one of the papers' prompts.
+CLIP_IDS = [49406, 320, 1212, 530, 518, 1844, 539, 2451, 19697, 49407]
+
+
+@pytest.mark.parametrize("family,fmt", [("sd1", "diffusers"), ("sd2", "diffusers"), ("sdxl", "diffusers"),
+                                        ("sdxl", "single-file")])
+def test_tiny_fixtures_tokenize_like_clip(tiny, family, fmt):
+    """Edits of a tiny fixture find the concept's tokens only if its tokenizer is CLIP's."""
+    from compiler.models.load import load_model
+
+    pipe = load_model(tiny(family, fmt)).pipeline
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if family == "sdxl" else [])
+    for tokenizer in tokenizers:
+        assert len(tokenizer) == 49408
+        assert tokenizer("a house in the style of van gogh").input_ids == CLIP_IDS
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])

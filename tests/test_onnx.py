@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +30,11 @@ TRAINED_TOY = (PIPELINE_DIR / "model_index.json").is_file() and (JUDGE_DIR / "co
 
 
 @pytest.fixture(scope="module")
-def toy_dir(tmp_path_factory) -> Path:
-    """The trained toy model when it is there, else a few-step one with the same structure."""
+def toy_dir(request) -> Path:
+    """The trained toy model when it is there, else the quick one (the same structure)."""
     if TRAINED_TOY:
         return PIPELINE_DIR
-    work = tmp_path_factory.mktemp("quick-toy")
-    subprocess.run([sys.executable, "-m", "compiler.toy.train", "--quick", "--workdir", str(work / "w"),
-                    "--out", str(work / "weights")], check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return work / "weights" / "pipeline"
+    return request.getfixturevalue("quick_toy")
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ command is seeded and resumable, and `editc generate` draws from it."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +21,10 @@ WEIGHTS = Path(__file__).resolve().parents[1] / "compiler" / "toy" / "weights"
 
 
 def _train_quick(workdir: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    # One thread, as the session's quick toy (conftest.py) was trained: the runs must agree bit for bit.
     return subprocess.run([sys.executable, "-m", "compiler.toy.train", "--quick", "--workdir", str(workdir),
-                           "--out", str(out), *extra], capture_output=True, text=True, check=True)
+                           "--out", str(out), *extra], capture_output=True, text=True, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def test_shipped_toy_model_is_a_standard_pipeline_under_40_mb():
@@ -35,18 +38,18 @@ def test_shipped_toy_model_is_a_standard_pipeline_under_40_mb():
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
 
 
-def test_training_is_seeded_and_resumable(tmp_path):
-    first = _train_quick(tmp_path / "a", tmp_path / "a-out")
-    assert "stages data, clip, vae, unet, refine, export" in first.stdout
-    _train_quick(tmp_path / "b", tmp_path / "b-out")
+def test_training_is_seeded_and_resumable(quick_toy_weights, tmp_path):
+    # A second run from scratch gives the session's quick toy (conftest.py) bit for bit.
+    again = _train_quick(tmp_path / "b", tmp_path / "b-out")
+    assert "stages data, clip, vae, unet, refine, export" in again.stdout
     unet = "pipeline/unet/diffusion_pytorch_model.safetensors"
-    a, b = load_file(tmp_path / "a-out" / unet), load_file(tmp_path / "b-out" / unet)
+    a, b = load_file(quick_toy_weights / unet), load_file(tmp_path / "b-out" / unet)
     assert a.keys() == b.keys() and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
 
     # A finished stage is skipped: re-running the UNet stages trains nothing and changes nothing.
-    done = tmp_path / "a" / "refine.done.pt"
+    done = tmp_path / "b" / "refine.done.pt"
     before = done.stat().st_mtime_ns
-    _train_quick(tmp_path / "a", tmp_path / "a-out2", "--stage", "refine")
+    _train_quick(tmp_path / "b", tmp_path / "b-out2", "--stage", "refine")
     assert done.stat().st_mtime_ns == before
 
 

@@ -22,17 +22,16 @@ from compiler.locate.trace import (
     unet_components,
     write_trace_outputs,
 )
-from test_locate import quick_toy_weights
 
 PROMPT = "a house in the style of van gogh"
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(quick_toy_weights):
     from compiler.models.load import load_model
     from compiler.toy.judge import load_judge
 
-    weights = quick_toy_weights(tmp_path_factory)
+    weights = quick_toy_weights
     loaded = load_model(str(weights / "pipeline"))
     loaded.pipeline.set_progress_bar_config(disable=True)
     return loaded, load_judge(weights / "pipeline", weights / "judge")
@@ -117,10 +116,10 @@ def test_traces_schema_cache_and_outputs(toy, tmp_path):
     assert json.loads((tmp_path / "trace.json").read_text())["unet"]["components"][4] == "mid_block"
 
 
-def test_cli_trace_files_and_exit_codes(toy, tmp_path, tmp_path_factory):
+def test_cli_trace_files_and_exit_codes(toy, tmp_path, quick_toy):
     from compiler.cli import main
 
-    pipeline = quick_toy_weights(tmp_path_factory) / "pipeline"
+    pipeline = quick_toy
     out = tmp_path / "trace"
     args = ["trace", "--model", str(pipeline), "--prompt", PROMPT, "--subject", "van gogh", "--steps", "1",
             "--seeds", "0", "--components", "layer", "--out", str(out)]

@@ -13,8 +13,6 @@ import io
 import json
 import math
 import shutil
-import subprocess
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -38,15 +36,6 @@ FAST = ["--seeds", "1", "--steps", "2", "--prompts", "2", "--quiet"]
 
 def _verify(*args: str):
     return CliRunner().invoke(main, ["verify", *map(str, args)])
-
-
-@pytest.fixture(scope="module")
-def quick_toy(tmp_path_factory) -> Path:
-    """A toy model trained for a few steps: garbage pictures, exact structure."""
-    work = tmp_path_factory.mktemp("quick-toy")
-    subprocess.run([sys.executable, "-m", "compiler.toy.train", "--quick", "--workdir", str(work / "w"),
-                    "--out", str(work / "weights")], check=True, capture_output=True)
-    return work / "weights" / "pipeline"
 
 
 @pytest.fixture(scope="module")
