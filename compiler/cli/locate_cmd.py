@@ -13,21 +13,10 @@ from compiler.errors import UserError
 
 
 def parse_seed_list(text: str) -> tuple[int, ...]:
-    """'0' -> (0,); '0-3' -> (0, 1, 2, 3); '1,5,9' -> (1, 5, 9)."""
-    seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            part = part.strip()
-            if "-" in part[1:]:
-                low, high = part.split("-", 1)
-                seeds.extend(range(int(low), int(high) + 1))
-            else:
-                seeds.append(int(part))
-    except ValueError:
-        raise UserError(f"--seeds: {text!r} is not a seed list; use e.g. 0, 0-7 or 1,5,9") from None
-    if not seeds:
-        raise UserError("--seeds: no seeds given")
-    return tuple(seeds)
+    """'0' -> (0,); '0-3' -> (0, 1, 2, 3); '1,5,9' -> (1, 5, 9); bounded like generate's."""
+    from compiler.cli.generate_cmd import parse_seeds
+
+    return tuple(parse_seeds(text))
 
 
 def load_for_sweep(model_path: str, device: str | None):
@@ -54,9 +43,7 @@ def claim_sweep_output(out: Path, force: bool, model_path: str) -> None:
 
 
 def default_out(kind: str, name: str) -> Path:
-    folder = Path("out") / kind
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder / name
+    return Path("out") / kind / name  # its folders are made when the output is claimed
 
 
 @main.command("locate")
@@ -68,14 +55,14 @@ def default_out(kind: str, name: str) -> Path:
 @click.option("--attribute", type=click.Choice(["style", "object", "fact"]), required=True)
 @click.option("--prompt", "prompt_list", multiple=True,
               help="A prompt containing the concept (repeatable); default: the papers' templates.")
-@click.option("--prompts", "n_prompts", type=click.IntRange(min=1), default=8, show_default=True,
+@click.option("--prompts", "n_prompts", type=click.IntRange(1, 1000), default=8, show_default=True,
               help="How many template prompts to sweep (without --prompt).")
 @click.option("--seeds", default="0", show_default=True, help="Seed, range (0-3) or list (1,5,9).")
-@click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="DDIM steps of the sweep.")
-@click.option("--guidance", default=4.0, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--resolution", type=click.IntRange(min=8), default=None,
+@click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True, help="DDIM steps of the sweep.")
+@click.option("--guidance", default=4.0, show_default=True, type=click.FloatRange(0, 100), help="Classifier-free guidance scale.")
+@click.option("--resolution", type=click.IntRange(8, 4096), default=None,
               help="Image side in pixels for the sweep (default: the model's).")
-@click.option("--max-m", "max_m", type=click.IntRange(min=1), default=3, show_default=True, help="Largest window size to try.")
+@click.option("--max-m", "max_m", type=click.IntRange(1, 128), default=3, show_default=True, help="Largest window size to try.")
 @click.option("--threshold", default=0.8, show_default=True,
               help="A window passes when its effect (0: clean, 1: as if the prompt were replaced "
                    "in every layer) reaches this.")
@@ -83,9 +70,9 @@ def default_out(kind: str, name: str) -> Path:
               show_default=True, help="What decides: the judge's zero-shot rate, or CLIP-score.")
 @click.option("--full-sweep", is_flag=True,
               help="Sweep every m up to --max-m (a complete heat map), not only until one passes.")
-@click.option("--confirm-steps", type=click.IntRange(min=1), default=None,
+@click.option("--confirm-steps", type=click.IntRange(1, 1000), default=None,
               help="Measure the winner again with this many steps at the model's resolution.")
-@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, help="Samples per pipeline call.")
+@click.option("--batch", type=click.IntRange(1, 4096), default=32, show_default=True, help="Samples per pipeline call.")
 @click.option("--judge", "judge_dir", default=None,
               help="Judge folder (a local CLIP model); the toy model brings its own.")
 @click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")

@@ -19,20 +19,20 @@ from compiler.errors import UserError
 @click.option("--prompt", required=True, help="The prompt, e.g. 'a house in the style of van gogh'.")
 @click.option("--subject", required=True, help="The words of the prompt to corrupt, e.g. 'van gogh'.")
 @click.option("--seeds", default="0-3", show_default=True, help="Seed, range (0-3) or list (1,5,9).")
-@click.option("--steps", type=click.IntRange(min=1), default=25, show_default=True, help="DDIM steps.")
-@click.option("--guidance", default=4.0, show_default=True, help="Classifier-free guidance scale.")
-@click.option("--resolution", type=click.IntRange(min=8), default=None,
+@click.option("--steps", type=click.IntRange(1, 1000), default=25, show_default=True, help="DDIM steps.")
+@click.option("--guidance", default=4.0, show_default=True, type=click.FloatRange(0, 100), help="Classifier-free guidance scale.")
+@click.option("--resolution", type=click.IntRange(8, 4096), default=None,
               help="Image side in pixels (default: the model's).")
 @click.option("--noise-scale", default=3.0, show_default=True,
               help="Noise std on the subject's token embeddings, in units of their empirical std.")
-@click.option("--noise-samples", type=click.IntRange(min=1), default=1, show_default=True,
+@click.option("--noise-samples", type=click.IntRange(1, 1000), default=1, show_default=True,
               help="Independent corruptions, each restored at every state.")
 @click.option("--components", default="layer,attn,mlp", show_default=True,
               help="Text-encoder outputs to restore: layer (residual stream), attn, mlp.")
 @click.option("--unet", "unet_granularity", type=click.Choice(["blocks", "attentions"]), default="blocks",
               show_default=True, help="Restore whole down/mid/up blocks, or every attention block.")
 @click.option("--only", type=click.Choice(["text", "unet"]), default=None, help="Trace only one model.")
-@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True,
+@click.option("--batch", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Samples per pipeline call.")
 @click.option("--judge", "judge_dir", default=None,
               help="Judge folder (a local CLIP model); the toy model brings its own.")

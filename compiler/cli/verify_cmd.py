@@ -24,11 +24,11 @@ from compiler.errors import GateFailed
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
               help="Write verify.json, junit.xml and report.html into this folder.")
 @click.option("--force", is_flag=True, help="Overwrite existing report files.")
-@click.option("--seeds", type=click.IntRange(min=1), default=None, help="Seeds per prompt (default: the recipe's).")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampler steps (default: the recipe's).")
-@click.option("--guidance", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--seeds", type=click.IntRange(1, 1024), default=None, help="Seeds per prompt (default: the recipe's).")
+@click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Sampler steps (default: the recipe's).")
+@click.option("--guidance", type=click.FloatRange(min=0, max=100, min_open=True), default=None,
               help="Classifier-free guidance scale (default: the recipe's, else 4 on the toy world, 7.5 otherwise).")
-@click.option("--prompts", "prompts_per_group", type=click.IntRange(min=1), default=None,
+@click.option("--prompts", "prompts_per_group", type=click.IntRange(1, 1000), default=None,
               help="Prompts per group (efficacy, generalization, specificity, generic); default 8.")
 @click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
