@@ -2,6 +2,35 @@
 
 The pipeline is the package layout:
 recipe -> resolve -> locate -> solve -> fuse -> export -> verify
+
+The Python API (see the README's "Python API")::
+
+    import compiler as editc
+    recipe = editc.Recipe(edits=[editc.Edit(concept="van gogh", replacement="a painting",
+                                            attribute="style")])
+    editc.compile_to_disk(recipe, out="out/van_gogh")      # as `editc compile`
+    report = editc.apply_recipe(pipe, recipe)              # a diffusers pipeline, in place
+
+Names are imported on first use, so ``import compiler`` stays light.
 """
 
 __version__ = "0.1.0"
+
+_API = {
+    "Recipe": "compiler.recipe", "Edit": "compiler.recipe", "Outputs": "compiler.recipe",
+    "VerifyGates": "compiler.recipe", "load_recipe": "compiler.recipe", "loads_recipe": "compiler.recipe",
+    "UserError": "compiler.errors",
+    "compile_to_disk": "compiler.api", "apply_recipe": "compiler.api", "EditReport": "compiler.api",
+    "METHODS": "compiler.methods", "FORMATS": "compiler.export.formats", "FAMILIES": "compiler.models.families",
+}
+
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        module = importlib.import_module(_API[name])
+        return getattr(module, "REGISTRY" if name == "METHODS" else name)
+    raise AttributeError(f"module 'compiler' has no attribute {name!r}")

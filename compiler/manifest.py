@@ -13,19 +13,24 @@ def build_manifest(recipe, model, result, timings: dict[str, float], outputs: di
         "base_model": {"path": str(model.source_path), "sha256": model.model_hash, "family": model.family,
                        "format": model.source_format},
         "lambda": recipe.lambda_,
-        "edits": [
-            {"concept": p.edit.concept, "replacement": p.edit.replacement, "attribute": p.edit.attribute,
-             "method": p.method, "method_reason": p.method_reason, "layers": list(p.layers),
-             "layers_source": p.layers_source.value, "layers_reason": p.layers_reason,
-             "prompt_pairs": len(p.pairs), "lambda": p.lam, "eos": p.eos,
-             **p.method_plugin.describe(p)}
-            for p in result.plans
-        ],
+        "edits": edit_entries(result.plans),
         "solves": result.solve_info,
         "edited_tensors": sorted(result.new_tensors),
         "timings_seconds": {k: round(v, 4) for k, v in timings.items()},
         "outputs": outputs,
     }
+
+
+def edit_entries(plans) -> list[dict]:
+    """Per planned edit: what, how (and why), where (and from where)."""
+    return [
+        {"concept": p.edit.concept, "replacement": p.edit.replacement, "attribute": p.edit.attribute,
+         "method": p.method, "method_reason": p.method_reason, "layers": list(p.layers),
+         "layers_source": p.layers_source.value, "layers_reason": p.layers_reason,
+         "prompt_pairs": len(p.pairs), "lambda": p.lam, "eos": p.eos,
+         **p.method_plugin.describe(p)}
+        for p in plans
+    ]
 
 
 def provenance_for(manifest: dict) -> dict[str, str]:

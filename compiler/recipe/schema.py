@@ -5,6 +5,7 @@ See :mod:`compiler.recipe` for the file format these describe.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,10 @@ DEFAULT_MODEL = "toy"
 DEFAULT_LAMBDA = 0.01  # both papers use λ = 0.01
 # The embedded toy model has SD-1.5's block layout: 16 cross-attention layers.
 TOY_CROSS_ATTENTION_LAYERS = 16
+
+# Set while the validator builds objects from file data it has already checked; objects built in
+# code (the Python API) are validated by the same validator in ``__post_init__``.
+_VALIDATING = contextvars.ContextVar("editc_recipe_validating", default=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,6 +59,39 @@ class Edit:
 
     def option(self, name: str, default: Any = None) -> Any:
         return dict(self.options).get(name, default)
+
+    def __post_init__(self) -> None:
+        if not _VALIDATING.get():  # built in code: the file rules apply, and normalise
+            from compiler.recipe.validate import validated_edit
+
+            _adopt(self, validated_edit(self.to_raw()))
+
+    def to_raw(self) -> dict[str, Any]:
+        """The recipe-file data of this edit (what a YAML mapping would hold)."""
+        from compiler.methods import method_fields
+
+        raw: dict[str, Any] = {"concept": self.concept, "replacement": self.replacement,
+                               "attribute": self.attribute, "method": self.method}
+        if self.layers is not None:
+            raw["layers"] = self.layers if isinstance(self.layers, str) else list(self.layers)
+        for key, value in (("prompts", self.prompts), ("preserve", self.preserve)):
+            if value:
+                raw[key] = [value] if isinstance(value, str) else list(value)
+        if self.lambda_ is not None:
+            raw["lambda"] = self.lambda_
+        if self.eos is not None:
+            raw["eos"] = self.eos
+        for key, owners in method_fields().items():  # method-only keys that differ from defaults
+            value = getattr(self, key, self.option(key))
+            if value is not None and value != owners[0][1].default:
+                raw[key] = value
+        return raw
+
+
+def _adopt(target: Any, validated: Any) -> None:
+    """Copy a validated (normalised) object's fields onto a frozen dataclass being built."""
+    for item in dataclasses.fields(target):
+        object.__setattr__(target, item.name, getattr(validated, item.name))
 
 
 def default_eos(method: str, site: str | None) -> bool:
@@ -116,7 +154,7 @@ class Recipe:
     """A validated recipe. ``path`` is the file as given; ``sha256`` hashes its exact bytes
     (provenance metadata of every artifact records it)."""
 
-    path: str
+    path: str = "<python>"
     model: str = DEFAULT_MODEL
     # epsilon | v_prediction, for an SD-2 single file that does not record it (None: the file's)
     prediction_type: str | None = None
@@ -127,6 +165,29 @@ class Recipe:
     lambda_: float = DEFAULT_LAMBDA
     source_text: str = ""
     sha256: str = ""
+
+    def __post_init__(self) -> None:
+        if not _VALIDATING.get():  # built in code: the file rules apply, and normalise
+            from compiler.recipe.validate import validated_recipe
+
+            _adopt(self, validated_recipe(self))
+
+    def to_raw(self) -> dict[str, Any]:
+        """The recipe-file data (what ``yaml.safe_load`` of an equivalent file would give)."""
+        raw: dict[str, Any] = {"model": self.model, "lambda": self.lambda_,
+                               "edits": [edit.to_raw() if isinstance(edit, Edit) else edit for edit in self.edits]}
+        if self.prediction_type is not None:
+            raw["prediction_type"] = self.prediction_type
+        if self.preserve:
+            raw["preserve"] = [self.preserve] if isinstance(self.preserve, str) else list(self.preserve)
+        outputs = {"formats": list(self.outputs.formats)}
+        if self.outputs.dir is not None:
+            outputs["dir"] = self.outputs.dir
+        if self.outputs.resolution is not None:
+            outputs["resolution"] = self.outputs.resolution
+        raw["outputs"] = outputs
+        raw["verify"] = _tuples_to_lists(dataclasses.asdict(self.verify))
+        return raw
 
     @property
     def is_toy_model(self) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import math
 import re
 from collections.abc import Mapping
@@ -14,7 +15,7 @@ from compiler.errors import UserError
 from compiler.methods import AUTO, get_method, method_fields
 from compiler.recipe.schema import (ATTRIBUTES, DEFAULT_LAMBDA, DEFAULT_MODEL, LAYER_KEYWORDS, METHODS,
                                     OUTPUT_FORMATS, TOY_CROSS_ATTENTION_LAYERS, Edit, Outputs, Recipe,
-                                    VerifyGates)
+                                    VerifyGates, _VALIDATING)
 
 # Ranges of the numeric fields. λ: below 1e-6 the ridge term no longer keeps the normal matrix
 # positive definite in float64 (λ = 5e-324 fails the factorisation); above 1e6 it swamps any
@@ -428,11 +429,41 @@ class _Validator:
         return dataclasses.replace(defaults, **values)
 
 
+def validated_edit(raw: Mapping) -> Edit:
+    """An edit built in code, checked by the rules of a file's edit (layer ranges of a model and
+    rules across edits are checked when it joins a :class:`Recipe`)."""
+    token = _VALIDATING.set(True)
+    try:
+        return _Validator("Edit").edit(raw, "", None)
+    finally:
+        _VALIDATING.reset(token)
+
+
+def validated_recipe(recipe: Recipe) -> Recipe:
+    """A recipe built in code, checked exactly as a file would be."""
+    import json
+
+    raw = recipe.to_raw()
+    token = _VALIDATING.set(True)
+    try:
+        validated = _Validator(recipe.path).recipe(raw, recipe.source_text, recipe.sha256)
+    finally:
+        _VALIDATING.reset(token)
+    if not validated.sha256:  # provenance hashes the recipe; here, its canonical data
+        text = recipe.source_text or json.dumps(raw, sort_keys=True)
+        validated = dataclasses.replace(validated, source_text=text, sha256=hashlib.sha256(text.encode()).hexdigest())
+    return validated
+
+
 def parse_recipe(
     data: Any, *, path: str = "<recipe>", source_text: str = "", sha256: str = ""
 ) -> Recipe:
     """Validate already-parsed recipe data (a mapping as YAML/TOML would give)."""
-    return _Validator(path).recipe(data, source_text, sha256)
+    token = _VALIDATING.set(True)
+    try:
+        return _Validator(path).recipe(data, source_text, sha256)
+    finally:
+        _VALIDATING.reset(token)
 
 
 # --------------------------------------------------------------------------------------------
