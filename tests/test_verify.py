@@ -167,7 +167,7 @@ def test_bad_input_exits_2_with_one_line(quick_toy, useless_edit, tmp_path):
         ([broken, "--edited", useless_edit, "--base", quick_toy], "edits[0].attribute"),
         ([VAN_GOGH, "--edited", tmp_path / "nowhere", "--base", quick_toy], "nowhere"),
         ([VAN_GOGH, "--edited", not_a_model, "--base", quick_toy], "model_index.json"),
-        ([VAN_GOGH, "--edited", useless_edit, "--base", quick_toy, "--clip", tmp_path / "no-clip"], "--clip"),
+        ([VAN_GOGH, "--edited", useless_edit, "--base", quick_toy, "--judge", tmp_path / "no-clip"], "--judge"),
         ([VAN_GOGH, "--edited", useless_edit, "--base", quick_toy, "--clip", not_a_model], "config.json"),
         ([unknown_style, "--edited", useless_edit, "--base", quick_toy], "cubism"),
     ]
@@ -183,7 +183,7 @@ def test_a_model_without_a_judge_asks_for_clip(quick_toy, tmp_path):
     lonely = tmp_path / "models" / "pipeline"  # no judge folder beside it
     shutil.copytree(quick_toy, lonely)
     result = _verify(VAN_GOGH, "--edited", lonely, "--base", lonely, *FAST)
-    assert result.exit_code == 2 and "--clip" in result.stderr
+    assert result.exit_code == 2 and "--judge" in result.stderr
 
 
 # --------------------------------------------------------------------------------------------

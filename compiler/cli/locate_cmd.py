@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from compiler.cli import main
+from compiler.cli.options import device_option, force_option, judge_option
 from compiler.errors import UserError
 
 
@@ -73,12 +74,11 @@ def default_out(kind: str, name: str) -> Path:
 @click.option("--confirm-steps", type=click.IntRange(1, 1000), default=None,
               help="Measure the winner again with this many steps at the model's resolution.")
 @click.option("--batch", type=click.IntRange(1, 4096), default=32, show_default=True, help="Samples per pipeline call.")
-@click.option("--judge", "judge_dir", default=None,
-              help="Judge folder (a local CLIP model); the toy model brings its own.")
-@click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
+@judge_option()
+@device_option
 @click.option("--out", "out_dir", default=None,
               help="Folder for locate.json, heatmap.png, grid.png [default: out/locate/CONCEPT.ATTRIBUTE].")
-@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
+@force_option("an existing --out folder")
 @click.option("--no-cache", is_flag=True, help="Sweep again even when a cached result exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def locate_command(model_path, concept, replacement, attribute, prompt_list, n_prompts, seeds, steps,

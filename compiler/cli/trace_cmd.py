@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from compiler.cli import main
+from compiler.cli.options import device_option, force_option, judge_option
 from compiler.cli.locate_cmd import default_out, load_for_sweep, parse_seed_list
 from compiler.errors import UserError
 
@@ -34,12 +35,11 @@ from compiler.errors import UserError
 @click.option("--only", type=click.Choice(["text", "unet"]), default=None, help="Trace only one model.")
 @click.option("--batch", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Samples per pipeline call.")
-@click.option("--judge", "judge_dir", default=None,
-              help="Judge folder (a local CLIP model); the toy model brings its own.")
-@click.option("--device", default=None, help="torch device (default: cuda if present, else cpu).")
+@judge_option()
+@device_option
 @click.option("--out", "out_dir", default=None,
               help="Folder for trace.json, text_encoder.png, unet.png [default: out/trace/SUBJECT].")
-@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
+@force_option("an existing --out folder")
 @click.option("--no-cache", is_flag=True, help="Trace again even when a cached result exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def trace_command(model_path, prompt, subject, seeds, steps, guidance, resolution, noise_scale, noise_samples,

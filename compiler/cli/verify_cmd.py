@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from compiler.cli import main
+from compiler.cli.options import device_option, force_option, judge_option
 from compiler.errors import GateFailed
 
 
@@ -17,20 +18,18 @@ from compiler.errors import GateFailed
               help="The edited model: the folder `editc compile` wrote (or any diffusers folder / single file).")
 @click.option("--base", "base", default=None,
               help="The unedited model (path or 'toy'); default: the edited folder's manifest, else the recipe's model.")
-@click.option("--clip", "clip", default=None, type=click.Path(),
-              help="Judge: a local CLIP model folder (transformers CLIPModel) or a toy-world judge folder; "
-                   "default: the toy world's judge for toy-world models.")
+@judge_option("clip")
 @click.option("--clip-x100", "clip_x100", is_flag=True, help="Report CLIP-scores ×100 instead of raw cosine.")
 @click.option("--report", "report_dir", default=None, type=click.Path(file_okay=False),
               help="Write verify.json, junit.xml and report.html into this folder.")
-@click.option("--force", is_flag=True, help="Overwrite existing report files.")
+@force_option("existing report files")
 @click.option("--seeds", type=click.IntRange(1, 1024), default=None, help="Seeds per prompt (default: the recipe's).")
 @click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Sampler steps (default: the recipe's).")
 @click.option("--guidance", type=click.FloatRange(min=0, max=100, min_open=True), default=None,
               help="Classifier-free guidance scale (default: the recipe's, else 4 on the toy world, 7.5 otherwise).")
 @click.option("--prompts", "prompts_per_group", type=click.IntRange(1, 1000), default=None,
               help="Prompts per group (efficacy, generalization, specificity, generic); default 8.")
-@click.option("--device", default=None, help="torch device (default: cuda when available, else cpu).")
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify_command(recipe_path, edited, base, clip, clip_x100, report_dir, force, seeds, steps, guidance,

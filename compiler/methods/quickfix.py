@@ -41,7 +41,7 @@ class QuickFixRows:
     weights: torch.Tensor
 
 
-def quickfix_rows(tokenizer, plans, recipe_lam) -> QuickFixRows:
+def quickfix_rows(tokenizer, plans, lam) -> QuickFixRows:
     import torch
 
     from compiler.methods.rows import positions_by_prompt
@@ -54,7 +54,7 @@ def quickfix_rows(tokenizer, plans, recipe_lam) -> QuickFixRows:
         rows.targets += [pair.target for pair in plan.pairs]
         rows.source_positions += s_pos
         rows.target_positions += t_pos
-        weights += [recipe_lam / plan.lam] * sum(len(p) for p in s_pos)
+        weights += [lam / plan.lam] * sum(len(p) for p in s_pos)
     rows.weights = torch.tensor(weights, dtype=torch.float64)
     return rows
 

@@ -10,7 +10,7 @@ Two judges exist:
 - :class:`ToyWorldJudge`, the toy world's own CLIP (``compiler.toy.judge``). It classifies over
   the world's full canonical captions, so it knows every style, object, character and person,
   and it knows each fact's outdated person ("the british monarch" shows queen elizabeth).
-- :class:`ClipFolderJudge`, any local transformers ``CLIPModel`` folder (``--clip PATH``), for
+- :class:`ClipFolderJudge`, any local transformers ``CLIPModel`` folder (``--judge PATH``), for
   real checkpoints. It identifies by zero-shot over candidate phrases put into a short template
   ("a photo of {}", "a painting in the style of {}").
 
@@ -225,7 +225,7 @@ def load_clip_folder_judge(path: Path) -> ClipFolderJudge:
     except (OSError, ValueError, KeyError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{path}: not a loadable CLIP model folder ({first_line}); "
-                        "give --clip a local transformers CLIPModel folder") from None
+                        "give --judge a local transformers CLIPModel folder") from None
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError) as err:
@@ -260,23 +260,23 @@ def toy_judge_folder_for(base_dir: Path | None) -> Path | None:
 
 
 def choose_judge(clip: str | Path | None, base_dir: Path | None, base_text_encoder) -> Judge:
-    """``--clip PATH`` when given (a toy judge folder or a CLIPModel folder), else the toy
+    """``--judge PATH`` when given (a toy judge folder or a CLIPModel folder), else the toy
     world's judge when the base model is a toy-world model, else a clear error."""
     if clip is not None:
         path = Path(clip)
         if not path.is_dir():
-            raise UserError(f"{clip}: --clip must be a local CLIP model folder; no such folder")
+            raise UserError(f"{clip}: --judge must be a local CLIP model folder; no such folder")
         if is_toy_judge_folder(path):
             if base_dir is None:
                 raise UserError(f"{clip}: a toy-world judge needs the base model's folder (its tokenizer)")
             return load_toy_world_judge(path, base_dir, base_text_encoder)
         if not (path / "config.json").is_file():
-            raise UserError(f"{clip}: no config.json; --clip must be a local transformers CLIPModel folder")
+            raise UserError(f"{clip}: no config.json; --judge must be a local transformers CLIPModel folder")
         return load_clip_folder_judge(path)
     toy_folder = toy_judge_folder_for(base_dir)
     if toy_folder is not None:
         return load_toy_world_judge(toy_folder, base_dir, base_text_encoder)
     raise UserError(
-        f"{base_dir}: no judge for this model; pass --clip PATH, a local CLIP model folder "
+        f"{base_dir}: no judge for this model; pass --judge PATH, a local CLIP model folder "
         "(transformers CLIPModel), to score its images"
     )
