@@ -213,7 +213,7 @@ def test_single_file_loads_in_diffusers_from_single_file_with_the_same_tensors(t
 
 def test_registry_without_loading_weights_matches_the_loaded_one(tiny):
     from compiler.models.load import load_model
-    from compiler.models.registry import build_registry
+    from compiler.models.load import build_registry
 
     path = tiny("sdxl", "single-file")
     assert build_registry(path) == load_model(path).registry

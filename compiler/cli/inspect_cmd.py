@@ -50,7 +50,7 @@ def provenance_lines(provenance: dict[str, str]) -> list[str]:
 def inspect_report(model: str, load: bool = False, prediction_type: str | None = None) -> dict:
     """Everything ``editc inspect`` shows, as a JSON-ready dict."""
     from compiler.models.load import inspect_source, load_model, source_hash
-    from compiler.models.registry import build_registry
+    from compiler.models.load import build_registry
 
     source = inspect_source(model, prediction_type)
     if load:

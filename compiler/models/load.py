@@ -522,3 +522,28 @@ def load_model(path_or_toy: str | os.PathLike = "toy", dtype: torch.dtype | None
         metadata=dict(source.metadata),
         notes=registry.notes,
     )
+
+
+def build_registry(model_or_folder, family: str | None = None) -> Registry:
+    """The registry of a model.
+
+    ``model_or_folder`` is a ``LoadedModel``, a diffusers pipeline object, a path (a diffusers
+    folder, a single file, or "toy") or a ``ModelSource`` from ``inspect_source``; a path is
+    inspected without loading any weights (its components are built on the meta device from
+    their configs).
+    """
+    if isinstance(model_or_folder, LoadedModel):
+        return model_or_folder.registry
+    if isinstance(model_or_folder, (str, Path, ModelSource)):
+        source = (model_or_folder if isinstance(model_or_folder, ModelSource)
+                  else inspect_source(model_or_folder))
+        registry = registry_from_components(source.family, meta_components(source),
+                                            source.detection.matches_reference_widths)
+        registry.notes[:0] = source.notes
+        return registry
+    pipeline = model_or_folder
+    detection = detect_pipeline_family(pipeline)
+    if family is not None and family != detection.family:
+        raise UserError(f"the pipeline is {detection.family}, not {family}")
+    return registry_from_components(detection.family, pipeline.components,
+                                    detection.matches_reference_widths)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -151,31 +150,3 @@ def registry_from_components(
         notes.append(f"{len(layers)} cross-attention layers where {family} has {expected}: the "
                      f"papers' layer indices do not apply")
     return Registry(family, layers, text, matches_reference_widths, notes)
-
-
-def build_registry(model_or_folder, family: str | None = None) -> Registry:
-    """The registry of a model.
-
-    ``model_or_folder`` is a ``LoadedModel``, a diffusers pipeline object, a path (a diffusers
-    folder, a single file, or "toy") or a ``ModelSource`` from ``inspect_source``; a path is
-    inspected without loading any weights (its components are built on the meta device from
-    their configs).
-    """
-    from compiler.models.load import (LoadedModel, ModelSource, detect_pipeline_family,
-                                      inspect_source, meta_components)
-
-    if isinstance(model_or_folder, LoadedModel):
-        return model_or_folder.registry
-    if isinstance(model_or_folder, (str, Path, ModelSource)):
-        source = (model_or_folder if isinstance(model_or_folder, ModelSource)
-                  else inspect_source(model_or_folder))
-        registry = registry_from_components(source.family, meta_components(source),
-                                            source.detection.matches_reference_widths)
-        registry.notes[:0] = source.notes
-        return registry
-    pipeline = model_or_folder
-    detection = detect_pipeline_family(pipeline)
-    if family is not None and family != detection.family:
-        raise UserError(f"the pipeline is {detection.family}, not {family}")
-    return registry_from_components(detection.family, pipeline.components,
-                                    detection.matches_reference_widths)
