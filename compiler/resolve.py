@@ -24,6 +24,7 @@ import torch
 
 from compiler.errors import UserError
 
+from compiler.models.families import family_of_pipeline
 from compiler.toy import world
 
 # Prefixes of the prompt templates used to *solve*; verify's held-out paraphrases differ.
@@ -146,13 +147,14 @@ def encode_context(pipe, prompts: list[str], batch: int = 256, *, full_length: b
     unique = list(dict.fromkeys(prompts))
     rows = {}
     device = pipe.device
-    fast = not full_length and not hasattr(pipe, "text_encoder_2")
+    joined = family_of_pipeline(pipe).joins_text_encoders  # SD-XL: only the pipeline joins them
+    fast = not full_length and not joined
     seen: list[torch.Tensor] = []
     hook = None
     if capture is not None:
         hook = capture.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
     try:
-        _encode_unique(pipe, unique, batch, fast, capture, seen, rows, device)
+        _encode_unique(pipe, unique, batch, fast, joined, capture, seen, rows, device)
     finally:
         if hook is not None:
             hook.remove()
@@ -163,14 +165,14 @@ def encode_context(pipe, prompts: list[str], batch: int = 256, *, full_length: b
     return out
 
 
-def _encode_unique(pipe, unique, batch, fast, capture, seen, rows, device) -> None:
+def _encode_unique(pipe, unique, batch, fast, joined, capture, seen, rows, device) -> None:
     for i in range(0, len(unique), batch):
         chunk = unique[i : i + batch]
         if fast:
             ids = pipe.tokenizer(chunk, padding="longest", truncation=True,
                                  max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
             embeds = pipe.text_encoder(ids.to(device))[0]
-        elif hasattr(pipe, "text_encoder_2"):
+        elif joined:
             embeds = pipe.encode_prompt(chunk, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
         else:
             embeds = pipe.encode_prompt(chunk, device, 1, False)[0]

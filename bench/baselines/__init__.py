@@ -97,7 +97,10 @@ class Conditioning:
 
 
 def is_sdxl(pipe) -> bool:
-    return hasattr(pipe, "text_encoder_2")
+    """Whether the UNet also takes pooled text embeddings and time ids (the family's rule)."""
+    from compiler.models.families import family_of_pipeline
+
+    return family_of_pipeline(pipe).pooled_text_embeds
 
 
 @torch.no_grad()

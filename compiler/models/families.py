@@ -63,6 +63,19 @@ class Family:
     # LocoGen's locations from the ICML 2024 paper, per attribute, at reference size.
     known_locations: Mapping[str, LayerWindow] = field(default_factory=dict)
     notes: str = ""
+    # Conditioning rules: whether the UNet context is several encoders' states joined by the
+    # pipeline (then only the pipeline's own encode_prompt builds it), whether it also takes
+    # pooled text embeddings and time ids, and whether the text encoder is causal (a prompt's
+    # state at a token depends only on the tokens before it, so a prefix suffices).
+    joins_text_encoders: bool = False
+    pooled_text_embeds: bool = False
+    time_ids: bool = False
+    causal_text_encoder: bool = True
+
+    @property
+    def single_file_prefixes(self) -> dict[str, str]:
+        """Where each text encoder lives in the original single file."""
+        return {spec.component: spec.original_prefix for spec in self.text_encoders if spec.original_prefix}
 
 
 FAMILIES: dict[str, Family] = {
@@ -123,6 +136,9 @@ FAMILIES: dict[str, Family] = {
             "fact": LayerWindow(45, 5),
             "object": LayerWindow(15, 5),
         },
+        joins_text_encoders=True,
+        pooled_text_embeds=True,
+        time_ids=True,
     ),
     "if": Family(
         name="if",
@@ -135,10 +151,23 @@ FAMILIES: dict[str, Family] = {
         has_single_file_format=False,
         known_locations={},  # the paper: locations depend on the prompt, not the attribute
         notes="no single-file format; LocoEdit does not work on IF (bidirectional T5 encoder)",
+        causal_text_encoder=False,
     ),
 }
 
 FAMILY_NAMES = tuple(FAMILIES)
+
+
+def family_of_pipeline(pipe) -> Family:
+    """The conditioning rules of a diffusers pipeline object: the family whose pipeline class it
+    is (SD-1 and SD-2 share theirs and their rules), else the one whose text encoders it holds."""
+    name = type(pipe).__name__
+    for family in FAMILIES.values():
+        if family.pipeline_class == name:
+            return family
+    components = getattr(pipe, "components", {}) or {}
+    held = {c for c, module in components.items() if module is not None}
+    return max(FAMILIES.values(), key=lambda f: sum(spec.component in held for spec in f.text_encoders))
 
 
 def known_location(family: str, attribute: str) -> LayerWindow | None:
