@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from compiler.generate import generate_images
-from compiler.locate import locate, write_outputs
+from compiler.locate import LocateSettings, locate, write_outputs
 from compiler.locate.scoring import load_judge_for, presence
 from compiler.locate.trace import trace_text_encoder, trace_unet, write_trace_outputs
 from compiler.models.families import LayerWindow
@@ -300,9 +300,10 @@ def main() -> None:
               "locate": []}
     results = {}
     for case in CASES:
-        result = locate(pipe, case.concept, case.replacement, case.attribute, judge=judge, n_prompts=args.prompts,
-                        seeds=seeds, steps=args.steps, max_m=args.max_m, threshold=args.threshold,
-                        batch=args.batch, model_hash=loaded.model_hash)
+        sweep = LocateSettings(n_prompts=args.prompts, seeds=seeds, steps=args.steps, max_m=args.max_m,
+                               threshold=args.threshold, batch=args.batch)
+        result = locate(pipe, case.concept, case.replacement, case.attribute, sweep, judge=judge,
+                        model_hash=loaded.model_hash)
         results[case.concept] = result
         folder = figures / f"{case.attribute}-{case.concept.replace(' ', '-')}"
         folder.mkdir(exist_ok=True)

@@ -311,6 +311,8 @@ def locate_layers(loaded, settings: BenchSettings, kinds, say, progress: bool) -
     settings is reused (not any earlier sweep of the concept, as compile would), so the bench
     edits the same layers on every run of the same model."""
     from compiler.locate.locogen import COMPILE_SWEEP, locate
+
+    SWEEP_REPORTED = ("n_prompts", "steps", "confirm_steps", "max_m")  # what differs from locate's defaults
     from compiler.locate.scoring import load_judge_for
 
     out, layers = {}, {}
@@ -330,11 +332,11 @@ def locate_layers(loaded, settings: BenchSettings, kinds, say, progress: bool) -
         say(f"{kind}: locate '{task.concept}' (LocoGen; cached after the first run)")
         judge = judge or load_judge_for(loaded.source_path)
         started = time.perf_counter()
-        result = locate(loaded.pipeline, task.concept, task.replacement, task.attribute, judge=judge,
-                        model_hash=loaded.model_hash, progress=progress, **COMPILE_SWEEP)
+        result = locate(loaded.pipeline, task.concept, task.replacement, task.attribute, COMPILE_SWEEP, judge=judge,
+                        model_hash=loaded.model_hash, progress=progress)
         seconds = time.perf_counter() - started
         out[kind] = {"best_window": list(result.layers), "passed": bool(result.passed), "source": "LocoGen",
-                     "settings": dict(COMPILE_SWEEP), "seconds": round(seconds, 3), "cached": bool(result.cached),
+                     "settings": {name: getattr(COMPILE_SWEEP, name) for name in SWEEP_REPORTED}, "seconds": round(seconds, 3), "cached": bool(result.cached),
                      "sweep_timings": result.timings}
         layers[kind] = result
         say(f"{kind}: best window {list(result.layers)}, passed: {result.passed} "

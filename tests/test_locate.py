@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from compiler.errors import UserError
-from compiler.locate import generate_with_windows, locate, write_outputs
+from compiler.locate import LocateSettings, generate_with_windows, locate, write_outputs
 from compiler.locate import locogen
 from compiler.locate.engine import GenerationSettings
 from compiler.locate.routing import ContextRouting, cross_attention_modules
@@ -148,12 +146,13 @@ def test_sweep_stops_at_the_first_passing_size_unless_full(toy, monkeypatch):
             raise AssertionError("not called: the sweep is faked")
 
     monkeypatch.setattr(locogen, "_run_routed", fake_run)
-    kwargs = dict(judge=ClipOnlyJudge(), n_prompts=1, model_hash="f" * 64, use_cache=False, progress=False)
-    early = locate(toy[0].pipeline, "van gogh", "a painting", "style", **kwargs)
+    kwargs = dict(judge=ClipOnlyJudge(), model_hash="f" * 64, use_cache=False, progress=False)
+    early = locate(toy[0].pipeline, "van gogh", "a painting", "style", LocateSettings(n_prompts=1), **kwargs)
     assert (early.best_start, early.best_size, early.passed) == (5, 2, True)
     assert early.settings.criterion == "clip" and early.window_score(5, 2).clip_effect == 1.0
     assert sorted({w.size for w in early.windows}) == [1, 2]  # m = 3 was never generated
-    full = locate(toy[0].pipeline, "van gogh", "a painting", "style", full_sweep=True, **kwargs)
+    full = locate(toy[0].pipeline, "van gogh", "a painting", "style", LocateSettings(n_prompts=1, full_sweep=True),
+                  **kwargs)
     assert (full.best_start, full.best_size) == (5, 2) and len(full.windows) == 16 + 15 + 14
     assert full.window_score(4, 3).passed and loaded.model_hash != full.model_hash
 
@@ -161,9 +160,9 @@ def test_sweep_stops_at_the_first_passing_size_unless_full(toy, monkeypatch):
 # ----------------------------------------------------------------------------- the sweep
 def test_locate_result_schema_cache_hit_and_outputs(toy, tmp_path, monkeypatch):
     loaded, judge = toy
-    kwargs = dict(judge=judge, n_prompts=1, steps=1, max_m=2, batch=16, model_hash=loaded.model_hash,
-                  progress=False)
-    result = locate(loaded.pipeline, "van gogh", "a painting", "style", **kwargs)
+    settings = LocateSettings(n_prompts=1, steps=1, max_m=2, batch=16)
+    kwargs = dict(judge=judge, model_hash=loaded.model_hash, progress=False)
+    result = locate(loaded.pipeline, "van gogh", "a painting", "style", settings, **kwargs)
     payload = json.loads(result.to_json())
     assert payload["kind"] == "locogen" and payload["num_layers"] == 16
     assert len(payload["windows"]) == 16 + 15
@@ -179,12 +178,12 @@ def test_locate_result_schema_cache_hit_and_outputs(toy, tmp_path, monkeypatch):
         raise AssertionError("a cache hit must not generate")
 
     monkeypatch.setattr(locogen, "generate_from_embeddings", no_generation)
-    again = locate(loaded.pipeline, "van gogh", "a painting", "style", **kwargs)
+    again = locate(loaded.pipeline, "van gogh", "a painting", "style", settings, **kwargs)
     assert again.cached and not result.cached
     assert {**again.to_dict(), "cached": False} == result.to_dict()
     assert np.array_equal(again.images["best"], result.images["best"])
     with pytest.raises(AssertionError, match="cache hit"):  # other settings: another entry
-        locate(loaded.pipeline, "van gogh", "a painting", "style", **{**kwargs, "steps": 2})
+        locate(loaded.pipeline, "van gogh", "a painting", "style", replace(settings, steps=2), **kwargs)
     # compile takes any earlier sweep of the same model, concept, replacement and attribute.
     reused = locogen.locate_cached(loaded, "van gogh", "a painting", "style", judge=judge)
     assert reused.cached and reused.layers == result.layers
@@ -201,9 +200,9 @@ def test_locate_result_schema_cache_hit_and_outputs(toy, tmp_path, monkeypatch):
 
 def test_confirmation_at_full_settings_measures_the_winner_again(toy):
     loaded, judge = toy
-    result = locate(loaded.pipeline, "snoopy", "a dog", "object", judge=judge, n_prompts=1, steps=1, max_m=1,
-                    height=16, width=16, confirm_steps=2, model_hash=loaded.model_hash, use_cache=False,
-                    progress=False)
+    settings = LocateSettings(n_prompts=1, steps=1, max_m=1, height=16, width=16, confirm_steps=2)
+    result = locate(loaded.pipeline, "snoopy", "a dog", "object", settings, judge=judge,
+                    model_hash=loaded.model_hash, use_cache=False, progress=False)
     assert result.settings.height == 16 and result.confirmation.steps == 2
     assert (result.confirmation.best.start, result.confirmation.best.size) == (result.best_start, result.best_size)
     assert result.images["best"].shape == (1, 32, 32, 3)  # the grid shows full-resolution images
@@ -213,9 +212,10 @@ def test_confirmation_at_full_settings_measures_the_winner_again(toy):
 def test_locate_rejects_bad_input_before_generating(toy):
     loaded, judge = toy
     with pytest.raises(UserError, match="max-m"):
-        locate(loaded.pipeline, "van gogh", "a painting", "style", judge=judge, max_m=17)
+        locate(loaded.pipeline, "van gogh", "a painting", "style", LocateSettings(max_m=17), judge=judge)
     with pytest.raises(UserError, match="does not contain"):
-        locate(loaded.pipeline, "van gogh", "a painting", "style", judge=judge, prompts=["a red house"])
+        locate(loaded.pipeline, "van gogh", "a painting", "style", LocateSettings(prompts=("a red house",)),
+               judge=judge)
     with pytest.raises(UserError, match="attribute"):
         locate(loaded.pipeline, "van gogh", "a painting", "colour", judge=judge)
 
@@ -248,6 +248,40 @@ def test_sharded_samples_merge_to_the_single_process_result(toy):
     sharded = locogen._merge(TwoRanks(0, 2), len(samples), *parts[0])
     np.testing.assert_allclose(sharded[0], single[0], atol=2e-3)  # batches differ: float noise
     assert sorted(sharded[2]) == sorted(single[2]) == [0, 1]
+
+
+def test_torchrun_two_processes_locate_what_one_process_locates(quick_toy, tmp_path):
+    """A real ``torchrun --nproc-per-node 2`` (gloo, CPU) sweep gives the one-process result.
+
+    One sample per pipeline call (``--batch 1``) and one thread per process, so every image is
+    computed exactly as in the single process and the results must be equal, not just close."""
+    import os
+    import subprocess
+    import sys
+
+    from compiler.cli import main
+
+    args = ["locate", "--model", str(quick_toy), "--concept", "van gogh", "--replacement", "a painting",
+            "--attribute", "style", "--steps", "2", "--prompts", "2", "--max-m", "1", "--batch", "1", "--no-cache"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "compiler.cli", *args, "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
+    assert one.exit_code == 0, one.output
+    two_result = json.loads((tmp_path / "two" / "locate.json").read_text())
+    one_result = json.loads((tmp_path / "one" / "locate.json").read_text())
+    assert (two_result["timings"]["processes"], one_result["timings"]["processes"]) == (2, 1)
+    assert two_result["timings"]["samples"] == one_result["timings"]["samples"] == (16 + 2) * 2
+    assert {**two_result, "timings": None} == {**one_result, "timings": None}
+    assert (tmp_path / "two" / "grid.png").read_bytes() == (tmp_path / "one" / "grid.png").read_bytes()
 
 
 # ----------------------------------------------------------------------------- CLI

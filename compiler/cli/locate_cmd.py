@@ -88,7 +88,7 @@ def locate_command(model_path, concept, replacement, attribute, prompt_list, n_p
     layers is fed the prompt with REPLACEMENT instead, and the smallest m whose best window
     removes the concept (or, for a fact, brings in the replacement) wins."""
     from compiler.io import atomic_output_dir
-    from compiler.locate import locate, write_outputs
+    from compiler.locate import LocateSettings, locate, write_outputs
     from compiler.locate.cache import slug
     from compiler.locate.distributed import current_process_group
     from compiler.locate.scoring import load_judge_for
@@ -98,12 +98,12 @@ def locate_command(model_path, concept, replacement, attribute, prompt_list, n_p
     seed_list = parse_seed_list(seeds)
     loaded = load_for_sweep(model_path, device)
     judge = load_judge_for(loaded.source_path, judge_dir)
-    result = locate(loaded.pipeline, concept, replacement, attribute, judge=judge,
-                    prompts=list(prompt_list) or None, n_prompts=n_prompts, seeds=seed_list,
-                    steps=steps, guidance=guidance, height=resolution, width=resolution,
-                    max_m=max_m, threshold=threshold, criterion=criterion, full_sweep=full_sweep,
-                    confirm_steps=confirm_steps, batch=batch, model_hash=loaded.model_hash,
-                    use_cache=not no_cache)
+    settings = LocateSettings(prompts=tuple(prompt_list), n_prompts=n_prompts, seeds=tuple(seed_list),
+                              steps=steps, guidance=guidance, height=resolution, width=resolution,
+                              max_m=max_m, threshold=threshold, criterion=criterion, full_sweep=full_sweep,
+                              confirm_steps=confirm_steps, batch=batch)
+    result = locate(loaded.pipeline, concept, replacement, attribute, settings, judge=judge,
+                    model_hash=loaded.model_hash, use_cache=not no_cache)
     if not current_process_group().is_main:
         return
     with atomic_output_dir(out, force=force) as folder:

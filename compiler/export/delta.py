@@ -35,7 +35,8 @@ from compiler.io import atomic_output_dir, atomic_output_file
 from compiler.export.provenance import check_provenance
 from compiler.export.single_file import (SAFETENSORS_DTYPES, SafetensorsTable, export_single_file,
                                         from_original_value, original_names, patch_safetensors_copy,
-                                        split_qualified, write_safetensors)
+                                        write_safetensors)
+from compiler.fuse import split_name
 
 FORMAT = "editc-delta/1"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -65,7 +66,7 @@ def read_base_tensors(source, qualified_names: Iterable[str]) -> dict[str, torch
     out: dict[str, torch.Tensor] = {}
     if source.format == "diffusers":
         for qualified in names:
-            component, parameter = split_qualified(qualified)
+            component, parameter = split_name(qualified)
             for weights in _component_files(source, component):
                 if weights.suffix != ".safetensors":
                     state, _ = load_ckpt_state_dict(weights)
@@ -220,7 +221,7 @@ def patch_diffusers_folder(source: Path, edited: Mapping[str, torch.Tensor], out
 
     by_component: dict[str, dict[str, torch.Tensor]] = {}
     for qualified, value in edited.items():
-        component, parameter = split_qualified(qualified)
+        component, parameter = split_name(qualified)
         by_component.setdefault(component, {})[parameter] = value
     placed: set[str] = set()
     for path in sorted(source.rglob("*")):

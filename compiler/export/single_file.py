@@ -33,6 +33,7 @@ import torch
 from compiler.errors import UserError
 from compiler.io import atomic_output_file
 from compiler.export.provenance import check_provenance
+from compiler.fuse import split_name
 
 # safetensors dtype names <-> torch dtypes
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
@@ -160,18 +161,11 @@ def modelspec_metadata(source_metadata: Mapping[str, str], family: str, predicti
 # --------------------------------------------------------------------------------------------
 
 
-def split_qualified(qualified: str) -> tuple[str, str]:
-    component, _, parameter = qualified.partition("/")
-    if not parameter:
-        raise ValueError(f"{qualified!r} is not '<component>/<parameter>'")
-    return component, parameter
-
-
 def original_name(family: str, qualified: str, configs: Mapping[str, Mapping]) -> str:
     """The single-file name holding diffusers tensor ``<component>/<parameter>``."""
     from compiler.models.layout import component_name_to_original
 
-    component, parameter = split_qualified(qualified)
+    component, parameter = split_name(qualified)
     config = configs.get(component, {}) if component in ("unet", "vae") else {}
     try:
         return component_name_to_original(family, component, parameter, config)
@@ -434,7 +428,7 @@ def _write_from_diffusers(described: _Source, edited, out_file: Path, metadata: 
     tensors: dict[str, torch.Tensor] = {}
     by_component: dict[str, dict[str, torch.Tensor]] = {}
     for qualified, value in edited.items():
-        component, parameter = split_qualified(qualified)
+        component, parameter = split_name(qualified)
         by_component.setdefault(component, {})[parameter] = value
     for component in SINGLE_FILE_COMPONENTS[described.family]:
         module = getattr(pipeline, component)

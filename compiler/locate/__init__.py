@@ -12,6 +12,7 @@
 
 from compiler.locate.locogen import (
     LocateResult,
+    LocateSettings,
     WindowScore,
     generate_with_windows,
     locate,
@@ -29,6 +30,7 @@ from compiler.locate.trace import (
 
 __all__ = [
     "LocateResult",
+    "LocateSettings",
     "TextTraceResult",
     "UNetTraceResult",
     "WindowScore",

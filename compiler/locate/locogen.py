@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,7 @@ from compiler.locate.engine import (
     embed_unconditional,
     generate_from_embeddings,
 )
+from compiler.locate.measure import MIN_CLIP_CONTRAST, MIN_RATE_CONTRAST, Measurement
 from compiler.locate.routing import cross_attention_modules, routed_cross_attention
 from compiler.locate.scoring import can_judge_presence, clip_scores, presence
 from compiler.models.families import LayerWindow
@@ -91,14 +92,6 @@ def sweep_windows(num_layers: int, max_m: int) -> list[LayerWindow]:
 
 # ----------------------------------------------------------------------------- results
 @dataclass(frozen=True)
-class Measurement:
-    """Mean CLIP-score against the scoring prompts, and the judge's rate of the judged phrase."""
-
-    clip: float
-    rate: float | None
-
-
-@dataclass(frozen=True)
 class WindowScore:
     start: int
     size: int
@@ -125,21 +118,30 @@ class Confirmation:
 
 @dataclass(frozen=True)
 class LocateSettings:
-    prompts: tuple[str, ...]  # with the concept: c
-    alternative_prompts: tuple[str, ...]  # with the replacement: c′
-    seeds: tuple[int, ...]
-    steps: int
-    guidance: float
-    height: int | None
-    width: int | None
-    max_m: int
-    threshold: float
-    criterion: str  # "accuracy" or "clip", after resolving "auto"
+    """How a LocoGen sweep runs. ``locate`` takes one and returns, in its result, the settings
+    that ran: ``prompts`` and ``alternative_prompts`` filled in, ``criterion`` resolved."""
+
+    prompts: tuple[str, ...] = ()  # with the concept: c (empty: n_prompts of the attribute's templates)
+    alternative_prompts: tuple[str, ...] = ()  # with the replacement: c′ (locate fills them in)
+    seeds: tuple[int, ...] = (0,)
+    steps: int = 25
+    guidance: float = 4.0
+    height: int | None = None  # sweep resolution (None: the model's)
+    width: int | None = None
+    max_m: int = 3
+    threshold: float = 0.8
+    criterion: str = "auto"  # "auto", "accuracy" or "clip"; the result's holds the resolved one
     full_sweep: bool = False  # False: stop at the first m whose best window passes
     confirm_steps: int | None = None  # None: no confirmation run
+    n_prompts: int = 8  # template prompts when ``prompts`` is empty
+    batch: int = 32  # samples per pipeline call
 
     def key_fields(self) -> dict:
-        return asdict(self)
+        """What decides the result (the cache key and the result's JSON): not how it is batched,
+        nor how many templates were asked for (the prompts say it)."""
+        fields = asdict(self)
+        del fields["n_prompts"], fields["batch"]
+        return fields
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,7 @@ class LocateResult:
             "clean": asdict(self.clean),
             "replaced": asdict(self.replaced),
             "windows": [asdict(w) for w in self.windows],
-            "settings": asdict(self.settings),
+            "settings": self.settings.key_fields(),
             "confirmation": asdict(self.confirmation) if self.confirmation else None,
             "timings": dict(self.timings),
             "notes": list(self.notes),
@@ -266,17 +268,11 @@ def _effect(value: float | None, clean: float | None, replaced: float | None, mi
     return (value - clean) / contrast
 
 
-# A window's CLIP contrast below this (raw cosine) or rate contrast below one image in a
-# hundred is noise: no window can be said to pass.
-_MIN_CLIP_CONTRAST = 1e-3
-_MIN_RATE_CONTRAST = 1e-2
-
-
 def score_window(window: LayerWindow, measured: Measurement, clean: Measurement, replaced: Measurement,
                  criterion: str, threshold: float, can_pass: bool = True) -> WindowScore:
     """A window's measures, effects, and whether the deciding effect reaches ``threshold``."""
-    clip_effect = _effect(measured.clip, clean.clip, replaced.clip, _MIN_CLIP_CONTRAST)
-    rate_effect = _effect(measured.rate, clean.rate, replaced.rate, _MIN_RATE_CONTRAST)
+    clip_effect = _effect(measured.clip, clean.clip, replaced.clip, MIN_CLIP_CONTRAST)
+    rate_effect = _effect(measured.rate, clean.rate, replaced.rate, MIN_RATE_CONTRAST)
     decisive = rate_effect if criterion == "accuracy" else clip_effect
     return WindowScore(window.start, window.size, measured.clip, measured.rate, clip_effect, rate_effect,
                        can_pass and decisive is not None and decisive >= threshold)
@@ -285,9 +281,9 @@ def score_window(window: LayerWindow, measured: Measurement, clean: Measurement,
 def _contrast_notes(clean: Measurement, replaced: Measurement, criterion: str, higher_is_better: bool) -> list[str]:
     """Warnings when the references say the sweep cannot mean much."""
     if criterion == "accuracy":
-        before, after, minimum = clean.rate, replaced.rate, _MIN_RATE_CONTRAST
+        before, after, minimum = clean.rate, replaced.rate, MIN_RATE_CONTRAST
     else:
-        before, after, minimum = clean.clip, replaced.clip, _MIN_CLIP_CONTRAST
+        before, after, minimum = clean.clip, replaced.clip, MIN_CLIP_CONTRAST
     if abs(after - before) < minimum:
         return [f"c and c' give the same score (clean {before:.3f}, c' everywhere {after:.3f}): the model "
                 f"does not show the concept, or the judge cannot tell; no window can pass"]
@@ -333,21 +329,9 @@ def locate(
     concept: str,
     replacement: str,
     attribute: str,
+    settings: LocateSettings = LocateSettings(),
     *,
     judge,
-    prompts: list[str] | None = None,
-    n_prompts: int = 8,
-    seeds: tuple[int, ...] = (0,),
-    steps: int = 25,
-    guidance: float = 4.0,
-    height: int | None = None,
-    width: int | None = None,
-    max_m: int = 3,
-    threshold: float = 0.8,
-    criterion: str = "auto",
-    full_sweep: bool = False,
-    confirm_steps: int | None = None,
-    batch: int = 32,
     model_hash: str | None = None,
     use_cache: bool = True,
     progress: bool = True,
@@ -355,43 +339,44 @@ def locate(
     """Run LocoGen for one concept and return where it lives.
 
     ``judge`` scores images (``clip_scores``; ``classify`` too for the accuracy criterion).
-    ``full_sweep``: sweep every m up to ``max_m`` even after one passes (a complete heat map);
-    by default the sweep stops at the first passing m.
-    ``confirm_steps``: sweep cheaply (few ``steps``, a lower ``height``/``width``), then measure
-    clean, c′ everywhere and the winner again with ``confirm_steps`` at the model's resolution.
-    ``model_hash`` keys the cache (``LoadedModel.model_hash``); without it the weights are
-    hashed in memory. With ``torch.distributed`` initialized, the samples are sharded over the
-    ranks and every rank returns the same result; only rank 0 writes the cache.
+    ``settings.full_sweep``: sweep every m up to ``max_m`` even after one passes (a complete
+    heat map); by default the sweep stops at the first passing m.
+    ``settings.confirm_steps``: sweep cheaply (few ``steps``, a lower ``height``/``width``), then
+    measure clean, c′ everywhere and the winner again with ``confirm_steps`` at the model's
+    resolution. ``model_hash`` keys the cache (``LoadedModel.model_hash``); without it the
+    weights are hashed in memory. With ``torch.distributed`` initialized, the samples are
+    sharded over the ranks and every rank returns the same result; only rank 0 writes the cache.
     """
     started = time.perf_counter()
+    criterion = settings.criterion
     if attribute not in ATTRIBUTES:
         raise UserError(f"attribute {attribute!r} is not one of {', '.join(ATTRIBUTES)}")
     if criterion not in CRITERIA:
         raise UserError(f"criterion {criterion!r} is not one of {', '.join(CRITERIA)}")
     if not concept.strip() or not replacement.strip():
         raise UserError("concept and replacement must be non-empty phrases")
-    if steps < 1 or batch < 1 or not seeds:
+    if settings.steps < 1 or settings.batch < 1 or not settings.seeds:
         raise UserError("steps and batch must be at least 1, and at least one seed is needed")
     layers = cross_attention_modules(pipe.unet)
     num_layers = len(layers)
     if num_layers == 0:
         raise UserError("the model's UNet has no cross-attention layers to locate in")
-    if not 1 <= max_m <= num_layers:
+    if not 1 <= settings.max_m <= num_layers:
         raise UserError(f"--max-m must be between 1 and {num_layers} (the model's cross-attention "
-                        f"layers), got {max_m}")
+                        f"layers), got {settings.max_m}")
 
-    originals, alternatives = sweep_prompts(concept, replacement, attribute, prompts, n_prompts)
+    originals, alternatives = sweep_prompts(concept, replacement, attribute, list(settings.prompts) or None,
+                                            settings.n_prompts)
     judged_phrase, higher_is_better, scored_against = _judged(attribute, concept, replacement)
     if criterion == "auto":
         criterion = "accuracy" if can_judge_presence(judge, judged_phrase) else "clip"
     elif criterion == "accuracy" and not can_judge_presence(judge, judged_phrase):
         raise UserError(f"criterion 'accuracy' needs a judge that can tell whether an image shows "
                         f"{judged_phrase!r} (the toy world's); use --criterion clip")
-    if confirm_steps is not None and confirm_steps < 1:
-        raise UserError(f"confirm steps must be at least 1, got {confirm_steps}")
-    settings = LocateSettings(tuple(originals), tuple(alternatives), tuple(int(s) for s in seeds),
-                              steps, guidance, height, width, max_m, threshold, criterion, full_sweep,
-                              confirm_steps)
+    if settings.confirm_steps is not None and settings.confirm_steps < 1:
+        raise UserError(f"confirm steps must be at least 1, got {settings.confirm_steps}")
+    settings = replace(settings, prompts=tuple(originals), alternative_prompts=tuple(alternatives),
+                       seeds=tuple(int(s) for s in settings.seeds), criterion=criterion)
     group = current_process_group()
     if model_hash is None:
         model_hash = cache.weights_fingerprint(pipe)
@@ -406,7 +391,7 @@ def locate(
 
     # Every window of the sweep, plus the two references: clean (no layer gets c′) and
     # replaced (every layer gets c′).
-    windows = sweep_windows(num_layers, max_m)
+    windows = sweep_windows(num_layers, settings.max_m)
     CLEAN, REPLACED = 0, 1
     masks = torch.zeros(len(windows) + 2, num_layers, dtype=torch.bool)
     masks[REPLACED] = True
@@ -421,7 +406,8 @@ def locate(
     timings["encode_s"] = time.perf_counter() - t0
 
     score_prompts = originals if scored_against == "original" else alternatives
-    generation = GenerationSettings(steps, guidance, height, width, batch)
+    generation = GenerationSettings(settings.steps, settings.guidance, settings.height, settings.width,
+                                    settings.batch)
     # Samples ordered window-major: (window row of ``masks``, prompt index, seed).
     samples = [(w, p, s) for w in range(masks.shape[0]) for p in range(len(originals)) for s in settings.seeds]
 
@@ -440,7 +426,7 @@ def locate(
         rows = [k for k, sample in enumerate(samples) if sample[0] == w]
         return Measurement(float(np.mean(clip[rows])), float(np.mean(rate[rows])) if judges_presence else None)
 
-    for m in range(1, max_m + 1):
+    for m in range(1, settings.max_m + 1):
         stage = {w + 2 for w, window in enumerate(windows) if window.size == m} | ({CLEAN, REPLACED} if m == 1 else set())
         members = [k for k, sample in enumerate(samples) if sample[0] in stage]
         local = [members[i] for i in group.shard(len(members))]
@@ -455,10 +441,11 @@ def locate(
             clean, replaced = measure(CLEAN), measure(REPLACED)
             # When c′ everywhere does not move the score the expected way, no window can pass.
             notes = _contrast_notes(clean, replaced, criterion, higher_is_better)
-        sized = [score_window(window, measure(w + 2), clean, replaced, criterion, threshold, can_pass=not notes)
+        sized = [score_window(window, measure(w + 2), clean, replaced, criterion, settings.threshold,
+                              can_pass=not notes)
                  for w, window in enumerate(windows) if window.size == m]
         scores.extend(sized)
-        if not full_sweep and choose_window(sized, criterion, higher_is_better)[1]:
+        if not settings.full_sweep and choose_window(sized, criterion, higher_is_better)[1]:
             break
     timings["sweep_s"] = time.perf_counter() - t0
     best, passed = choose_window(scores, criterion, higher_is_better)
@@ -470,7 +457,7 @@ def locate(
     best_mask = torch.zeros(1, num_layers, dtype=torch.bool)
     best_mask[0, best.start : best.start + best.size] = True
     confirmation = None
-    if confirm_steps is None:
+    if settings.confirm_steps is None:
         # The grid's middle row: the winner's images, generated again (one window: 1/#windows
         # of the sweep) rather than keeping every window's images in memory.
         best_samples = [(0, p, s) for p in range(len(originals)) for s in settings.seeds]
@@ -485,7 +472,7 @@ def locate(
         # clean, c′ everywhere and the winner, measured again; their images make the grid.
         final_masks = torch.cat([masks[[CLEAN, REPLACED]], best_mask])
         final_samples = [(w, p, s) for w in range(3) for p in range(len(originals)) for s in settings.seeds]
-        full = GenerationSettings(confirm_steps, guidance, None, None, batch)
+        full = GenerationSettings(settings.confirm_steps, settings.guidance, None, None, settings.batch)
         f_clip, f_rate, f_kept = _run_routed(pipe, final_samples, group.shard(len(final_samples)), final_masks,
                                              embeddings, alternative, unconditional, score_prompts, judge,
                                              judged_phrase if judges_presence else None, full,
@@ -499,11 +486,12 @@ def locate(
 
         f_clean, f_replaced = final_measure(0), final_measure(1)
         confirm_notes = _contrast_notes(f_clean, f_replaced, criterion, higher_is_better)
-        confirmation = Confirmation(confirm_steps, f_clean, f_replaced,
-                                    score_window(best, final_measure(2), f_clean, f_replaced, criterion, threshold,
+        confirmation = Confirmation(settings.confirm_steps, f_clean, f_replaced,
+                                    score_window(best, final_measure(2), f_clean, f_replaced, criterion,
+                                                 settings.threshold,
                                                  can_pass=not confirm_notes))
         if passed and not confirmation.best.passed:
-            notes.append(f"the winner does not pass at {confirm_steps} steps and full resolution; sweep with "
+            notes.append(f"the winner does not pass at {settings.confirm_steps} steps and full resolution; sweep with "
                          f"settings closer to the confirmation")
         images = {"clean": stack(f_kept, final_samples, 0), "best": stack(f_kept, final_samples, 2),
                   "replaced": stack(f_kept, final_samples, 1)}
@@ -526,14 +514,13 @@ def locate(
 
 # What compile sweeps with when a recipe needs a location nobody has measured: a sweep is
 # generation-bound, so few steps, then the winner confirmed at the usual 25.
-COMPILE_SWEEP = {"n_prompts": 6, "steps": 10, "confirm_steps": 25, "max_m": 3}
+COMPILE_SWEEP = LocateSettings(n_prompts=6, steps=10, confirm_steps=25, max_m=3)
 
 
 def locate_cached(loaded, concept: str, replacement: str, attribute: str, *, judge=None,
-                  progress: bool = True, **settings) -> LocateResult:
+                  progress: bool = True, settings: LocateSettings = COMPILE_SWEEP) -> LocateResult:
     """LocoGen for ``compile``: reuse any cached sweep of this model, concept, replacement and
-    attribute (whatever its settings, newest first), else run ``locate`` with ``settings``
-    over ``COMPILE_SWEEP``.
+    attribute (whatever its settings, newest first), else run ``locate`` with ``settings``.
 
     ``loaded`` is a ``LoadedModel``; without ``judge`` the model's own judge is used (the toy
     world's), and a model without one needs a ``judge``.
@@ -546,8 +533,8 @@ def locate_cached(loaded, concept: str, replacement: str, attribute: str, *, jud
         from compiler.locate.scoring import load_judge_for
 
         judge = load_judge_for(loaded.source_path)
-    return locate(loaded.pipeline, concept, replacement, attribute, judge=judge,
-                  model_hash=loaded.model_hash, progress=progress, **{**COMPILE_SWEEP, **settings})
+    return locate(loaded.pipeline, concept, replacement, attribute, settings, judge=judge,
+                  model_hash=loaded.model_hash, progress=progress)
 
 
 def _run_routed(pipe, samples, local, masks, embeddings: PromptEmbeddings, alternative: PromptEmbeddings,
