@@ -336,7 +336,8 @@ def locate_layers(loaded, settings: BenchSettings, kinds, say, progress: bool) -
                         model_hash=loaded.model_hash, progress=progress)
         seconds = time.perf_counter() - started
         out[kind] = {"best_window": list(result.layers), "passed": bool(result.passed), "source": "LocoGen",
-                     "settings": {name: getattr(COMPILE_SWEEP, name) for name in SWEEP_REPORTED}, "seconds": round(seconds, 3), "cached": bool(result.cached),
+                     "settings": {name: getattr(COMPILE_SWEEP, name) for name in SWEEP_REPORTED},
+                     "seconds": round(seconds, 3), "cached": bool(result.cached),
                      "sweep_timings": result.timings}
         layers[kind] = result
         say(f"{kind}: best window {list(result.layers)}, passed: {result.passed} "
