@@ -34,8 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` is not an installed package
 
-from bench.baselines.concept_ablation import ConceptAblationConfig  # noqa: E402
-from bench.baselines.esd import ESDConfig  # noqa: E402
+from compiler.bench.baselines.concept_ablation import ConceptAblationConfig  # noqa: E402
+from compiler.bench.baselines.esd import ESDConfig  # noqa: E402
 from bench.run_bench import (METHODS, RESULTS_DIR, TASKS, BenchSettings, markdown, parse_layers,  # noqa: E402
                              run_bench, write_report)
 from compiler.errors import UserError  # noqa: E402

@@ -16,12 +16,12 @@ if str(REPO) not in sys.path:  # bench/ is not an installed package
     sys.path.insert(0, str(REPO))
 
 from bench import run_bench  # noqa: E402
-from bench.baselines import (EditTask, aligned_token_rows, all_token_rows, closed_form_kv_update,  # noqa: E402
+from compiler.bench.baselines import (EditTask, aligned_token_rows, all_token_rows, closed_form_kv_update,  # noqa: E402
                              cross_attention_kv_names)
-from bench.baselines.concept_ablation import ConceptAblationConfig, train_concept_ablation  # noqa: E402
-from bench.baselines.esd import ESDConfig, train_esd  # noqa: E402
-from bench.baselines.time_edit import time_edit  # noqa: E402
-from bench.baselines.uce import UCEConfig, uce_edit  # noqa: E402
+from compiler.bench.baselines.concept_ablation import ConceptAblationConfig, train_concept_ablation  # noqa: E402
+from compiler.bench.baselines.esd import ESDConfig, train_esd  # noqa: E402
+from compiler.bench.baselines.time_edit import time_edit  # noqa: E402
+from compiler.bench.baselines.uce import UCEConfig, uce_edit  # noqa: E402
 
 STYLE = EditTask("van gogh", "a painting", "style")
 OBJECT = EditTask("snoopy", "a dog", "object")

@@ -1,49 +1,40 @@
 """``editc bench``: edit time and quality against ESD, Concept Ablation, UCE and TIME.
 
-The harness and the baselines live in the source checkout (``bench/run_bench.py`` and
-``bench/baselines/``), not in the installed ``compiler`` package: they are a measurement, not
-part of the compiler. This command loads ``bench/run_bench.py`` by path from the checkout
-that ``compiler`` is imported from (``pip install -e .``, or running from the repository) and
-calls its ``main``.
+The harness and the baselines are in the package (:mod:`compiler.bench`), so the command works
+from an installed wheel; this command forwards its options to the harness's ``main``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import click
 
 from compiler.cli import main
-from compiler.errors import UserError
-
-HARNESS = Path(__file__).resolve().parents[2] / "bench" / "run_bench.py"
+from compiler.cli.options import judge_option
 
 
 def load_harness():
-    """Import ``bench/run_bench.py`` from the checkout beside the ``compiler`` package."""
-    if not HARNESS.is_file():
-        raise UserError(f"{HARNESS}: not found; editc bench runs from a source checkout of editc "
-                        "(git clone, then pip install -e .), where bench/ sits beside compiler/")
-    spec = importlib.util.spec_from_file_location("editc_bench_harness", HARNESS)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
+    """The benchmark harness module (imported on use: it pulls in the baselines)."""
+    from compiler.bench import harness
+
+    return harness
+
+
+def _methods_help() -> str:
+    from compiler.methods import REGISTRY
+
+    variants = [label for method in REGISTRY.values() for label in method.bench_variants()]
+    return ("Comma-separated subset of esd-x, concept-ablation, uce, time and editc's "
+            f"{', '.join(variants)}.")
 
 
 @main.command("bench")
 @click.option("--quick", is_flag=True, help="Smoke run: every code path with tiny settings (numbers without meaning).")
 @click.option("--model", default=None, type=click.Path(file_okay=False),
               help="A toy-world diffusers folder (default: the embedded toy model).")
-@click.option("--judge", default=None, type=click.Path(file_okay=False),
-              help="The judge folder (default: the toy world's judge beside the model).")
+@judge_option("judge")
 @click.option("--out", default=None, type=click.Path(file_okay=False),
               help="Where bench_toy.json and bench_toy.md go (default: bench/results).")
-@click.option("--methods", default=None,
-              help="Comma-separated subset of esd-x, concept-ablation, uce, time, locoedit, "
-                   "quickfix (Diff-QuickFix at out_proj), quickfix-v (at v_proj), neurons.")
+@click.option("--methods", default=None, help=_methods_help())
 @click.option("--kinds", default=None, help="Comma-separated subset of style, object, fact.")
 @click.option("--repeats", type=click.IntRange(min=1), default=None, help="Timed repeats of each closed-form edit.")
 @click.option("--esd-steps", type=click.IntRange(min=1), default=None, help="ESD fine-tuning steps.")

@@ -8,7 +8,7 @@ stay close to the old ones::
     W = (λŴ + Σ Ŵ c_dest c_srcᵀ) (λI + Σ c_src c_srcᵀ)⁻¹,   λ = 0.1
 
 TIME has no preservation term; λ alone keeps the rest of the model. Rows are aligned as for
-UCE (:func:`bench.baselines.aligned_token_rows`), on the same prompt pairs editc solves on.
+UCE (:func:`compiler.bench.baselines.aligned_token_rows`), on the same prompt pairs editc solves on.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from bench.baselines import BaselineResult, EditTask, aligned_token_rows, closed_form_kv_update, synchronize
+from compiler.bench.baselines import BaselineResult, EditTask, aligned_token_rows, closed_form_kv_update, synchronize
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from tqdm import tqdm
 
-from bench.baselines import (BaselineResult, Conditioning, EditTask, encode_prompts, latent_shape, predict,
+from compiler.bench.baselines import (BaselineResult, Conditioning, EditTask, encode_prompts, latent_shape, predict,
                              synchronize, trained_tensors)
 
 

@@ -1,12 +1,12 @@
 """Baselines that editc is benchmarked against, implemented on the same models and prompts.
 
-- :mod:`bench.baselines.esd`: ESD (Gandikota et al., ICCV 2023), fine-tuning with negative
+- :mod:`compiler.bench.baselines.esd`: ESD (Gandikota et al., ICCV 2023), fine-tuning with negative
   guidance; ESD-x trains the cross-attention parameters.
-- :mod:`bench.baselines.concept_ablation`: Concept Ablation (Kumari et al., ICCV 2023), the
+- :mod:`compiler.bench.baselines.concept_ablation`: Concept Ablation (Kumari et al., ICCV 2023), the
   model-based variant, fine-tuning cross-attention K/V.
-- :mod:`bench.baselines.uce`: UCE (Gandikota et al., WACV 2024), closed form over every
+- :mod:`compiler.bench.baselines.uce`: UCE (Gandikota et al., WACV 2024), closed form over every
   cross-attention K/V, with preservation.
-- :mod:`bench.baselines.time_edit`: TIME (Orgad et al., ICCV 2023), closed form over every
+- :mod:`compiler.bench.baselines.time_edit`: TIME (Orgad et al., ICCV 2023), closed form over every
   cross-attention K/V, regularised towards the old weights.
 
 Every method takes the same :class:`EditTask` and returns a :class:`BaselineResult` whose

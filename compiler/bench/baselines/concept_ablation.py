@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from tqdm import tqdm
 
-from bench.baselines import BaselineResult, EditTask, encode_prompts, predict, synchronize, trained_tensors
+from compiler.bench.baselines import BaselineResult, EditTask, encode_prompts, predict, synchronize, trained_tensors
 
 
 @dataclass(frozen=True)

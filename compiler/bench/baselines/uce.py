@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from bench.baselines import (BaselineResult, EditTask, aligned_token_rows, all_token_rows,
+from compiler.bench.baselines import (BaselineResult, EditTask, aligned_token_rows, all_token_rows,
                              closed_form_kv_update, synchronize)
 
 
