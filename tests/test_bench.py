@@ -88,7 +88,7 @@ def test_closed_form_peers_edit_every_cross_attention_kv(toy, edit):
 def test_uce_matches_the_published_formula(toy):
     """W = (λŴ + Σ v* cᵀ + p Σ Ŵ c_p c_pᵀ)(λI + Σ c cᵀ + p Σ c_p c_pᵀ)⁻¹, computed directly."""
     pipe = toy.pipeline
-    config = UCEConfig(lamb=0.5, erase_scale=1.0, preserve_scale=0.1)
+    config = UCEConfig(lam=0.5, erase_scale=1.0, preserve_scale=0.1)
     preserve = ["a red house", "a blue star in the style of monet"]
     result = uce_edit(toy, STYLE, config, preserve_prompts=preserve)
     sources, targets = aligned_token_rows(pipe, STYLE.prompt_pairs(), STYLE.concept, STYLE.replacement)
@@ -96,8 +96,8 @@ def test_uce_matches_the_published_formula(toy):
     layer = toy.registry.cross_attention[5]
     old = pipe.unet.get_parameter(layer.to_v).detach().double()
     eye = torch.eye(old.shape[1], dtype=torch.float64)
-    mat1 = config.lamb * old + (old @ targets.T) @ sources + config.preserve_scale * (old @ kept.T) @ kept
-    mat2 = config.lamb * eye + sources.T @ sources + config.preserve_scale * kept.T @ kept
+    mat1 = config.lam * old + (old @ targets.T) @ sources + config.preserve_scale * (old @ kept.T) @ kept
+    mat2 = config.lam * eye + sources.T @ sources + config.preserve_scale * kept.T @ kept
     expected = mat1 @ torch.inverse(mat2)
     assert torch.allclose(result.new_tensors[f"unet/{layer.to_v}"].double(), expected, atol=1e-4, rtol=1e-4)
 

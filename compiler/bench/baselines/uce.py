@@ -6,7 +6,7 @@ the replacement's token states) and preserved rows ``c_p`` (which keep ``Ŵ c_p`
 
     W = (λŴ + e Σ v* cᵀ + p Σ Ŵ c_p c_pᵀ) (λI + e Σ c cᵀ + p Σ c_p c_pᵀ)⁻¹
 
-Defaults are those of the public code's erase script: λ = 0.5 (``lamb`` as passed by
+Defaults are those of the public code's erase script: λ = 0.5 (its ``lamb``, passed to
 ``train_erase.py``), erase scale e = 1, preserve scale p = 0.1, the "replace" technique
 (``v* = Ŵ c_target``), and both K and V edited.
 
@@ -28,7 +28,7 @@ from compiler.bench.baselines import (BaselineResult, EditTask, aligned_token_ro
 
 @dataclass(frozen=True)
 class UCEConfig:
-    lamb: float = 0.5
+    lam: float = 0.5
     erase_scale: float = 1.0
     preserve_scale: float = 0.1
 
@@ -43,11 +43,11 @@ def uce_edit(model, task: EditTask, config: UCEConfig = UCEConfig(), preserve_pr
     preserved = all_token_rows(pipe, preserve_prompts)
     gram = config.erase_scale * sources.T @ sources
     cross = config.erase_scale * targets.T @ sources
-    new = closed_form_kv_update(pipe, model.registry, gram, cross, config.lamb,
+    new = closed_form_kv_update(pipe, model.registry, gram, cross, config.lam,
                                 preserve_gram=preserved.T @ preserved, preserve_scale=config.preserve_scale)
     synchronize(pipe.unet.device)
     seconds = time.perf_counter() - started
     info = {"rows": int(sources.shape[0]), "preserve_rows": int(preserved.shape[0]),
-            "preserve_prompts": len(preserve_prompts), "lambda": config.lamb, "erase_scale": config.erase_scale,
+            "preserve_prompts": len(preserve_prompts), "lambda": config.lam, "erase_scale": config.erase_scale,
             "preserve_scale": config.preserve_scale, "tensors": len(new)}
     return BaselineResult("uce", new, seconds, info)
