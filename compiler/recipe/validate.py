@@ -12,8 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from compiler.errors import UserError
-from compiler.methods import AUTO, get_method, method_fields
-from compiler.recipe.schema import (ATTRIBUTES, DEFAULT_LAMBDA, DEFAULT_MODEL, LAYER_KEYWORDS, METHODS,
+from compiler.methods import AUTO, get_method, method_fields, method_names
+from compiler.recipe.schema import (ATTRIBUTES, DEFAULT_LAMBDA, DEFAULT_MODEL, LAYER_KEYWORDS,
                                     OUTPUT_FORMATS, TOY_CROSS_ATTENTION_LAYERS, Edit, Outputs, Recipe,
                                     VerifyGates, _VALIDATING)
 
@@ -38,8 +38,7 @@ _EDIT_KEYS = (
     "lambda",
     "preserve",
     "eos",
-    *method_fields(),  # the method plug-ins' own keys
-)
+)  # then the method plug-ins' own keys (read from the registry when validating)
 _OUTPUT_KEYS = ("dir", "formats", "resolution")
 _VERIFY_KEYS = tuple(f.name for f in dataclasses.fields(VerifyGates))
 
@@ -219,7 +218,7 @@ class _Validator:
                 field_path,
                 f"expected a mapping with concept, replacement and attribute, got {_describe(raw)}",
             )
-        self.mapping(raw, field_path, _EDIT_KEYS)
+        self.mapping(raw, field_path, (*_EDIT_KEYS, *method_fields()))
         for required in ("concept", "replacement", "attribute"):
             if raw.get(required) is None:
                 example = {
@@ -237,7 +236,7 @@ class _Validator:
             )
         attribute = self.choice(raw["attribute"], _join(field_path, "attribute"), ATTRIBUTES)
         method = (
-            self.choice(raw["method"], _join(field_path, "method"), METHODS)
+            self.choice(raw["method"], _join(field_path, "method"), (AUTO, *method_names()))
             if raw.get("method") is not None
             else "auto"
         )
