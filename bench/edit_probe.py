@@ -23,10 +23,11 @@ r = load_recipe(recipe_file)
 lay = None if method == 'quickfix' else tuple(int(x) for x in layers.split(','))
 r = dataclasses.replace(r, edits=tuple(dataclasses.replace(e, method=method, layers=lay) for e in r.edits))
 e = r.edits[0]
-from compiler.resolve import template_prompts, HELDOUT_PREFIXES
-cp = template_prompts(e.concept, e.attribute, HELDOUT_PREFIXES)[::7][:12]
+from compiler.resolve import template_prompts, vocabulary_of
+V = vocabulary_of(model)
+cp = template_prompts(e.concept, e.attribute, V, heldout=True)[::7][:12]
 other = {'style': 'monet', 'object': 'nemo', 'fact': 'the british prime minister'}[e.attribute]
-op = template_prompts(other, e.attribute, HELDOUT_PREFIXES)[::7][:12]
+op = template_prompts(other, e.attribute, V, heldout=True)[::7][:12]
 gp = ['a red circle', 'a blue dog', 'a green star', 'an image of a yellow house', 'a purple fish', 'a photo of an orange robot']
 P = cp + op + gp; S = list(range(len(P)))
 def score(images):

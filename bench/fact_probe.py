@@ -37,7 +37,7 @@ def main() -> None:
     from compiler.generate import generate_images
     from compiler.models.load import load_model
     from compiler.recipe import load_recipe
-    from compiler.resolve import HELDOUT_PREFIXES, template_prompts
+    from compiler.resolve import template_prompts, vocabulary_of
     from compiler.toy.judge import load_judge
 
     model = load_model("toy")
@@ -55,7 +55,7 @@ def main() -> None:
     recipe = dataclasses.replace(recipe, preserve=tuple(recipe.preserve) + tuple(args.preserve),
                                  edits=tuple(variant(e) for e in recipe.edits))
     seeds = list(range(args.seeds))
-    prompts = {s: template_prompts(s, "fact", HELDOUT_PREFIXES)[::3][: args.prompts] for s in SUBJECTS}
+    prompts = {s: template_prompts(s, "fact", vocabulary_of(model), heldout=True)[::3][: args.prompts] for s in SUBJECTS}
 
     def count() -> dict[str, tuple[int, int, int]]:
         out = {}

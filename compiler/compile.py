@@ -19,16 +19,17 @@ from pathlib import Path
 
 import torch
 
+from compiler import resolve
 from compiler.errors import UserError
 from compiler.fuse import fuse_weights
 from compiler.manifest import build_manifest, provenance_for
 from compiler.methods import REGISTRY
-from compiler.methods.rows import RowContext, timed
+from compiler.methods.rows import RowContext, concept_weights, timed
 from compiler.plan import PlannedEdit, choose_method, plan_edits, preserve_prompts_for
 from compiler.recipe import Edit, Recipe
 
 __all__ = ["CompileResult", "PlannedEdit", "apply_to_pipeline", "choose_method", "compile_edits",
-           "compile_to_disk", "plan_edits", "preserve_prompts_for"]
+           "compile_to_disk", "concept_weights", "plan_edits", "preserve_prompts_for"]
 
 
 @dataclass
@@ -39,12 +40,14 @@ class CompileResult:
     plans: list[PlannedEdit]
     timings: dict[str, float] = field(default_factory=dict)
     solve_info: list[dict] = field(default_factory=list)
+    preserve_prompts: list[str] = field(default_factory=list)
 
 
 def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit]) -> CompileResult:
     """Rows and solve for every method the plans use (in registry order); the pipeline is not
     modified here."""
-    context = RowContext(model, plans, preserve_prompts_for(recipe, plans), recipe.lambda_)
+    preserve = preserve_prompts_for(recipe, plans, resolve.vocabulary_of(model, recipe.vocabulary))
+    context = RowContext(model, plans, preserve, recipe.lambda_)
     new_tensors: dict[str, torch.Tensor] = {}
     solve_info: list[dict] = []
     for method in REGISTRY.values():
@@ -57,7 +60,7 @@ def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit]) -> CompileRes
             for solved in method.solve(context, group, rows):
                 new_tensors.update(solved.new_tensors)
                 solve_info.append(solved.info)
-    return CompileResult(new_tensors, plans, context.timings, solve_info)
+    return CompileResult(new_tensors, plans, context.timings, solve_info, preserve)
 
 
 def apply_to_pipeline(pipe, new_tensors: dict[str, torch.Tensor]) -> None:

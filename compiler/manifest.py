@@ -5,8 +5,12 @@ from __future__ import annotations
 
 
 def build_manifest(recipe, model, result, timings: dict[str, float], outputs: dict) -> dict:
-    from compiler import __version__
+    import hashlib
 
+    from compiler import __version__, resolve
+
+    vocabulary = resolve.vocabulary_of(model, recipe.vocabulary)
+    preserve = getattr(result, "preserve_prompts", [])
     return {
         "tool": {"name": "editc", "version": __version__},
         "recipe": {"path": str(recipe.path), "sha256": recipe.sha256, "text": recipe.source_text},
@@ -14,6 +18,14 @@ def build_manifest(recipe, model, result, timings: dict[str, float], outputs: di
                        "format": model.source_format},
         "lambda": recipe.lambda_,
         "edits": edit_entries(result.plans),
+        "vocabulary": {"name": vocabulary.name, "source": vocabulary.source},
+        "preservation": {
+            "prompts": len(preserve),
+            "sha256": hashlib.sha256("\n".join(preserve).encode()).hexdigest(),
+            "named": sorted({*recipe.preserve, *(n for p in result.plans for n in p.edit.preserve)}),
+            "neighbours": list(dict.fromkeys(n.phrase for p in result.plans for n in p.neighbours)),
+            "captions_examples": preserve[:8],
+        },
         "solves": result.solve_info,
         "edited_tensors": sorted(result.new_tensors),
         "timings_seconds": {k: round(v, 4) for k, v in timings.items()},
@@ -28,7 +40,9 @@ def edit_entries(plans) -> list[dict]:
          "method": p.method, "method_reason": p.method_reason, "layers": list(p.layers),
          "layers_source": p.layers_source.value, "layers_reason": p.layers_reason,
          "prompt_pairs": len(p.pairs), "lambda": p.lam, "eos": p.eos,
-         **p.method_plugin.describe(p)}
+         **p.method_plugin.describe(p),
+         "prompt_examples": [pair.source for pair in p.pairs[:: max(1, len(p.pairs) // 6)][:6]],
+         "neighbours": [n.to_dict() for n in p.neighbours]}
         for p in plans
     ]
 

@@ -4,7 +4,7 @@ why each was chosen. Method policy lives in the method plug-ins (:mod:`compiler.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from compiler import resolve
 from compiler.errors import UserError
@@ -42,6 +42,7 @@ class PlannedEdit:
     site: str | None = None  # where the method edits when it has several places (quickfix)
     eos: bool = True  # remap EOS (and, for UNet methods, padding) rows too
     layers_reason: str = ""  # the detail behind ``layers_source``
+    neighbours: list = field(default_factory=list)  # compiler.prompts.Neighbour, nearest first
 
     @property
     def method_plugin(self) -> EditMethod:
@@ -69,17 +70,21 @@ def choose_method(edit: Edit, family: str) -> tuple[str, str | None, str]:
 
 
 def plan_edits(recipe: Recipe, model, locate_fn=None) -> list[PlannedEdit]:
-    """Pick method, layers and prompts for every edit.
+    """Pick method, layers, prompts and neighbours for every edit.
 
     Layers come from the recipe, else the family's known location (the papers' table, only for
-    checkpoints at the reference widths), else LocoGen (``locate_fn``, cached).
+    checkpoints at the reference widths), else LocoGen (``locate_fn``, cached). Prompts come
+    from the model's vocabulary; neighbours are the vocabulary's concepts nearest each edited
+    one in the model's own text space (``recipe.neighbours`` of them).
     """
     plans = []
+    vocabulary = resolve.vocabulary_of(model, recipe.vocabulary)
     n_layers = len(model.registry.cross_attention)
     for i, edit in enumerate(recipe.edits):
         method, site, reason = choose_method(edit, model.family)
         plugin = get_method(method)
-        pairs = resolve.prompt_pairs(edit.concept, edit.replacement, edit.attribute, edit.prompts)
+        pairs = resolve.prompt_pairs(edit.concept, edit.replacement, edit.attribute, edit.prompts,
+                                     vocabulary=vocabulary)
         resolve.check_prompt_lengths(model.pipeline.tokenizer, pairs, edit.concept)  # before locating
         layers: tuple[int, ...] = ()
         source, why = LayersSource.NOT_APPLICABLE, ""
@@ -93,8 +98,25 @@ def plan_edits(recipe: Recipe, model, locate_fn=None) -> list[PlannedEdit]:
                 )
         lam = recipe.lambda_for(edit)
         eos = edit.eos if edit.eos is not None else plugin.default_eos(site)
-        plans.append(PlannedEdit(edit, method, reason, tuple(layers), source, pairs, lam, site, eos, why))
+        neighbours = find_neighbours(recipe, edit, model, vocabulary, method)
+        plans.append(PlannedEdit(edit, method, reason, tuple(layers), source, pairs, lam, site, eos, why,
+                                 neighbours))
     return plans
+
+
+def find_neighbours(recipe: Recipe, edit: Edit, model, vocabulary, method: str) -> list:
+    """The edit's nearest concepts in the state its method moves: the text encoder's output for
+    a UNet K/V edit, layer 0's ``out_proj`` input for Diff-QuickFix. Edited concepts and
+    replacements are never neighbours."""
+    if recipe.neighbours <= 0:
+        return []
+    capture = None
+    if method == "quickfix":
+        spec = model.registry.text_layer0[0]
+        capture = getattr(model.pipeline, spec.component).get_submodule(spec.module_name)
+    avoid = [e.concept for e in recipe.edits] + [e.replacement for e in recipe.edits]
+    return resolve.find_neighbours(model.pipeline, vocabulary, edit.concept, edit.attribute,
+                                   k=recipe.neighbours, avoid=avoid, capture=capture)
 
 
 def _layers_for(edit: Edit, model, locate_fn) -> tuple[tuple[int, ...], LayersSource, str]:
@@ -128,10 +150,16 @@ def _layers_for(edit: Edit, model, locate_fn) -> tuple[tuple[int, ...], LayersSo
     return tuple(range(len(model.registry.cross_attention))), LayersSource.ALL_LAYERS, reason
 
 
-def preserve_prompts_for(recipe: Recipe, plans: list[PlannedEdit]) -> list[str]:
-    """Default generic captions (without any edited concept) plus the recipe's preserve list."""
-    avoid = [p.edit.concept for p in plans] + [p.edit.replacement for p in plans]
-    prompts = resolve.default_preserve_prompts(avoid)
+def preserve_prompts_for(recipe: Recipe, plans: list[PlannedEdit], vocabulary=None) -> list[str]:
+    """What the solve keeps in place: the vocabulary's generic captions (without any edited
+    concept), the replacements' own prompts, the recipe's preserve list and every edit's found
+    neighbours, each in its attribute's templates (no prompt mentions an edited concept)."""
+    from compiler.prompts import mentions
+
+    vocabulary = vocabulary or resolve.vocabulary_of(None, recipe.vocabulary)
+    edited = [p.edit.concept for p in plans]
+    avoid = edited + [p.edit.replacement for p in plans]
+    prompts = resolve.default_preserve_prompts(avoid, vocabulary)
     # The replacement must keep meaning what it meant ("a painting" still looks like one).
     for plan in plans:
         prompts.extend(pair.target for pair in plan.pairs)
@@ -139,8 +167,10 @@ def preserve_prompts_for(recipe: Recipe, plans: list[PlannedEdit]) -> list[str]:
     for plan in plans:
         named.update(plan.edit.preserve)
     attributes = sorted({p.edit.attribute for p in plans})
-    for name in sorted(named):
-        for attribute in attributes:
-            named_prompts = resolve.template_prompts(name, attribute)
-            prompts.extend(named_prompts[:: max(1, len(named_prompts) // NAMED_PRESERVE_PROMPTS)])
+    kept = [(name, attribute) for name in sorted(named) for attribute in attributes]
+    kept += [(n.phrase, plan.edit.attribute) for plan in plans for n in plan.neighbours]
+    for name, attribute in kept:
+        named_prompts = resolve.template_prompts(name, attribute, vocabulary)
+        named_prompts = [p for p in named_prompts if not any(mentions(p, c) for c in edited)]
+        prompts.extend(named_prompts[:: max(1, len(named_prompts) // NAMED_PRESERVE_PROMPTS)])
     return list(dict.fromkeys(prompts))

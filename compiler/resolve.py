@@ -10,91 +10,72 @@ model computes there:
 - for Diff-QuickFix, the inputs of the text encoder's layer-0 self-attention ``out_proj``, or
   for its ``v_proj`` site the layer's inputs mixed by that attention's own weights, per head.
 
-Templates follow the papers' shapes ("a house in the style of van gogh", "a photo of snoopy").
-Their subjects are plain English nouns, the same ones the toy world knows, so one template set
-serves the toy model and real checkpoints alike.
+Prompts come from the model's vocabulary (``compiler.prompts``): the real-world one for real
+checkpoints, the toy world's for the toy model, or the recipe's own file.
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
+import os
+from pathlib import Path
 
 import torch
 
+from compiler import prompts as vocab
 from compiler.errors import UserError
 
 from compiler.models.families import family_of_pipeline
-from compiler.toy import world
-
-# Prefixes of the prompt templates used to *solve*; verify's held-out paraphrases differ.
-SOLVE_PREFIXES = ("", "a photo of ", "an image of ")
-HELDOUT_PREFIXES = world.HELDOUT_PREFIXES
-GENERIC_SUBJECTS = tuple(f"a {c} {o}" for o in world.OBJECTS for c in world.COLOURS)
-GENERIC_STYLES = (None, *world.STYLES)
+from compiler.prompts import PromptPair, Vocabulary
 
 
-@dataclass(frozen=True)
-class PromptPair:
-    """One template filled with the concept (``source``) and with the replacement (``target``)."""
-
-    source: str
-    target: str
+# The embedded toy model's vocabulary file (data beside its weights; nothing is imported).
+TOY_VOCABULARY = Path(__file__).resolve().parent / "toy" / "weights" / "vocabulary.yaml"
 
 
-def style_prompts(phrase: str, prefixes=SOLVE_PREFIXES, subjects=GENERIC_SUBJECTS) -> list[str]:
-    return [f"{p}{s} in the style of {phrase}" for p in prefixes for s in subjects]
+def vocabulary_of(model, recipe_vocabulary=None) -> Vocabulary:
+    """The vocabulary a model gets: ``model`` is a ``LoadedModel``, a pipeline or a folder."""
+    folder = getattr(model, "source_path", None) or getattr(model, "name_or_path", None)
+    if folder is None and isinstance(model, (str, os.PathLike)):
+        folder = model
+    if recipe_vocabulary is None and folder and vocab.find_model_vocabulary(folder) is None:
+        from compiler.judges import toy_judge_folder_for
+
+        if toy_judge_folder_for(folder) is not None:
+            # A toy-world model (its judge beside it, as verify recognises it) saved without its
+            # vocabulary file: the toy world's words, from the embedded toy model's folder.
+            return vocab.load_vocabulary(TOY_VOCABULARY)
+    return vocab.vocabulary_for(folder or None, recipe_vocabulary)
 
 
-def subject_prompts(phrase: str, prefixes=SOLVE_PREFIXES, styles=GENERIC_STYLES) -> list[str]:
-    """Prompts with ``phrase`` as the subject (objects, characters, facts' titles)."""
-    out = []
-    for p in (*prefixes, "a picture of ") if prefixes is SOLVE_PREFIXES else prefixes:
-        for st in styles:
-            out.append(f"{p}{phrase}" + (f" in the style of {st}" if st else ""))
-    return out
+def state_encoder(pipe, capture: torch.nn.Module | None = None):
+    """``encode(prompts, phrases)``: each prompt's state at the last token of its phrase, the
+    state an edit moves (the text encoder's output, or with ``capture`` that module's input,
+    e.g. layer 0's ``out_proj`` for Diff-QuickFix). For ranking neighbours."""
+    tokenizer = pipe.tokenizer
+
+    def encode(prompts: list[str], phrases: list[str]) -> torch.Tensor:
+        states = encode_context(pipe, prompts, capture=capture)
+        positions = [[last_token_index(tokenizer, p, ph)] for p, ph in zip(prompts, phrases)]
+        return gather_rows(states, positions)
+
+    return encode
 
 
-def template_prompts(phrase: str, attribute: str, prefixes=SOLVE_PREFIXES) -> list[str]:
-    if attribute == "style":
-        return style_prompts(phrase, prefixes)
-    return subject_prompts(phrase, prefixes)
+def template_prompts(phrase: str, attribute: str, vocabulary: Vocabulary, *, heldout: bool = False) -> list[str]:
+    return vocab.template_prompts(vocabulary, phrase, attribute, heldout=heldout)
 
 
-def prompt_pairs(concept: str, replacement: str, attribute: str, extra_prompts=(), prefixes=SOLVE_PREFIXES) -> list[PromptPair]:
-    """The papers' templates for the attribute, plus the recipe's own prompts (which contain
-    the concept; their target swaps in the replacement)."""
-    sources = template_prompts(concept, attribute, prefixes)
-    targets = template_prompts(replacement, attribute, prefixes)
-    pairs = [PromptPair(s, t) for s, t in zip(sources, targets)]
-    for prompt in extra_prompts:
-        pairs.append(PromptPair(prompt, _replace_last(prompt, concept, replacement)))
-    return pairs
+def prompt_pairs(concept: str, replacement: str, attribute: str, extra_prompts=(), *, vocabulary: Vocabulary,
+                 templates: bool = True, heldout: bool = False) -> list[PromptPair]:
+    """The vocabulary's templates for the attribute (none with ``templates=False``), plus the
+    recipe's own prompts (which contain the concept; their target swaps in the replacement)."""
+    pairs = vocab.prompt_pairs(vocabulary, concept, replacement, attribute, extra_prompts, heldout=heldout)
+    return pairs if templates else pairs[len(pairs) - len(extra_prompts):]
 
 
-def _replace_last(text: str, old: str, new: str) -> str:
-    i = text.lower().rfind(old.lower())
-    return text if i < 0 else text[:i] + new + text[i + len(old):]
-
-
-def default_preserve_prompts(avoid: list[str], count: int = 60) -> list[str]:
-    """Generic captions mentioning none of ``avoid``: UCE-style rows that keep the rest put.
-
-    Every named character, person and title is kept once on its own (they are the neighbours
-    an edit of one of them is most likely to drag along); generic subjects in every style fill
-    the rest."""
-    lowered = [a.lower() for a in avoid]
-    keep = lambda prompt: not any(a in prompt for a in lowered)  # noqa: E731
-    named = [n for n in (*world.CHARACTERS, *world.PEOPLE, *world.FACTS) if keep(n)]
-    pool = []
-    for st in GENERIC_STYLES:
-        for subject in GENERIC_SUBJECTS:
-            pool.append(subject + (f" in the style of {st}" if st else ""))
-    pool = [p for p in pool if keep(p)]
-    fill = min(len(pool), max(0, count - len(named)))
-    # A fixed-seed sample: a plain stride would line up with the colour cycle of the pool.
-    chosen = sorted(random.Random(0).sample(range(len(pool)), fill))
-    return named + [pool[i] for i in chosen]
+def default_preserve_prompts(avoid: list[str], vocabulary: Vocabulary, count: int | None = None) -> list[str]:
+    """Generic captions mentioning none of ``avoid``: UCE-style rows that keep the rest put."""
+    return vocab.preserve_captions(vocabulary, avoid, count)
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -258,3 +239,12 @@ def all_token_positions(tokenizer, prompts: list[str], length: int | None = None
     if length is not None:
         return [list(range(length)) for _ in prompts]
     return [list(range(eos_index(tokenizer, p) + 1)) for p in prompts]
+
+
+# ----------------------------------------------------------------------------- neighbours
+def find_neighbours(pipe, vocabulary: Vocabulary, concept: str, attribute: str, *, k: int,
+                    avoid=(), capture: torch.nn.Module | None = None) -> list[vocab.Neighbour]:
+    """The ``k`` concepts of ``vocabulary`` nearest ``concept`` in this model's own text space
+    (see ``compiler.prompts.neighbours``): at the text encoder's output, or with ``capture``
+    at that module's input (Diff-QuickFix's keys)."""
+    return vocab.rank_neighbours(vocabulary, concept, attribute, state_encoder(pipe, capture), k=k, avoid=avoid)

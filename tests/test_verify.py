@@ -218,8 +218,11 @@ def test_clip_folder_judge_scores_and_identifies(tmp_path):
     scores = judge.clip_scores(features, ["a photo of a dog", "a photo of snoopy", "a photo of a dog"])
     assert scores.shape == (3,) and np.all(np.abs(scores) <= 1)
     labels = judge.identify(features, STYLE, ["Van Gogh", "monet"])
-    assert set(labels) <= {"van gogh", "monet"}
+    # Without a model folder, a CLIP folder judge classifies over the real-world vocabulary.
+    assert judge.vocabulary.name == "real-world"
+    assert set(labels) <= set(judge.vocabulary.styles) | {"van gogh", "monet"}
     assert judge.label_of("Van  Gogh", STYLE) == "van gogh"
+    assert judge.label_of("the British monarch", SUBJECT) == "queen elizabeth ii"
 
 
 def test_verify_with_a_clip_folder_judge(quick_toy, useless_edit, tmp_path):
@@ -247,9 +250,16 @@ def test_toy_judge_knows_the_world():
 
 
 def test_probes_are_deterministic_and_keep_edited_concepts_out_of_specificity():
+    from compiler.prompts import vocabulary_for
+
     recipe = loads_recipe((REPO / "recipes" / "multi.yaml").read_text(), "multi.yaml")
-    first, second = plan_probes(recipe, seeds=2), plan_probes(recipe, seeds=2)
-    assert first == second
+    toy = vocabulary_for(REPO / "compiler" / "toy" / "weights" / "pipeline")
+    found = {0: [("picasso", 0.83), ("mondrian", 0.81)], 2: [("r2d2", 0.6), ("a triangle", 0.8)]}
+    first = plan_probes(recipe, seeds=2, vocabulary=toy, found=found)
+    assert first == plan_probes(recipe, seeds=2, vocabulary=toy, found=found)
+    # Found neighbours are probed after the recipe's own and named with their similarity.
+    assert "picasso (0.83)" in first.group(SPECIFICITY, 0).description
+    assert [n for n, _ in first.neighbours[0]] == ["mondrian", "picasso", "r2d2"]
     edited = ["van gogh", "monet", "snoopy", "nemo"]
     for group in first.groups:
         if group.name in (SPECIFICITY, GENERIC):

@@ -33,10 +33,12 @@ neighbouring concepts and on generic prompts, edited vs base. Gates: verify's de
 
 **Scaling**: one recipe of 1, 10, 50 and 100 LocoEdit edits (the real ones plus made-up
 concepts: invented artist names, characters and titles) compiled in one solve; compile and
-solve time, and efficacy on the real concepts.
+solve time, and for the real concepts verify's groups: efficacy, generalization, their found
+neighbours' accuracy and the generic prompts' (edited vs base). ``--scaling-weighting row``
+measures the solve before per-concept weights (every row weighs the same).
 
-Writes ``<out>/bench_toy.json`` (``bench_toy_quick.json`` with ``--quick``) and the Markdown
-tables ``<out>/bench_toy.md``, and prints the tables.
+Writes ``<out>/bench_toy.json`` (``bench_toy_quick.json`` with ``--quick``; ``scaling_toy``
+with ``--only-scaling``) and the Markdown tables ``<out>/bench_toy.md``, and prints the tables.
 """
 
 from __future__ import annotations
@@ -140,6 +142,7 @@ class BenchSettings:
     # scaling
     scaling_counts: tuple[int, ...] = (1, 10, 50, 100)
     scaling_repeats: int = 3
+    scaling_weighting: str = "concept"  # "concept" (compile's) or "row" (every row equal, as before)
     seed: int = 0
 
     @classmethod
@@ -400,7 +403,12 @@ def measure_quality(loaded, judge, runs: dict, settings: BenchSettings, say, pro
     for kind in settings.kinds:
         task = TASKS[kind]
         recipe = verify_recipe(str(loaded.source_path), [task], settings)
-        plan = plan_probes(recipe, seeds=settings.verify_seeds, prompts_per_group=settings.verify_prompts)
+        from compiler.resolve import vocabulary_of
+        from compiler.verify.run import find_neighbours_on
+
+        vocabulary = vocabulary_of(loaded)
+        plan = plan_probes(recipe, seeds=settings.verify_seeds, vocabulary=vocabulary,
+                           found=find_neighbours_on(pipe, recipe, vocabulary), prompts_per_group=settings.verify_prompts)
         methods = [m for m in settings.methods if (kind, m) in runs]
         bar = tqdm(total=len(plan.image_keys()) * (1 + len(methods)), desc=f"verify {kind}", unit="img",
                    disable=not progress, leave=False)
@@ -457,36 +465,56 @@ def scaling_edits(count: int, layers: dict) -> list[dict]:
 
 def run_scaling(loaded, judge, settings: BenchSettings, layers: dict, say, progress: bool) -> list[dict]:
     from compiler.verify.metrics import generate_plan_images, score_plan
-    from compiler.verify.probes import EFFICACY, VerifyPlan, plan_probes
+    from compiler.verify.probes import EFFICACY, plan_probes
     from compiler.verify.run import default_guidance
 
     pipe = loaded.pipeline
     guidance = default_guidance(judge)
 
-    def efficacy_plan(tasks):
+    from compiler import resolve
+    from compiler.verify.probes import GENERALIZATION, GENERIC, SPECIFICITY
+    from compiler.verify.run import find_neighbours_on
+
+    vocabulary = resolve.vocabulary_of(loaded)
+
+    def verify_plan(tasks):
+        """Every verify group of the real concepts (neighbours found on the base model)."""
         recipe = verify_recipe(str(loaded.source_path), tasks, settings)
-        plan = plan_probes(recipe, seeds=settings.verify_seeds, prompts_per_group=settings.verify_prompts)
-        return VerifyPlan(plan.seeds, tuple(g for g in plan.groups if g.name == EFFICACY), plan.candidates)
+        found = find_neighbours_on(pipe, recipe, vocabulary)
+        return plan_probes(recipe, seeds=settings.verify_seeds, vocabulary=vocabulary, found=found,
+                           prompts_per_group=settings.verify_prompts)
 
     real_tasks = [TASKS[k] for k in ("style", "object", "fact")]
-    base_plan = efficacy_plan(real_tasks)
-    base_images = generate_plan_images(pipe, base_plan, steps=settings.verify_steps, guidance=guidance,
-                                       batch=settings.verify_batch)
+    base_images = {}
     rows = []
     for count in settings.scaling_counts:
         edits = scaling_edits(count, layers)
-        results = [editc_edit(loaded, edits, f"bench-scaling-{count}") for _ in range(settings.scaling_repeats)]
+        with concept_weighting(settings.scaling_weighting):
+            results = [editc_edit(loaded, edits, f"bench-scaling-{count}") for _ in range(settings.scaling_repeats)]
         result = results[-1]
         tasks = real_tasks[: min(count, 3)]
-        plan = efficacy_plan(tasks)
+        plan = verify_plan(tasks)
+        if len(tasks) not in base_images:
+            base_images[len(tasks)] = generate_plan_images(pipe, plan, steps=settings.verify_steps,
+                                                           guidance=guidance, batch=settings.verify_batch)
         with edited_weights(pipe, result.new_tensors):
             images = generate_plan_images(pipe, plan, steps=settings.verify_steps, guidance=guidance,
                                           batch=settings.verify_batch)
-        groups = score_plan(plan, base_images, images, judge)
-        efficacy = {}
-        for task, group in zip(tasks, groups):
-            base, edited = edit_success(group, task.attribute)
+        groups = score_plan(plan, base_images[len(tasks)], images, judge)
+        by_key = {(g.name, g.edit_index): g for g in groups}
+        efficacy, concepts = {}, {}
+        for index, task in enumerate(tasks):
+            base, edited = edit_success(by_key[(EFFICACY, index)], task.attribute)
             efficacy[task.concept] = {"base": base, "edited": edited}
+            g_base, g_edited = edit_success(by_key[(GENERALIZATION, index)], task.attribute)
+            neighbours = by_key.get((SPECIFICITY, index))
+            concepts[task.concept] = {
+                "efficacy": edited, "generalization": g_edited, "generalization_base": g_base,
+                "neighbours": [n for n, _ in (plan.neighbours or {}).get(index, ())],
+                "neighbour_accuracy": {"base": neighbours.base.accuracy, "edited": neighbours.edited.accuracy}
+                if neighbours else None,
+            }
+        generic = by_key.get((GENERIC, None))
         solve = result.info["solves"][0]
         row = {
             "concepts": count, "real_concepts": len(tasks),
@@ -497,11 +525,35 @@ def run_scaling(loaded, judge, settings: BenchSettings, layers: dict, say, progr
             "solve_seconds_median": statistics.median(r.info["timings"].get("solve", 0.0) for r in results),
             "efficacy": efficacy,
             "efficacy_mean": statistics.fmean(v["edited"] for v in efficacy.values()),
+            "concepts_verified": concepts,
+            "generic_accuracy": {"base": generic.base.accuracy, "edited": generic.edited.accuracy} if generic else None,
+            "weighting": settings.scaling_weighting,
         }
         rows.append(row)
         say(f"scaling: {count} concepts, {row['rows']} rows: compile {row['compile_seconds_median']:.2f} s "
             f"(solve {row['solve_seconds_median']:.3f} s), efficacy on real concepts {row['efficacy_mean']:.2f}")
     return rows
+
+
+class concept_weighting:  # noqa: N801 - a context manager used like a function
+    """``concept``: compile's per-concept row weights (every concept counts equally); ``row``:
+    every row weighs the same (what compile did before), for comparison."""
+
+    def __init__(self, mode: str):
+        self.mode = mode
+
+    def __enter__(self):
+        from compiler.methods import rows
+
+        self.saved = rows.concept_weights
+        if self.mode == "row":
+            rows.concept_weights = lambda counts, lams, lam: [lam / x for x in lams]
+        return self
+
+    def __exit__(self, *exc):
+        from compiler.methods import rows
+
+        rows.concept_weights = self.saved
 
 
 # ----------------------------------------------------------------------------- report
@@ -635,12 +687,21 @@ def markdown(report: dict) -> str:
     if report.get("scaling"):
         lines.append("")
         lines.append("| Concepts in one recipe | Edit rows | Compile (s) | of which solve (s) | "
-                     "Efficacy on the real concepts |")
-        lines.append("|---:|---:|---:|---:|---|")
+                     "Efficacy / generalization on the real concepts | Their neighbours (base → edited) | "
+                     "Generic (base → edited) |")
+        lines.append("|---:|---:|---:|---:|---|---|---|")
         for row in report["scaling"]:
-            eff = ", ".join(f"{c} {v['edited']:.2f}" for c, v in row["efficacy"].items())
+            verified = row.get("concepts_verified") or {}
+            if verified:
+                eff = ", ".join(f"{c} {v['efficacy']:.2f} / {v['generalization']:.2f}" for c, v in verified.items())
+                near = ", ".join(f"{c} {v['neighbour_accuracy']['base']:.2f} → {v['neighbour_accuracy']['edited']:.2f}"
+                                 for c, v in verified.items() if v["neighbour_accuracy"])
+            else:
+                eff, near = ", ".join(f"{c} {v['edited']:.2f}" for c, v in row["efficacy"].items()), ""
+            generic = row.get("generic_accuracy")
+            generic = f"{generic['base']:.2f} → {generic['edited']:.2f}" if generic else ""
             lines.append(f"| {row['concepts']} | {row['rows']:,} | {_seconds(row['compile_seconds_median'])} | "
-                         f"{_seconds(row['solve_seconds_median'])} | {eff} |")
+                         f"{_seconds(row['solve_seconds_median'])} | {eff} | {near} | {generic} |")
     return "\n".join(lines) + "\n"
 
 
@@ -686,7 +747,8 @@ def _process_cpu() -> float:
 
 
 def run_bench(model_path: str | Path, settings: BenchSettings, *, judge_path: str | Path | None = None,
-              device: str = "cpu", progress: bool = True, scaling: bool = True, say=None) -> dict:
+              device: str = "cpu", progress: bool = True, scaling: bool = True, methods: bool = True,
+              say=None) -> dict:
     """Run everything on one model and return the report (see the module docstring)."""
     from compiler.models.load import load_model
     from compiler.verify.judges import choose_judge
@@ -696,6 +758,10 @@ def run_bench(model_path: str | Path, settings: BenchSettings, *, judge_path: st
     torch.manual_seed(settings.seed)
     loaded = load_model(str(model_path), dtype=torch.float32, device=device)
     loaded.pipeline.set_progress_bar_config(disable=True)
+    from compiler.bench.baselines import use_vocabulary
+    from compiler.resolve import vocabulary_of
+
+    use_vocabulary(vocabulary_of(loaded))
     base_dir = Path(loaded.source_path) if Path(loaded.source_path).is_dir() else None
     judge = choose_judge(judge_path, base_dir, loaded.pipeline.text_encoder)
     say(f"model {loaded.source_path} ({loaded.family}), {torch.get_num_threads()} thread(s)")
@@ -707,13 +773,15 @@ def run_bench(model_path: str | Path, settings: BenchSettings, *, judge_path: st
     layers_info, layers = locate_layers(loaded, settings, kinds, say, progress)
     stages["locate"], cpu["locate"] = time.perf_counter() - t0, _process_cpu() - c0
 
-    t0, c0 = time.perf_counter(), _process_cpu()
-    runs = time_methods(loaded, settings, layers, say, progress)
-    stages["edit"], cpu["edit"] = time.perf_counter() - t0, _process_cpu() - c0
+    runs, quality = {}, {}
+    if methods:
+        t0, c0 = time.perf_counter(), _process_cpu()
+        runs = time_methods(loaded, settings, layers, say, progress)
+        stages["edit"], cpu["edit"] = time.perf_counter() - t0, _process_cpu() - c0
 
-    t0, c0 = time.perf_counter(), _process_cpu()
-    quality = measure_quality(loaded, judge, runs, settings, say, progress)
-    stages["verify"], cpu["verify"] = time.perf_counter() - t0, _process_cpu() - c0
+        t0, c0 = time.perf_counter(), _process_cpu()
+        quality = measure_quality(loaded, judge, runs, settings, say, progress)
+        stages["verify"], cpu["verify"] = time.perf_counter() - t0, _process_cpu() - c0
 
     scaling_rows = []
     if scaling and settings.scaling_counts:
@@ -768,6 +836,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="LocoEdit/neurons layers: locate (LocoGen, cached; the default), default (the papers' "
                              "table for real checkpoints) or a list like 2,3,4 for every edit")
     parser.add_argument("--no-scaling", action="store_true", help="skip the 1/10/50/100-concept scaling run")
+    parser.add_argument("--only-scaling", action="store_true",
+                        help="only the scaling run (no method timing or quality); writes scaling_toy.*")
+    parser.add_argument("--scaling-counts", default=None, help="comma-separated recipe sizes (default 1,10,50,100)")
+    parser.add_argument("--scaling-repeats", type=int, default=None, help="timed compiles per size")
+    parser.add_argument("--scaling-weighting", choices=("concept", "row"), default=None,
+                        help="concept: per-concept row weights (compile's); row: every row equal (before)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -805,6 +879,12 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         settings = replace(settings, concept_ablation=replace(settings.concept_ablation, steps=args.ca_steps))
     if args.layers is not None:
         settings = replace(settings, **parse_layers(args.layers))
+    if args.scaling_counts:
+        settings = replace(settings, scaling_counts=tuple(int(x) for x in args.scaling_counts.split(",")))
+    if args.scaling_repeats is not None:
+        settings = replace(settings, scaling_repeats=args.scaling_repeats)
+    if args.scaling_weighting:
+        settings = replace(settings, scaling_weighting=args.scaling_weighting)
     return settings
 
 
@@ -816,8 +896,11 @@ def main(argv=None) -> int:
         raise UserError(f"{model}: no toy-world model here; train it (make train-toy) or pass --model PATH "
                         f"(a toy-world diffusers folder with its judge beside it)")
     report = run_bench(model, settings, judge_path=args.judge, progress=not args.quiet,
-                       scaling=not args.no_scaling)
-    json_path, md_path = write_report(report, Path(args.out), "bench_toy_quick" if args.quick else "bench_toy")
+                       scaling=not args.no_scaling, methods=not args.only_scaling)
+    stem = "bench_toy_quick" if args.quick else "bench_toy"
+    if args.only_scaling:
+        stem = f"scaling_toy_{settings.scaling_weighting}"
+    json_path, md_path = write_report(report, Path(args.out), stem)
     print(markdown(report))
     print(f"[bench] wrote {json_path} and {md_path} in {report['stage_seconds']['total']:.0f} s", file=sys.stderr)
     return 0

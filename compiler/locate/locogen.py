@@ -52,7 +52,8 @@ from compiler.locate.measure import MIN_CLIP_CONTRAST, MIN_RATE_CONTRAST, Measur
 from compiler.locate.routing import cross_attention_modules, routed_cross_attention
 from compiler.locate.scoring import can_judge_presence, clip_scores, presence
 from compiler.models.families import LayerWindow
-from compiler.resolve import prompt_pairs
+from compiler.prompts import vocabulary_for
+from compiler.resolve import prompt_pairs, vocabulary_of
 
 ATTRIBUTES = ("style", "object", "fact")
 CRITERIA = ("auto", "accuracy", "clip")
@@ -63,21 +64,25 @@ LOCATE_VERSION = 2
 
 # ----------------------------------------------------------------------------- prompts
 def sweep_prompts(concept: str, replacement: str, attribute: str, prompts: list[str] | None = None,
-                  n_prompts: int = 8) -> tuple[list[str], list[str]]:
+                  n_prompts: int = 8, vocabulary=None) -> tuple[list[str], list[str]]:
     """(prompts with the concept, the same prompts with the replacement).
 
     Without ``prompts``, ``n_prompts`` of the papers' templates for the attribute, spread
-    evenly over the template list (so they vary subject, prefix and style).
+    evenly over the template list (so they vary subject, prefix and style). The templates are
+    ``vocabulary``'s (give the model's, ``resolve.vocabulary_of``; default: the real-world one).
     """
+    if vocabulary is None:
+        vocabulary = vocabulary_for(None)
     if prompts:
         missing = [p for p in prompts if concept.lower() not in p.lower()]
         if missing:
             raise UserError(f"prompt {missing[0]!r} does not contain the concept {concept!r}; every "
                             f"LocoGen prompt must mention it")
         # Only the user's prompts: no templates (prefixes=()).
-        pairs = prompt_pairs(concept, replacement, attribute, extra_prompts=prompts, prefixes=())
+        pairs = prompt_pairs(concept, replacement, attribute, extra_prompts=prompts, vocabulary=vocabulary,
+                             templates=False)
     else:
-        pairs = prompt_pairs(concept, replacement, attribute)
+        pairs = prompt_pairs(concept, replacement, attribute, vocabulary=vocabulary)
         if n_prompts < 1:
             raise UserError(f"--prompts must be at least 1, got {n_prompts}")
         stride = max(1, len(pairs) // n_prompts)
@@ -335,8 +340,11 @@ def locate(
     model_hash: str | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    vocabulary=None,
 ) -> LocateResult:
     """Run LocoGen for one concept and return where it lives.
+
+    Prompts come from ``vocabulary`` (default: the one ``pipe``'s folder gets).
 
     ``judge`` scores images (``clip_scores``; ``classify`` too for the accuracy criterion).
     ``settings.full_sweep``: sweep every m up to ``max_m`` even after one passes (a complete
@@ -366,7 +374,7 @@ def locate(
                         f"layers), got {settings.max_m}")
 
     originals, alternatives = sweep_prompts(concept, replacement, attribute, list(settings.prompts) or None,
-                                            settings.n_prompts)
+                                            settings.n_prompts, vocabulary or vocabulary_of(pipe))
     judged_phrase, higher_is_better, scored_against = _judged(attribute, concept, replacement)
     if criterion == "auto":
         criterion = "accuracy" if can_judge_presence(judge, judged_phrase) else "clip"

@@ -33,8 +33,12 @@ class LocoEdit(EditMethod):
         model, lam = context.model, context.lam
         x_orig = torch.cat([rows.by_plan[id(p)][0] for p in plans])
         x_target = torch.cat([rows.by_plan[id(p)][1] for p in plans])
-        # An edit's own λ enters as a row weight relative to the recipe's λ.
-        weights = torch.cat([torch.full((len(rows.by_plan[id(p)][0]),), lam / p.lam) for p in plans])
+        from compiler.methods import rows as shared
+
+        # Every concept weighs the same; an edit's own λ enters relative to the recipe's λ.
+        counts = [len(rows.by_plan[id(p)][0]) for p in plans]
+        per_edit = shared.concept_weights(counts, [p.lam for p in plans], lam)
+        weights = torch.cat([torch.full((n,), w, dtype=torch.float64) for n, w in zip(counts, per_edit)])
         problem = solve.build_problem(x_orig, x_target, lam=lam, preserve=rows.preserve, row_weights=weights)
         layers = sorted({j for p in plans for j in p.layers})
         old = {}

@@ -32,7 +32,8 @@ def _parse_site(validator, value, field_path: str) -> str:
 @dataclass
 class QuickFixRows:
     """The prompts and token positions of all Diff-QuickFix edits at one site, in one order, and
-    each key row's weight (an edit's own λ relative to the recipe's)."""
+    each key row's weight (every concept weighs the same; an edit's own λ relative to the
+    recipe's)."""
 
     sources: list[str]
     targets: list[str]
@@ -44,18 +45,20 @@ class QuickFixRows:
 def quickfix_rows(tokenizer, plans, lam) -> QuickFixRows:
     import torch
 
-    from compiler.methods.rows import positions_by_prompt
+    from compiler.methods import rows as shared
 
     rows = QuickFixRows([], [], [], [], torch.empty(0))
-    weights = []
+    counts = []
     for plan in plans:
-        s_pos, t_pos = positions_by_prompt(tokenizer, plan)
+        s_pos, t_pos = shared.positions_by_prompt(tokenizer, plan)
         rows.sources += [pair.source for pair in plan.pairs]
         rows.targets += [pair.target for pair in plan.pairs]
         rows.source_positions += s_pos
         rows.target_positions += t_pos
-        weights += [lam / plan.lam] * sum(len(p) for p in s_pos)
-    rows.weights = torch.tensor(weights, dtype=torch.float64)
+        counts.append(sum(len(p) for p in s_pos))
+    # Every concept weighs the same; an edit's own λ enters relative to the recipe's λ.
+    per_edit = shared.concept_weights(counts, [p.lam for p in plans], lam)
+    rows.weights = torch.tensor([w for n, w in zip(counts, per_edit) for _ in range(n)], dtype=torch.float64)
     return rows
 
 

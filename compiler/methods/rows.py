@@ -93,3 +93,12 @@ class _Timer:
 
     def __exit__(self, *exc):
         self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.start
+
+
+def concept_weights(row_counts: list[int], lambdas: list[float], recipe_lam: float) -> list[float]:
+    """Per edit, the weight of each of its rows so that every concept counts equally in the one
+    ridge solve, however many rows its templates make: ``(λ/λ_e) · (N / (E·n_e))`` for E edits
+    of n_e rows (N in all). An edit's own λ_e keeps its meaning (a single edit's rows weigh
+    ``λ/λ_e``, as before), and the total weight of all edit rows stays N."""
+    total, count = sum(row_counts), len(row_counts)
+    return [(recipe_lam / lam) * (total / (count * n)) for n, lam in zip(row_counts, lambdas)]

@@ -22,6 +22,10 @@ is optional)::
                                # v_prediction (768-v); default: what the file records
     lambda: 0.01               # ridge strength λ of the closed-form solve (> 0); default 0.01
     preserve: [monet]          # concepts every edit must leave unchanged (preservation rows)
+    neighbours: 8              # nearest concepts found per edit in the model's text space, kept
+                               # put by the solve and checked by verify (0: none)
+    vocabulary: words.yaml     # the words prompts are made of (compiler.prompts schema);
+                               # default: the model's own (the toy's), else the real-world one
     edits:
       - concept: van gogh      # text to find in prompts: its last token is what gets remapped
         replacement: a painting  # what the concept should now mean

@@ -23,6 +23,7 @@ RECIPE_SUFFIXES = (".yaml", ".yml", ".toml")
 
 DEFAULT_MODEL = "toy"
 DEFAULT_LAMBDA = 0.01  # both papers use λ = 0.01
+DEFAULT_NEIGHBOURS = 8  # neighbours found per edit (compiler.prompts.neighbours)
 # The embedded toy model has SD-1.5's block layout: 16 cross-attention layers.
 TOY_CROSS_ATTENTION_LAYERS = 16
 
@@ -163,6 +164,11 @@ class Recipe:
     verify: VerifyGates = field(default_factory=VerifyGates)
     preserve: tuple[str, ...] = ()
     lambda_: float = DEFAULT_LAMBDA
+    # The vocabulary file the recipe names (resolved against the recipe's folder), or None:
+    # the model's own (compiler.prompts.vocabulary_for).
+    vocabulary: str | None = None
+    # How many neighbours per edit compile finds and keeps put (and verify checks).
+    neighbours: int = DEFAULT_NEIGHBOURS
     source_text: str = ""
     sha256: str = ""
 

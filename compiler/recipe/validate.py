@@ -9,11 +9,13 @@ import hashlib
 import math
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from compiler.errors import UserError
 from compiler.methods import AUTO, get_method, method_fields, method_names
-from compiler.recipe.schema import (ATTRIBUTES, DEFAULT_LAMBDA, DEFAULT_MODEL, LAYER_KEYWORDS,
+from compiler.recipe.schema import (ATTRIBUTES, DEFAULT_LAMBDA, DEFAULT_MODEL, DEFAULT_NEIGHBOURS,
+                                    LAYER_KEYWORDS,
                                     OUTPUT_FORMATS, TOY_CROSS_ATTENTION_LAYERS, Edit, Outputs, Recipe,
                                     VerifyGates, _VALIDATING)
 
@@ -27,7 +29,9 @@ MAX_VERIFY_SEEDS = 1024
 MAX_VERIFY_STEPS = 1000
 GUIDANCE_RANGE = (1e-3, 100.0)
 
-_TOP_LEVEL_KEYS = ("model", "prediction_type", "lambda", "preserve", "edits", "outputs", "verify")
+_TOP_LEVEL_KEYS = ("model", "prediction_type", "lambda", "preserve", "edits", "outputs", "verify", "vocabulary",
+                   "neighbours")
+MAX_NEIGHBOURS = 256
 _EDIT_KEYS = (
     "concept",
     "replacement",
@@ -199,6 +203,9 @@ class _Validator:
         verify = self.verify(data.get("verify"))
         prediction_type = (self.choice(data["prediction_type"], "prediction_type", ("epsilon", "v_prediction"))
                            if data.get("prediction_type") is not None else None)
+        vocabulary = self.vocabulary(data.get("vocabulary"))
+        neighbours = (self.integer(data["neighbours"], "neighbours", 0, MAX_NEIGHBOURS)
+                      if data.get("neighbours") is not None else DEFAULT_NEIGHBOURS)
         return Recipe(
             path=self.label,
             model=model,
@@ -208,9 +215,28 @@ class _Validator:
             verify=verify,
             preserve=preserve,
             lambda_=lambda_,
+            vocabulary=vocabulary,
+            neighbours=neighbours,
             source_text=source_text,
             sha256=sha256,
         )
+
+    def vocabulary(self, raw: Any) -> str | None:
+        """A vocabulary file (YAML/TOML, compiler.prompts schema), relative to the recipe; its
+        own schema errors name that file and field."""
+        if raw is None:
+            return None
+        text = self.text(raw, "vocabulary")
+        path = Path(text).expanduser()
+        if not path.is_absolute() and not self.label.startswith("<"):
+            path = Path(self.label).parent / path
+        if not path.is_file():
+            raise self.fail("vocabulary", f"{text}: no such file; give a vocabulary YAML/TOML file "
+                                          "(relative paths start at the recipe's folder)")
+        from compiler.prompts import load_vocabulary
+
+        load_vocabulary(path)  # fails with the vocabulary's file and field
+        return str(path)
 
     def edit(self, raw: Any, field_path: str, model: str) -> Edit:
         if not isinstance(raw, Mapping):

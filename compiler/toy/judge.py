@@ -7,12 +7,16 @@ reliable than single-attribute prompts; each attribute is then read off the winn
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from compiler.errors import UserError
+from compiler.judges import NO_STYLE, STYLE, SUBJECT, normalize_phrase
+from compiler.judges import Judge as JudgeInterface
 from compiler.toy import JUDGE_DIR, PIPELINE_DIR, world
 
 
@@ -61,6 +65,33 @@ class Judge:
         """Raw cosine between each image and its prompt (the papers' CLIP-score, unscaled)."""
         return (self.embed_images(images) * self.embed_texts(prompts)).sum(-1).numpy()
 
+    def can_tell(self, phrase: str) -> bool:
+        return scene_test(phrase) is not None
+
+    def presence(self, images: np.ndarray, phrase: str, candidates: Sequence[str] = ()) -> np.ndarray:
+        """Per image, does it show ``phrase`` (a style, character, person, title or object)?"""
+        test = scene_test(phrase)
+        if test is None:
+            raise ValueError(f"the toy world knows no {phrase!r}")
+        return np.array([float(test(scene)) for scene in self.classify(images)], dtype=np.float64)
+
+
+def scene_test(phrase: str) -> Callable[[world.Scene], bool] | None:
+    """A test on a classified toy-world scene for ``phrase``, or None if the world lacks it."""
+    phrase = " ".join(phrase.lower().split())
+    if phrase in world.STYLES:
+        return lambda scene: scene.style == phrase
+    if phrase in world.CHARACTERS or phrase in world.PEOPLE:
+        return lambda scene: scene.identity == phrase
+    if phrase in world.FACTS:  # a title shows the person it names before any edit
+        person = world.FACTS[phrase]
+        return lambda scene: scene.identity == person
+    for article in ("a ", "an ", "the "):
+        phrase = phrase.removeprefix(article)
+    if phrase in world.OBJECTS:
+        return lambda scene: scene.identity == phrase
+    return None
+
 
 def load_judge(pipeline_dir: Path = PIPELINE_DIR, judge_dir: Path = JUDGE_DIR, text_encoder=None) -> Judge:
     """Join the judge's vision tower with the text tower it shares with the pipeline.
@@ -88,3 +119,63 @@ def load_judge(pipeline_dir: Path = PIPELINE_DIR, judge_dir: Path = JUDGE_DIR, t
     judge = Judge(model, tokenizer, [scene for _, scene in labelled], torch.empty(0))
     judge.label_embeds = judge.embed_texts([text for text, _ in labelled])
     return judge
+
+
+class ToyWorldJudge(JudgeInterface):
+    """The toy world's CLIP behind the one judge interface (``compiler.judges``): zero-shot over
+    every canonical caption of the world, so it knows every style, object, character and
+    person, and each fact's outdated person ("the british monarch" shows queen elizabeth)."""
+
+    is_toy_world = True
+
+    def __init__(self, toy_judge: Judge, description: str):
+        self.toy = toy_judge
+        self.description = description
+
+    def embed_images(self, images: np.ndarray) -> torch.Tensor:
+        return self.toy.embed_images(images).float()
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.toy.embed_texts(list(texts)).float()
+
+    def kind_of(self, phrase: str) -> str:
+        return STYLE if normalize_phrase(phrase) in world.STYLES else SUBJECT
+
+    def can_tell(self, phrase: str) -> bool:
+        return self.toy.can_tell(phrase)
+
+    def presence(self, images: np.ndarray, phrase: str, candidates: Sequence[str] = ()) -> np.ndarray:
+        return self.toy.presence(images, phrase)
+
+    def label_of(self, phrase: str, kind: str) -> str:
+        text = normalize_phrase(phrase)
+        if kind == STYLE:
+            if text in world.STYLES:
+                return text
+            raise UserError(
+                f"the toy world's judge knows no style {phrase!r}; it knows {', '.join(world.STYLES)}"
+            )
+        if text in world.FACTS:  # a title shows the person the (unedited) fact names
+            return world.FACTS[text]
+        if text in world.CHARACTERS or text in world.PEOPLE:
+            return text
+        words = text.split()
+        if words and words[0] in ("a", "an"):
+            words = words[1:]
+        if words and words[0] in world.COLOURS:
+            words = words[1:]
+        name = " ".join(words)
+        if name in world.OBJECTS:
+            return name
+        known = [*world.OBJECTS, *world.CHARACTERS, *world.PEOPLE, *world.FACTS]
+        raise UserError(f"the toy world's judge knows no subject {phrase!r}; it knows {', '.join(known)}")
+
+    def identify(self, image_features: torch.Tensor, kind: str, candidates: Sequence[str] = ()) -> list[str]:
+        scenes = self.classify(image_features)
+        if kind == STYLE:
+            return [scene.style or NO_STYLE for scene in scenes]
+        return [scene.identity for scene in scenes]
+
+    def classify(self, image_features: torch.Tensor) -> list[world.Scene]:
+        best = (image_features @ self.toy.label_embeds.float().T).argmax(dim=1).tolist()
+        return [self.toy.labels[i] for i in best]

@@ -418,6 +418,9 @@ def export(cfg: ToyConfig, workdir: Path, out: Path) -> None:
         "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5], "resample": 3}, indent=2))
     (tmp / "toy_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    from compiler.toy.vocabulary import write_vocabulary
+
+    write_vocabulary(tmp)  # the model brings its own words (compiler.prompts)
     if out.exists():
         shutil.rmtree(out)
     tmp.replace(out)

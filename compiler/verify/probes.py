@@ -6,10 +6,12 @@ For every edit of a recipe there are three groups:
   recipe's own extra prompts); paired with the same template filled with the replacement;
 - ``generalization``: the same on held-out paraphrases the solve never saw;
 - ``specificity``: neighbouring concepts (the recipe's ``preserve`` lists and
-  ``verify.neighbours`` first, then other styles / other characters and objects / other facts
-  and people), in prompts that mention no edited concept.
+  ``verify.neighbours`` first, then the concepts compile found nearest the edited one in the
+  model's own text space, ``compiler.prompts.neighbours``), in prompts that mention no edited
+  concept.
 
-One ``generic`` group of plain object prompts is shared by all edits. Every prompt is generated
+One ``generic`` group of plain object prompts is shared by all edits. Every word comes from the
+model's vocabulary (``compiler.prompts``). Every prompt is generated
 with the same seeds on the base and on the edited model, so images pair up one to one.
 Prompts are drawn from the templates with a fixed random generator: the same recipe always
 gives the same probes.
@@ -21,10 +23,11 @@ import random
 import re
 from dataclasses import dataclass
 
+from compiler.judges import STYLE, SUBJECT, normalize_phrase
+from compiler.prompts import Vocabulary, generic_probes as vocabulary_generic_probes
+from compiler.prompts import mentions as _mentions
 from compiler.recipe import Edit, Recipe
-from compiler.resolve import HELDOUT_PREFIXES, SOLVE_PREFIXES, prompt_pairs, template_prompts
-from compiler.toy import world
-from compiler.verify.judges import STYLE, SUBJECT, normalize_phrase
+from compiler.resolve import prompt_pairs, template_prompts
 
 EFFICACY = "efficacy"
 GENERALIZATION = "generalization"
@@ -32,8 +35,7 @@ SPECIFICITY = "specificity"
 GENERIC = "generic"
 
 DEFAULT_PROMPTS_PER_GROUP = 8
-DEFAULT_NEIGHBOURS_PER_EDIT = 4
-GENERIC_PREFIXES = ("", "a photo of ", "a picture of ")
+DEFAULT_NEIGHBOURS_PER_EDIT = None  # None: the recipe's ``neighbours`` (what compile kept put)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class VerifyPlan:
     seeds: tuple[int, ...]
     groups: tuple[ProbeGroup, ...]
     candidates: dict[str, tuple[str, ...]]  # per kind: the phrases a zero-shot judge chooses among
+    neighbours: dict[int, tuple[tuple[str, float | None], ...]] = None  # per edit: (phrase, similarity)
 
     def unique_prompts(self) -> list[str]:
         return list(dict.fromkeys(probe.prompt for group in self.groups for probe in group.probes))
@@ -86,19 +89,17 @@ def kind_of_edit(edit: Edit) -> str:
     return STYLE if edit.attribute == "style" else SUBJECT
 
 
-def kind_of_phrase(phrase: str, default: str) -> str:
-    """A neighbour named by the user is a style if the world knows it as one, else ``default``."""
-    text = normalize_phrase(phrase)
-    if text in world.STYLES:
+def kind_of_phrase(phrase: str, default: str, vocabulary: Vocabulary) -> str:
+    """A neighbour is a style if the vocabulary knows it as one, else ``default``."""
+    known = vocabulary.attribute_of(phrase)
+    if known == "style":
         return STYLE
-    subjects = {*world.OBJECTS, *(f"a {o}" for o in world.OBJECTS), *world.CHARACTERS, *world.PEOPLE, *world.FACTS}
-    return SUBJECT if text in subjects else default
+    return SUBJECT if known is not None else default
 
 
 def mentions(prompt: str, phrase: str) -> bool:
     """Does ``prompt`` contain ``phrase`` as whole words?"""
-    pattern = r"(?<!\w)" + re.escape(normalize_phrase(phrase)) + r"(?!\w)"
-    return re.search(pattern, normalize_phrase(prompt)) is not None
+    return _mentions(prompt, phrase)
 
 
 def _draw(items: list, count: int, label: str) -> list:
@@ -115,27 +116,11 @@ def _draw(items: list, count: int, label: str) -> list:
 # --------------------------------------------------------------------------------------------
 
 
-def default_neighbours(edit: Edit) -> list[str]:
-    """Concepts next to the edited one, from the toy world's vocabulary (plain English, so
-    they serve real checkpoints too), nearest first."""
-    concept = normalize_phrase(edit.concept)
-    replacement = normalize_phrase(edit.replacement)
-    objects = [f"a {name}" for name in world.OBJECTS]
-    if edit.attribute == "style":
-        return [*world.STYLES]
-    if edit.attribute == "fact":
-        other_titles = [title for title in world.FACTS if title != concept]
-        outdated = [world.FACTS[concept]] if concept in world.FACTS else []
-        return [*other_titles, *outdated, replacement, *world.PEOPLE]
-    characters = list(world.CHARACTERS)
-    if concept in world.CHARACTERS:
-        return [*characters, replacement, *objects]
-    return [*objects, *characters]
-
-
-def neighbours_for(recipe: Recipe, edit: Edit, count: int = DEFAULT_NEIGHBOURS_PER_EDIT) -> list[str]:
-    """The recipe's own (preserved concepts, ``verify.neighbours``), then the defaults; never
-    a concept that some edit of the recipe changes on purpose."""
+def neighbours_for(recipe: Recipe, edit: Edit, found=(), count: int | None = None) -> list[str]:
+    """The recipe's own (preserved concepts, ``verify.neighbours``), then the ``found`` ones
+    (nearest first) up to ``count`` in all; never a concept that some edit of the recipe
+    changes on purpose."""
+    count = recipe.neighbours if count is None else count
     edited = [normalize_phrase(e.concept) for e in recipe.edits]
     chosen: dict[str, str] = {}  # normalized -> as written
 
@@ -144,10 +129,10 @@ def neighbours_for(recipe: Recipe, edit: Edit, count: int = DEFAULT_NEIGHBOURS_P
         if text not in chosen and not any(mentions(text, concept) for concept in edited):
             chosen[text] = phrase
 
-    # Named neighbours are always checked; the defaults only fill up to ``count``.
+    # Named neighbours are always checked; the found ones only fill up to ``count``.
     for phrase in [*recipe.preserve_for(edit), *recipe.verify.neighbours]:
         add(phrase)
-    for phrase in default_neighbours(edit):
+    for phrase in found:
         if len(chosen) >= count:
             break
         add(phrase)
@@ -159,46 +144,44 @@ def neighbours_for(recipe: Recipe, edit: Edit, count: int = DEFAULT_NEIGHBOURS_P
 # --------------------------------------------------------------------------------------------
 
 
-def _edit_probes(edit: Edit, prefixes, count: int, label: str, extra_prompts=()) -> tuple[Probe, ...]:
+def _edit_probes(edit: Edit, vocabulary: Vocabulary, heldout: bool, count: int, label: str,
+                 extra_prompts=()) -> tuple[Probe, ...]:
     kind = kind_of_edit(edit)
-    templates = prompt_pairs(edit.concept, edit.replacement, edit.attribute, prefixes=prefixes)
+    templates = prompt_pairs(edit.concept, edit.replacement, edit.attribute, vocabulary=vocabulary, heldout=heldout)
     chosen = _draw(templates, count, label)
     extra = prompt_pairs(edit.concept, edit.replacement, edit.attribute, extra_prompts=extra_prompts,
-                         prefixes=prefixes)[len(templates):]
+                         vocabulary=vocabulary, templates=False)
     return tuple(Probe(pair.source, edit.concept, kind, pair.target, edit.replacement) for pair in [*chosen, *extra])
 
 
-def _neighbour_probes(recipe: Recipe, edit: Edit, index: int, count: int, neighbours_per_edit: int) -> tuple[Probe, ...]:
+def _neighbour_probes(recipe: Recipe, edit: Edit, index: int, count: int, neighbours: list[str],
+                      vocabulary: Vocabulary) -> tuple[Probe, ...]:
     edited = [e.concept for e in recipe.edits]
-    neighbours = neighbours_for(recipe, edit, neighbours_per_edit)
     per_neighbour = max(1, -(-count // max(1, len(neighbours))))
     probes = []
     for neighbour in neighbours:
-        kind = kind_of_phrase(neighbour, kind_of_edit(edit))
-        prompts = template_prompts(neighbour, "style" if kind == STYLE else "object")
+        kind = kind_of_phrase(neighbour, kind_of_edit(edit), vocabulary)
+        attribute = "style" if kind == STYLE else (edit.attribute if edit.attribute != "style" else "object")
+        prompts = template_prompts(neighbour, attribute, vocabulary)
         prompts = [p for p in prompts if not any(mentions(p, concept) for concept in edited)]
         label = f"editc verify specificity {index} {normalize_phrase(neighbour)}"
         probes.extend(Probe(prompt, neighbour, kind) for prompt in _draw(prompts, per_neighbour, label))
     return tuple(probes)
 
 
-def generic_probes(recipe: Recipe, count: int) -> tuple[Probe, ...]:
+def generic_probes(recipe: Recipe, count: int, vocabulary: Vocabulary) -> tuple[Probe, ...]:
     """Plain object prompts ("a photo of a red house") that mention no edited concept."""
     edited = [e.concept for e in recipe.edits]
-    candidates = []
-    for prefix in GENERIC_PREFIXES:
-        for name in world.OBJECTS:
-            for colour in world.COLOURS:
-                prompt = f"{prefix}a {colour} {name}"
-                if not any(mentions(prompt, concept) for concept in edited):
-                    candidates.append(Probe(prompt, f"a {name}", SUBJECT))
+    candidates = [Probe(prompt, subject, SUBJECT) for prompt, subject in vocabulary_generic_probes(vocabulary)
+                  if not any(mentions(prompt, concept) for concept in edited)]
     return tuple(_draw(candidates, count, "editc verify generic"))
 
 
-def _candidates(groups: list[ProbeGroup]) -> dict[str, tuple[str, ...]]:
-    """What a zero-shot judge chooses among: the world's vocabulary plus every probed phrase."""
-    styles = [*world.STYLES]
-    subjects = [*(f"a {name}" for name in world.OBJECTS), *world.CHARACTERS, *world.PEOPLE]
+def _candidates(groups: list[ProbeGroup], vocabulary: Vocabulary) -> dict[str, tuple[str, ...]]:
+    """What a zero-shot judge chooses among: the vocabulary plus every probed phrase."""
+    styles = [*vocabulary.styles]
+    people = [person for _, person in vocabulary.facts] + list(vocabulary.people)
+    subjects = [*vocabulary.objects, *(name for name, _ in vocabulary.characters), *people]
     for group in groups:
         for probe in group.probes:
             target = styles if probe.kind == STYLE else subjects
@@ -210,24 +193,35 @@ def _unique_phrases(phrases: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(normalize_phrase(p) for p in phrases))
 
 
-def plan_probes(recipe: Recipe, *, seeds: int, prompts_per_group: int = DEFAULT_PROMPTS_PER_GROUP,
-                neighbours_per_edit: int = DEFAULT_NEIGHBOURS_PER_EDIT) -> VerifyPlan:
-    """Every group of every edit, and the shared generic group."""
+def plan_probes(recipe: Recipe, *, seeds: int, vocabulary: Vocabulary, found: dict | None = None,
+                prompts_per_group: int = DEFAULT_PROMPTS_PER_GROUP,
+                neighbours_per_edit: int | None = DEFAULT_NEIGHBOURS_PER_EDIT) -> VerifyPlan:
+    """Every group of every edit, and the shared generic group.
+
+    ``found``: per edit index, the neighbours compile found (``(phrase, similarity)``, nearest
+    first); ``neighbours_per_edit`` caps named + found ones (default: the recipe's
+    ``neighbours``)."""
     if seeds < 1 or prompts_per_group < 1:
         raise ValueError("verify needs at least one seed and one prompt per group")
+    found = found or {}
     groups: list[ProbeGroup] = []
+    checked: dict[int, tuple[tuple[str, float | None], ...]] = {}
     for index, edit in enumerate(recipe.edits):
         what = f"{edit.concept!r} ({edit.attribute})"
+        similarity = {normalize_phrase(p): sim for p, sim in found.get(index, ())}
+        neighbours = neighbours_for(recipe, edit, [p for p, _ in found.get(index, ())], neighbours_per_edit)
+        checked[index] = tuple((n, similarity.get(normalize_phrase(n))) for n in neighbours)
+        named = ", ".join(n if s is None else f"{n} ({s:.2f})" for n, s in checked[index])
         groups.append(ProbeGroup(
             EFFICACY, index, f"prompts with {what}, from the templates the edit was solved on",
-            _edit_probes(edit, SOLVE_PREFIXES, prompts_per_group, f"editc verify efficacy {index}", edit.prompts)))
+            _edit_probes(edit, vocabulary, False, prompts_per_group, f"editc verify efficacy {index}", edit.prompts)))
         groups.append(ProbeGroup(
             GENERALIZATION, index, f"prompts with {what}, held-out paraphrases the solve never saw",
-            _edit_probes(edit, HELDOUT_PREFIXES, prompts_per_group, f"editc verify generalization {index}")))
+            _edit_probes(edit, vocabulary, True, prompts_per_group, f"editc verify generalization {index}")))
         groups.append(ProbeGroup(
-            SPECIFICITY, index, f"neighbouring concepts of {edit.concept!r}, which should not change",
-            _neighbour_probes(recipe, edit, index, prompts_per_group, neighbours_per_edit)))
+            SPECIFICITY, index, f"neighbouring concepts of {edit.concept!r}, which should not change: {named}",
+            _neighbour_probes(recipe, edit, index, prompts_per_group, neighbours, vocabulary)))
     groups.append(ProbeGroup(GENERIC, None, "generic object prompts, which should not change",
-                             generic_probes(recipe, prompts_per_group)))
+                             generic_probes(recipe, prompts_per_group, vocabulary)))
     groups = [group for group in groups if group.probes]
-    return VerifyPlan(tuple(range(seeds)), tuple(groups), _candidates(groups))
+    return VerifyPlan(tuple(range(seeds)), tuple(groups), _candidates(groups, vocabulary), checked)

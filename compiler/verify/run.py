@@ -47,23 +47,33 @@ def default_guidance(judge: Judge) -> float:
 def run_verify(recipe: Recipe, edited_pipe, base_pipe, judge: Judge, *, seeds: int | None = None,
                steps: int | None = None, guidance: float | None = None, clip_scale: float = 1.0,
                prompts_per_group: int = DEFAULT_PROMPTS_PER_GROUP,
-               neighbours_per_edit: int = DEFAULT_NEIGHBOURS_PER_EDIT, batch: int = DEFAULT_BATCH,
+               neighbours_per_edit: int | None = DEFAULT_NEIGHBOURS_PER_EDIT, batch: int = DEFAULT_BATCH,
                progress: bool = True, edited_info: ModelInfo | None = None,
-               base_info: ModelInfo | None = None) -> VerifyReport:
+               base_info: ModelInfo | None = None, vocabulary=None,
+               found_neighbours: dict | None = None) -> VerifyReport:
     """Verify ``edited_pipe`` against ``base_pipe`` for every edit of ``recipe``.
 
     ``seeds``, ``steps`` and ``guidance`` default to the recipe's ``verify`` section (guidance:
     4 on the toy world, 7.5 otherwise). ``clip_scale`` multiplies every CLIP-score (100 gives
     the papers' ×100 convention). ``judge`` must use an unedited text tower.
+
+    Prompts come from ``vocabulary`` (default: the base model's, ``resolve.vocabulary_of``);
+    ``found_neighbours`` (per edit index, ``(phrase, similarity)`` nearest first) are the
+    neighbours compile kept put (default: found again on the base model's text encoder).
     """
+    from compiler import resolve
+
+    vocabulary = vocabulary or resolve.vocabulary_of(base_pipe, recipe.vocabulary)
+    if found_neighbours is None:
+        found_neighbours = find_neighbours_on(base_pipe, recipe, vocabulary)
     settings = recipe.verify
     seeds = seeds or settings.seeds
     steps = steps or settings.steps
     guidance = guidance or settings.guidance_scale or default_guidance(judge)
     timings: dict[str, float] = {}
 
-    plan = plan_probes(recipe, seeds=seeds, prompts_per_group=prompts_per_group,
-                       neighbours_per_edit=neighbours_per_edit)
+    plan = plan_probes(recipe, seeds=seeds, vocabulary=vocabulary, found=found_neighbours,
+                       prompts_per_group=prompts_per_group, neighbours_per_edit=neighbours_per_edit)
     for group in plan.groups:  # fail on phrases the judge cannot recognise before generating
         for probe in group.probes:
             judge.label_of(probe.subject, probe.kind)
@@ -98,7 +108,12 @@ def run_verify(recipe: Recipe, edited_pipe, base_pipe, judge: Judge, *, seeds: i
         judge=judge.description,
         settings={
             "seeds": list(plan.seeds), "steps": steps, "guidance_scale": guidance, "clip_scale": clip_scale,
-            "prompts_per_group": prompts_per_group, "neighbours_per_edit": neighbours_per_edit,
+            "prompts_per_group": prompts_per_group,
+            "neighbours_per_edit": recipe.neighbours if neighbours_per_edit is None else neighbours_per_edit,
+            "vocabulary": vocabulary.name,
+            "neighbours": {f"edits[{i}]": [{"concept": n, "similarity": None if sim is None else round(sim, 4)}
+                                           for n, sim in checked]
+                           for i, checked in (plan.neighbours or {}).items()},
             "images_per_model": len(keys), "image_size": [int(height), int(width)],
             "thresholds": {
                 "efficacy_max_accuracy": settings.efficacy_max_accuracy,
@@ -111,6 +126,36 @@ def run_verify(recipe: Recipe, edited_pipe, base_pipe, judge: Judge, *, seeds: i
         gates=gates,
         timings_seconds={k: round(v, 3) for k, v in timings.items()},
     )
+
+
+def find_neighbours_on(pipe, recipe: Recipe, vocabulary) -> dict[int, list[tuple[str, float]]]:
+    """Each edit's neighbours found on ``pipe``'s text encoder output (when no manifest says
+    which ones compile used)."""
+    from compiler import resolve
+
+    avoid = [e.concept for e in recipe.edits] + [e.replacement for e in recipe.edits]
+    return {i: [(n.phrase, n.similarity) for n in resolve.find_neighbours(
+                pipe, vocabulary, e.concept, e.attribute, k=recipe.neighbours, avoid=avoid)]
+            for i, e in enumerate(recipe.edits)} if recipe.neighbours > 0 else {}
+
+
+def neighbours_from_manifest(edited_dir: Path, recipe: Recipe) -> dict[int, list[tuple[str, float]]] | None:
+    """The neighbours compile found and kept put, from the edited folder's manifest.json, when
+    it was compiled from this recipe."""
+    path = Path(edited_dir) / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or (manifest.get("recipe") or {}).get("sha256") != recipe.sha256:
+        return None  # compiled from another recipe: find them again on the base model
+    edits = manifest.get("edits")
+    if not isinstance(edits, list) or len(edits) != len(recipe.edits):
+        return None
+    if any(not isinstance(e, dict) or "neighbours" not in e or e.get("concept") != r.concept
+           for e, r in zip(edits, recipe.edits)):
+        return None
+    return {i: [(n["concept"], float(n["similarity"])) for n in e["neighbours"]] for i, e in enumerate(edits)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,9 +226,14 @@ def verify_paths(recipe: Recipe, *, edited: str | Path, base: str | Path | None 
     base_loaded, base_info = load_pipeline(base_spec, "base", device)
     edited_loaded, edited_info = load_pipeline(edited_dir, "edited", device)
     base_dir = Path(base_info.path) if Path(base_info.path).is_dir() else None
-    judge = choose_judge(clip, base_dir, base_loaded.pipeline.text_encoder)
+    from compiler import resolve
+
+    vocabulary = resolve.vocabulary_of(base_loaded, recipe.vocabulary)
+    judge = choose_judge(clip, base_dir, base_loaded.pipeline.text_encoder, vocabulary)
+    found = neighbours_from_manifest(edited_dir, recipe)
     return run_verify(recipe, edited_loaded.pipeline, base_loaded.pipeline, judge, progress=progress,
-                      edited_info=edited_info, base_info=base_info, **options)
+                      edited_info=edited_info, base_info=base_info, vocabulary=vocabulary,
+                      found_neighbours=found, **options)
 
 
 def verify_compiled(recipe: Recipe, *, edited_dir: str | Path, base, progress: bool = True,

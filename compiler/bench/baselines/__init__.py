@@ -29,6 +29,23 @@ from torch import Tensor
 from compiler import resolve
 
 
+_VOCABULARY = []
+
+
+def use_vocabulary(vocab) -> None:
+    """The vocabulary every task's prompts come from (set to the benchmarked model's)."""
+    _VOCABULARY[:] = [vocab]
+
+
+def vocabulary():
+    """The benchmarked model's vocabulary; by default the embedded toy model's."""
+    if not _VOCABULARY:
+        from compiler.models.load import TOY_PIPELINE
+
+        use_vocabulary(resolve.vocabulary_of(TOY_PIPELINE))
+    return _VOCABULARY[0]
+
+
 @dataclass(frozen=True)
 class EditTask:
     """One edit: prompts with ``concept`` should behave like prompts with ``replacement``.
@@ -42,7 +59,7 @@ class EditTask:
     attribute: str
 
     def prompt_pairs(self) -> list[resolve.PromptPair]:
-        return resolve.prompt_pairs(self.concept, self.replacement, self.attribute)
+        return resolve.prompt_pairs(self.concept, self.replacement, self.attribute, vocabulary=vocabulary())
 
     def concept_prompts(self) -> list[str]:
         return [pair.source for pair in self.prompt_pairs()]
@@ -50,7 +67,7 @@ class EditTask:
     def preserve_prompts(self) -> list[str]:
         """The generic captions editc's compile keeps in place by default (none mention the
         concept or the replacement)."""
-        return resolve.default_preserve_prompts([self.concept, self.replacement])
+        return resolve.default_preserve_prompts([self.concept, self.replacement], vocabulary())
 
 
 @dataclass

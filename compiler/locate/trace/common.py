@@ -16,7 +16,7 @@ from compiler.locate import cache
 from compiler.locate.engine import generate_from_embeddings
 from compiler.locate.measure import MIN_CLIP_CONTRAST, MIN_RATE_CONTRAST, Measurement
 from compiler.locate.scoring import clip_scores, presence
-from compiler.resolve import default_preserve_prompts, last_token_index
+from compiler.resolve import default_preserve_prompts, last_token_index, vocabulary_of
 
 SCHEMA_VERSION = 2  # part of the cache key: a new schema never reads old entries
 
@@ -53,7 +53,7 @@ def token_embedding_std(pipe, prompts: list[str] | None = None) -> float:
     """The empirical std of token embeddings: over every entry of the input embeddings of the
     distinct tokens in ``prompts`` (default: 60 generic captions), i.e. of tokens that real
     text uses, not of the whole vocabulary (much of which a small model never trained)."""
-    prompts = prompts or default_preserve_prompts([])
+    prompts = prompts or default_preserve_prompts([], vocabulary_of(pipe), 60)
     ids = sorted({i for p in prompts for i in pipe.tokenizer(p).input_ids})
     table = pipe.text_encoder.get_input_embeddings().weight
     return float(table[torch.tensor(ids, device=table.device)].detach().float().std())
