@@ -167,7 +167,8 @@ def test_every_concept_gets_the_same_total_weight():
 
 
 def test_compile_weighs_edits_with_different_row_counts_equally(toy_model):
-    from compiler.compile import _quickfix_rows, plan_edits
+    from compiler.methods.quickfix import quickfix_rows as _quickfix_rows
+    from compiler.plan import plan_edits
     from compiler.recipe import loads_recipe
 
     recipe = loads_recipe("neighbours: 0\nedits:\n"
