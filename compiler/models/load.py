@@ -90,6 +90,23 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     prediction_type_guessed: bool = False
 
+    # What compile reads: the same calls on a lazily read model (``compiler.models.selective``).
+    pipeline_loaded = True
+
+    def text_encoder(self, component: str = "text_encoder") -> torch.nn.Module:
+        return getattr(self.pipeline, component)
+
+    def tokenizer_for(self, component: str = "text_encoder"):
+        return getattr(self.pipeline, component.replace("text_encoder", "tokenizer"))
+
+    def read_tensors(self, qualified_names) -> dict[str, torch.Tensor]:
+        """Parameters by qualified name (``unet/...``), detached, as held in memory."""
+        out = {}
+        for qualified in qualified_names:
+            component, _, parameter = qualified.partition("/")
+            out[qualified] = getattr(self.pipeline, component).get_parameter(parameter).detach()
+        return out
+
 
 # --------------------------------------------------------------------------------------------
 # Paths
