@@ -1,6 +1,10 @@
 """Do the example recipes work? Compile each on the toy world and verify it.
 
     python bench/edit_toy.py [--seeds 8] [--methods locoedit,quickfix:out_proj,quickfix:v_proj]
+    python bench/edit_toy.py --methods locoedit,locoedit+nopad,locoedit+noeos --recipes van_gogh.yaml,snoopy.yaml --results edit_toy_padding
+
+A method may carry an option: ``+nopad`` (UNet edits remap the subject token and EOS, not the
+padding positions after EOS) or ``+noeos`` (the subject token only).
 
 For the style (van gogh -> a painting), object (snoopy -> a dog) and fact (the british monarch
 -> king charles) recipes, and each method (Diff-QuickFix at each of its two sites: the paper's
@@ -27,6 +31,10 @@ def run_one(recipe_file: str, variant: str, seeds: int, out_root: Path) -> dict:
     from compiler.compile import compile_to_disk
     from compiler.recipe import load_recipe
 
+    from compiler.methods import rows as row_module
+
+    variant_name = variant
+    variant, _, option = variant.partition("+")
     method, _, site = variant.partition(":")
     recipe = load_recipe(ROOT / "recipes" / recipe_file)
     edits = []
@@ -35,11 +43,19 @@ def run_one(recipe_file: str, variant: str, seeds: int, out_root: Path) -> dict:
         # A recipe's explicit eos was chosen for its own method; the other variants run with
         # their method's default (quickfix at v_proj: off).
         eos = edit.eos if method == edit.method else None
+        if option == "noeos":  # "+noeos": the subject token only
+            eos = False
         edits.append(dataclasses.replace(edit, method=method, layers=layers, site=site or None, eos=eos))
     recipe = dataclasses.replace(recipe, edits=tuple(edits),
                                  verify=dataclasses.replace(recipe.verify, enabled=True, seeds=seeds))
-    out = out_root / f"{Path(recipe_file).stem}-{variant.replace(':', '-')}"
-    manifest = compile_to_disk(recipe, out=out, force=True, verify=True, progress=False)
+    out = out_root / f"{Path(recipe_file).stem}-{variant_name.replace(':', '-').replace('+', '-')}"
+    # "+nopad": UNet edits remap the subject token and EOS but not the padding after EOS.
+    saved = row_module.PADDING_ROWS
+    row_module.PADDING_ROWS = option != "nopad"
+    try:
+        manifest = compile_to_disk(recipe, out=out, force=True, verify=True, progress=False)
+    finally:
+        row_module.PADDING_ROWS = saved
     report = json.loads((out / "verify" / "verify.json").read_text())
     edit = report["edits"][0]
     groups = edit["groups"]
@@ -53,7 +69,7 @@ def run_one(recipe_file: str, variant: str, seeds: int, out_root: Path) -> dict:
     spec = groups["specificity"]
     generic = report["generic"]
     return {
-        "recipe": recipe_file, "method": variant, "concept": edit["concept"], "attribute": edit["attribute"],
+        "recipe": recipe_file, "method": variant_name, "concept": edit["concept"], "attribute": edit["attribute"],
         "layers": manifest["edits"][0]["layers"], "measure": "shows the new fact" if fact else "shows the concept",
         "efficacy": pair("efficacy"), "generalization": pair("generalization"),
         "neighbours": (spec["base"]["accuracy"], spec["edited"]["accuracy"]),
@@ -68,11 +84,13 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=8)
     parser.add_argument("--methods", default="locoedit,quickfix:out_proj,quickfix:v_proj",
                         help="comma-separated; quickfix takes :out_proj or :v_proj")
+    parser.add_argument("--recipes", default=",".join(RECIPES), help="comma-separated files in recipes/")
+    parser.add_argument("--results", default="edit_toy", help="name of the bench/results/<name>.json written")
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "bench-edit")
     args = parser.parse_args()
-    rows = [run_one(r, m, args.seeds, args.out) for r in RECIPES for m in args.methods.split(",")]
+    rows = [run_one(r, m, args.seeds, args.out) for r in args.recipes.split(",") for m in args.methods.split(",")]
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "edit_toy.json").write_text(json.dumps({"seeds": args.seeds, "rows": rows}, indent=2) + "\n")
+    (RESULTS / f"{args.results}.json").write_text(json.dumps({"seeds": args.seeds, "rows": rows}, indent=2) + "\n")
     pct = lambda p: f"{p[0]:.0%} → {p[1]:.0%}"  # noqa: E731
     print("| edit | method | layers | measure | efficacy | generalization | neighbours | generic | solve | gates |")
     print("|---|---|---|---|---|---|---|---|---|---|")

@@ -43,11 +43,13 @@ class CompileResult:
     preserve_prompts: list[str] = field(default_factory=list)
 
 
-def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit]) -> CompileResult:
-    """Rows and solve for every method the plans use (in registry order); the pipeline is not
-    modified here."""
+def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], preserve_cache: bool | None = None) -> CompileResult:
+    """Rows and solve for every method the plans use (in registry order); the model is not
+    modified here. Prompts go through the one prompt encoder; the preservation rows' ``PᵀP``
+    comes from the on-disk cache (``preserve_cache=False`` bypasses it); old weights come from
+    ``model.read_tensors`` (a lazily read model reads just those)."""
     preserve = preserve_prompts_for(recipe, plans, resolve.vocabulary_of(model, recipe.vocabulary))
-    context = RowContext(model, plans, preserve, recipe.lambda_)
+    context = RowContext(model, plans, preserve, recipe.lambda_, preserve_cache=preserve_cache)
     new_tensors: dict[str, torch.Tensor] = {}
     solve_info: list[dict] = []
     for method in REGISTRY.values():
@@ -60,6 +62,8 @@ def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit]) -> CompileRes
             for solved in method.solve(context, group, rows):
                 new_tensors.update(solved.new_tensors)
                 solve_info.append(solved.info)
+    if solve_info and context._cache is not None:
+        solve_info[0]["preserve_cache"] = context.cache.stats.to_dict()
     return CompileResult(new_tensors, plans, context.timings, solve_info, preserve)
 
 
@@ -77,7 +81,8 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
     from compiler.export.diffusers_folder import write_manifest
     from compiler.export.formats import ExportJob, write_formats
     from compiler.io import claim_output, input_paths
-    from compiler.models.load import load_model
+    from compiler.models.load import LoadedModel
+    from compiler.models.selective import open_model
 
     say = _reporter(progress)
     timings: dict[str, float] = {}
@@ -94,22 +99,30 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
         out = claim.path
         say("load model")
         with timed(timings, "load"):
-            loaded = load_model(model_spec, prediction_type=prediction_type or recipe.prediction_type)
+            # Only what the compile edits is read: text encoders, tokenizers, the edited tensors.
+            loaded = (model_spec if isinstance(model_spec, LoadedModel)
+                      else open_model(model_spec, prediction_type=prediction_type or recipe.prediction_type))
+        peak_rss = {"load": _peak_rss_mb()}
         resolution = resolution or recipe.outputs.resolution
         say("plan edits (resolve, locate)")
         with timed(timings, "locate"):
             plans = plan_edits(recipe, loaded, locate_fn=_locate_fn(loaded, progress))
+        peak_rss["locate"] = _peak_rss_mb()
         say("embed prompts and solve")
         result = compile_edits(recipe, loaded, plans)
         timings.update(result.timings)
-        with timed(timings, "fuse"):
-            apply_to_pipeline(loaded.pipeline, result.new_tensors)
+        peak_rss["embed_solve"] = _peak_rss_mb()
+        if "onnx" in formats:  # ONNX export traces the whole edited pipeline
+            with timed(timings, "fuse"):
+                apply_to_pipeline(loaded.pipeline, result.new_tensors)
 
         say(f"write {', '.join(formats)} to {out}")
         t0 = time.perf_counter()
         outputs: dict = {}
         manifest = build_manifest(recipe, loaded, result, timings, outputs)
         manifest["output"] = {"path": str(out), "from": out_from}
+        manifest["peak_rss_mb"] = peak_rss  # the process's peak so far, after each stage
+        manifest["model_reads"] = _model_reads(loaded)
         if single_file_out:
             return _write_single_file_only(recipe, loaded, result, out, manifest, timings, t0, force, verify,
                                            say, progress, resolution)
@@ -118,6 +131,8 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
                                                             provenance_for(manifest), resolution)))
             timings["save"] = time.perf_counter() - t0
             manifest["timings_seconds"] = {k: round(v, 4) for k, v in timings.items()}
+            peak_rss["save"] = _peak_rss_mb()
+            manifest["model_reads"] = _model_reads(loaded)
             write_manifest(tmp, manifest)
 
         if verify if verify is not None else recipe.verify.enabled:
@@ -160,6 +175,23 @@ def compile_output_path(recipe: Recipe, out=None):
         path, absolute = resolve_recipe_output(recipe.path, recipe.outputs.dir)
         return path, "the recipe's outputs.dir (an absolute path)" if absolute else "the recipe's outputs.dir"
     return expand(Path("out") / Path(recipe.path).stem), "the default out/<recipe name>"
+
+
+def _peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far, in MiB."""
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
+    except (ImportError, OSError):
+        return None
+
+
+def _model_reads(loaded) -> dict:
+    """What the compile read of the checkpoint: tensors read lazily, and whether the whole
+    pipeline (UNet, VAE) was built (only verify, ONNX or LocoGen need it)."""
+    return {"tensors_read": getattr(loaded, "tensors_read", None), "pipeline_loaded": bool(loaded.pipeline_loaded)}
 
 
 def _reporter(progress: bool):

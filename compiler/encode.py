@@ -40,6 +40,8 @@ class PromptEncoder:
     ``text_encoder``/``tokenizer_for`` give modules without building the UNet)."""
 
     def __init__(self, model):
+        if not hasattr(model, "registry"):  # a bare diffusers pipeline
+            model = PipelineModel(model)
         self.model = model
         self.family = model.family
         self.components = [spec.component for spec in model.registry.text_layer0]
@@ -68,9 +70,18 @@ class PromptEncoder:
     def context_rows(self, prompts: Sequence[str], positions: Sequence[Sequence[int]]) -> torch.Tensor:
         """UNet context rows ``context[n, p]`` for each prompt n and each of its positions p, in
         that order: (Σ positions, d) float32."""
-        if self.family == "if":
+        from compiler.models.families import FAMILIES
+
+        if not FAMILIES[self.family].causal_text_encoder:  # T5: every token sees the whole prompt
             return _gather(self._pipeline_contexts(prompts), positions)
         return self._rows(prompts, positions, self._context_batch)
+
+    @torch.no_grad()
+    def contexts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """Whole 77-token contexts, (N, 77, d) float32, as the pipeline conditions the UNet."""
+        every = list(range(self.max_length))
+        rows = self.context_rows(prompts, [every] * len(prompts))
+        return rows.reshape(len(prompts), self.max_length, -1)
 
     @torch.no_grad()
     def module_inputs(self, prompts: Sequence[str], positions: Sequence[Sequence[int]],
@@ -189,3 +200,21 @@ def _capture_input(encoder: torch.nn.Module, module: torch.nn.Module, ids: torch
 
 def _gather(states: torch.Tensor, positions) -> torch.Tensor:
     return torch.cat([states[n, list(pos)] for n, pos in enumerate(positions) if len(pos)])
+
+
+class PipelineModel:
+    """A diffusers pipeline seen as a ``LoadedModel`` by :class:`PromptEncoder` (the benchmark's
+    baselines and LocoGen hold pipelines)."""
+
+    def __init__(self, pipeline):
+        from compiler.models.registry import build_registry
+
+        self.pipeline = pipeline
+        self.registry = build_registry(pipeline)
+        self.family = self.registry.family
+
+    def text_encoder(self, component: str = "text_encoder") -> torch.nn.Module:
+        return getattr(self.pipeline, component)
+
+    def tokenizer_for(self, component: str = "text_encoder"):
+        return getattr(self.pipeline, component.replace("text_encoder", "tokenizer"))

@@ -85,7 +85,7 @@ def plan_edits(recipe: Recipe, model, locate_fn=None) -> list[PlannedEdit]:
         plugin = get_method(method)
         pairs = resolve.prompt_pairs(edit.concept, edit.replacement, edit.attribute, edit.prompts,
                                      vocabulary=vocabulary)
-        resolve.check_prompt_lengths(model.pipeline.tokenizer, pairs, edit.concept)  # before locating
+        resolve.check_prompt_lengths(model.tokenizer_for(), pairs, edit.concept)  # before locating
         layers: tuple[int, ...] = ()
         source, why = LayersSource.NOT_APPLICABLE, ""
         if plugin.edits_unet_layers:
@@ -113,9 +113,9 @@ def find_neighbours(recipe: Recipe, edit: Edit, model, vocabulary, method: str) 
     capture = None
     if method == "quickfix":
         spec = model.registry.text_layer0[0]
-        capture = getattr(model.pipeline, spec.component).get_submodule(spec.module_name)
+        capture = model.text_encoder(spec.component).get_submodule(spec.module_name)
     avoid = [e.concept for e in recipe.edits] + [e.replacement for e in recipe.edits]
-    return resolve.find_neighbours(model.pipeline, vocabulary, edit.concept, edit.attribute,
+    return resolve.find_neighbours(model, vocabulary, edit.concept, edit.attribute,
                                    k=recipe.neighbours, avoid=avoid, capture=capture)
 
 

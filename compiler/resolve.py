@@ -24,7 +24,6 @@ import torch
 from compiler import prompts as vocab
 from compiler.errors import UserError
 
-from compiler.models.families import family_of_pipeline
 from compiler.prompts import PromptPair, Vocabulary
 
 
@@ -51,12 +50,16 @@ def state_encoder(pipe, capture: torch.nn.Module | None = None):
     """``encode(prompts, phrases)``: each prompt's state at the last token of its phrase, the
     state an edit moves (the text encoder's output, or with ``capture`` that module's input,
     e.g. layer 0's ``out_proj`` for Diff-QuickFix). For ranking neighbours."""
-    tokenizer = pipe.tokenizer
+    from compiler.encode import PromptEncoder
+
+    encoder = PromptEncoder(pipe)  # a pipeline or a LoadedModel (then only its text encoder)
+    tokenizer = encoder.tokenizer()
 
     def encode(prompts: list[str], phrases: list[str]) -> torch.Tensor:
-        states = encode_context(pipe, prompts, capture=capture)
         positions = [[last_token_index(tokenizer, p, ph)] for p, ph in zip(prompts, phrases)]
-        return gather_rows(states, positions)
+        if capture is None:
+            return encoder.context_rows(prompts, positions)
+        return encoder.module_inputs(prompts, positions, capture)
 
     return encode
 
@@ -111,96 +114,7 @@ def eos_index(tokenizer, prompt: str) -> int:
 
 
 # ----------------------------------------------------------------------------- states
-@torch.no_grad()
-def encode_context(pipe, prompts: list[str], batch: int = 256, *, full_length: bool = False,
-                   capture: torch.nn.Module | None = None) -> torch.Tensor:
-    """The cross-attention context the UNet sees for each prompt: (N, L, d), float32.
-
-    CLIP text encoders are causal: the state at a token depends only on the tokens before it.
-    So by default each batch is padded only to its longest prompt, not to 77 tokens, and every
-    state up to each prompt's EOS equals what the pipeline computes (positions after EOS are
-    not meaningful then). ``full_length=True`` (and SD-XL, whose two encoders are joined by
-    the pipeline) uses the pipeline's own ``encode_prompt`` with 77 tokens.
-
-    With ``capture``, the rows returned are instead what that text-encoder module received as
-    input (Diff-QuickFix's keys at layer 0's ``out_proj``). Repeated prompts are encoded once.
-    """
-    unique = list(dict.fromkeys(prompts))
-    rows = {}
-    device = pipe.device
-    joined = family_of_pipeline(pipe).joins_text_encoders  # SD-XL: only the pipeline joins them
-    fast = not full_length and not joined
-    seen: list[torch.Tensor] = []
-    hook = None
-    if capture is not None:
-        hook = capture.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
-    try:
-        _encode_unique(pipe, unique, batch, fast, joined, capture, seen, rows, device)
-    finally:
-        if hook is not None:
-            hook.remove()
-    length = max(r.shape[0] for r in rows.values())
-    out = torch.zeros(len(prompts), length, next(iter(rows.values())).shape[-1])
-    for n, prompt in enumerate(prompts):
-        out[n, : rows[prompt].shape[0]] = rows[prompt]
-    return out
-
-
-def _encode_unique(pipe, unique, batch, fast, joined, capture, seen, rows, device) -> None:
-    for i in range(0, len(unique), batch):
-        chunk = unique[i : i + batch]
-        if fast:
-            ids = pipe.tokenizer(chunk, padding="longest", truncation=True,
-                                 max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
-            embeds = pipe.text_encoder(ids.to(device))[0]
-        elif joined:
-            embeds = pipe.encode_prompt(chunk, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
-        else:
-            embeds = pipe.encode_prompt(chunk, device, 1, False)[0]
-        if capture is not None:
-            embeds = seen.pop()
-        for prompt, state in zip(chunk, embeds.float().cpu()):
-            rows[prompt] = state
-
-
-@torch.no_grad()
-def attention_value_keys(pipe, component: str, attention: torch.nn.Module, prompts: list[str],
-                         positions: list[list[int]], batch: int = 64) -> torch.Tensor:
-    """Keys of a ``v_proj`` edit: ``k_hi = Σ_j a_hij x_j`` for each head h at each requested
-    position i, where ``x_j`` are the attention's inputs and ``a_hij`` its causal softmax
-    weights. Returns (H, R, d) float64, rows in the order of ``positions``.
-
-    Head h's output at i is ``Σ_j a_hij (W_h x_j + b_h) = W_h k_hi + b_h`` (the weights sum to
-    1), so a closed-form edit of ``W_h`` on these keys sets what the head emits at i exactly,
-    with the attention pattern held fixed. The weights are recomputed here from ``q_proj`` and
-    ``k_proj`` so that any attention kernel (eager, SDPA) gives the same keys.
-    """
-    encoder = getattr(pipe, component)
-    tokenizer = pipe.tokenizer_2 if component == "text_encoder_2" else pipe.tokenizer
-    heads = int(attention.num_heads)
-    device = next(encoder.parameters()).device
-    seen: list[torch.Tensor] = []
-    hook = attention.v_proj.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
-    out = []
-    try:
-        for i in range(0, len(prompts), batch):
-            chunk = prompts[i : i + batch]
-            ids = tokenizer(chunk, padding="longest", truncation=True,
-                            max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-            encoder(ids.to(device))
-            x = seen.pop()  # B × L × d; causal, so positions up to EOS ignore the padding
-            length = x.shape[1]
-            q = attention.q_proj(x).double().view(len(chunk), length, heads, -1).transpose(1, 2)
-            k = attention.k_proj(x).double().view(len(chunk), length, heads, -1).transpose(1, 2)
-            scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-            causal = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
-            weights = scores.masked_fill(causal, float("-inf")).softmax(dim=-1)  # B × H × L × L
-            mixed = weights @ x.double().unsqueeze(1)  # B × H × L × d
-            for n, pos in enumerate(positions[i : i + batch]):
-                out.append(mixed[n][:, pos].cpu())
-    finally:
-        hook.remove()
-    return torch.cat(out, dim=1)
+# Text-encoder states come from the one prompt encoder, ``compiler.encode.PromptEncoder``.
 
 
 def gather_rows(states: torch.Tensor, positions: list[list[int]]) -> torch.Tensor:

@@ -175,12 +175,44 @@ class RidgeProblem:
         )
 
 
+@dataclass(frozen=True, eq=False)
+class PreservationGram:
+    """``PᵀP`` of preservation rows (d × d float64; H × d × d for per-head keys) and how many
+    rows made it. It does not depend on the edits, so ``compiler.preserve_cache`` keeps it on
+    disk; a solve given it adds exactly what it would have computed from the rows."""
+
+    gram: Tensor
+    n_rows: int
+
+
+@_fixed_order
+def preservation_gram(rows: Tensor) -> PreservationGram:
+    """``PᵀP`` of M × d rows (or, per head, of H × M × d rows), float64, exactly as a solve
+    forms it from the rows themselves."""
+    if rows.ndim == 3:
+        grams = [preservation_gram(head).gram for head in rows]
+        return PreservationGram(torch.stack(grams), rows.shape[1])
+    kept = _as_rows("preserve", rows).to(dtype=torch.float64)
+    return PreservationGram(_symmetric(kept.T @ kept), kept.shape[0])
+
+
+def _preserve_term(preserve, dim: int, device, what: str) -> tuple[Tensor, int]:
+    """(``PᵀP``, rows) of preservation rows or of a :class:`PreservationGram`."""
+    if not isinstance(preserve, PreservationGram):
+        preserve = preservation_gram(torch.as_tensor(preserve).to(device=device))
+    gram = preserve.gram.to(device=device, dtype=torch.float64)
+    if gram.shape != (dim, dim):
+        raise ValueError(f"{what} rows have width {gram.shape[-1]}, edit rows {dim}; they must "
+                         "share the context dimension")
+    return gram, preserve.n_rows
+
+
 @_fixed_order
 def build_problem(
     x_orig: Tensor,
     x_target: Tensor,
     lam: float = DEFAULT_LAMBDA,
-    preserve: Tensor | None = None,
+    preserve: Tensor | PreservationGram | None = None,
     preserve_weight: float = 1.0,
     row_weights: Tensor | float | None = None,
 ) -> RidgeProblem:
@@ -218,14 +250,8 @@ def build_problem(
     keep_factors = rows.shape[0] < rows.shape[1]
     n_preserve = 0
     if preserve is not None:
-        kept = _as_rows("preserve", preserve).to(device=device, dtype=torch.float64)
-        if kept.shape[1] != rows.shape[1]:
-            raise ValueError(
-                f"preserve rows have width {kept.shape[1]}, edit rows {rows.shape[1]}; "
-                "they must share the context dimension"
-            )
-        gram = gram + preserve_weight * _symmetric(kept.T @ kept)
-        n_preserve = kept.shape[0]
+        preserve_gram, n_preserve = _preserve_term(preserve, rows.shape[1], device, "preserve")
+        gram = gram + preserve_weight * preserve_gram
     return RidgeProblem(
         gram,
         shift,
@@ -473,7 +499,7 @@ def solve_quickfix(
     values: Tensor,
     old_weight: Tensor,
     lam: float = DEFAULT_LAMBDA,
-    preserve_keys: Tensor | None = None,
+    preserve_keys: Tensor | PreservationGram | None = None,
     preserve_weight: float = 1.0,
     *,
     name: str = "out_proj",
@@ -505,7 +531,7 @@ def solve_value_heads(
     target_keys: Tensor,
     old_weight: Tensor,
     lam: float = DEFAULT_LAMBDA,
-    preserve_keys: Tensor | None = None,
+    preserve_keys: Tensor | PreservationGram | None = None,
     *,
     name: str = "v_proj",
     row_weights: Tensor | None = None,
@@ -514,7 +540,7 @@ def solve_value_heads(
     """Diff-QuickFix at the layer-0 attention's ``v_proj``: one ridge regression per head.
 
     ``keys`` / ``target_keys``: H × N × d attention-mixed inputs (see
-    ``resolve.attention_value_keys``) of the concept's and the replacement's prompts;
+    ``compiler.encode.PromptEncoder.value_keys``) of the concept's and the replacement's prompts;
     ``preserve_keys``: H × M × d. Head h owns rows ``h·d_h … (h+1)·d_h`` of ``old_weight``
     (H·d_h × d) and gets ``W_h k = Ŵ_h k'`` for each concept key k and its target key k' —
     eq. 4 with ``V = K' Ŵ_hᵀ`` — so the head emits at the concept's token what it emitted
@@ -535,7 +561,7 @@ def solve_value_heads(
         old_h = old_weight[h * rows : (h + 1) * rows]
         values = target_keys[h].to(torch.float64) @ old_h.detach().to(device=target_keys.device, dtype=torch.float64).T
         result = solve_values(keys[h], {name: values}, {name: old_h}, lam=lam,
-                              preserve_keys=None if preserve_keys is None else preserve_keys[h],
+                              preserve_keys=None if preserve_keys is None else _head(preserve_keys, h),
                               row_weights=row_weights, condition=condition)
         parts.append(result.new_weights[name])
         conditions.append(result.condition_number)
@@ -550,13 +576,19 @@ def solve_value_heads(
     )
 
 
+def _head(preserve, h: int):
+    if isinstance(preserve, PreservationGram):
+        return PreservationGram(preserve.gram[h], preserve.n_rows)
+    return preserve[h]
+
+
 @_fixed_order
 def solve_values(
     keys: Tensor,
     values: Mapping[str, Tensor],
     old_weights: Mapping[str, Tensor],
     lam: float = DEFAULT_LAMBDA,
-    preserve_keys: Tensor | None = None,
+    preserve_keys: Tensor | PreservationGram | None = None,
     preserve_weight: float = 1.0,
     *,
     row_weights: Tensor | None = None,
@@ -590,11 +622,8 @@ def solve_values(
     normal = _symmetric(weighted.T @ keys64)
     n_preserve = 0
     if preserve_keys is not None:
-        kept = _as_rows("preserve_keys", preserve_keys).to(device=device, dtype=torch.float64)
-        if kept.shape[1] != dim:
-            raise ValueError(f"preserve_keys have width {kept.shape[1]}, keys {dim}")
-        normal = normal + preserve_weight * _symmetric(kept.T @ kept)
-        n_preserve = kept.shape[0]
+        preserve_gram, n_preserve = _preserve_term(preserve_keys, dim, device, "preserve_keys")
+        normal = normal + preserve_weight * preserve_gram
     factorization = factorize(_add_ridge(normal, lam), condition=condition)
     solved_at = time.perf_counter()
     # A⁻¹Kᵀ once (N columns) serves every weight when N is small; else solve Kᵀ R per weight.

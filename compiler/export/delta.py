@@ -124,7 +124,8 @@ def _base_source(base):
     from compiler.models.load import LoadedModel, inspect_source
 
     if isinstance(base, LoadedModel):
-        return inspect_source(base.source_path, base.prediction_type), base.model_hash
+        source = getattr(base, "source", None) or inspect_source(base.source_path, base.prediction_type)
+        return source, base.model_hash
     if isinstance(base, str) and _SHA256.fullmatch(base) and not Path(base).exists():
         return None, base
     from compiler.models.load import source_hash

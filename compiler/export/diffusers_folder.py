@@ -89,10 +89,79 @@ def write_manifest(tmp: Path, manifest: dict) -> None:
 
 def write_output(job) -> dict:
     """Compile's ``diffusers`` format (:mod:`compiler.export.formats`): the base folder with only
-    the edited tensors rewritten, or the loaded pipeline saved when the base is a single file."""
+    the edited tensors rewritten, or converted from the single file
+    without building the pipeline."""
     loaded = job.loaded
     if loaded.source_format == "diffusers":
         write_diffusers_folder(Path(loaded.source_path), job.new_tensors, job.folder, job.provenance)
-    else:
-        loaded.pipeline.save_pretrained(job.folder, safe_serialization=True)
+    else:  # streamed from the single file, tensor by tensor, in its dtype
+        write_diffusers_from_single_file(loaded, job.new_tensors, job.folder, job.provenance)
     return {"diffusers": str(job.out)}
+
+
+# Weight file of each component in a diffusers folder (what from_pretrained looks for).
+_WEIGHT_FILE = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
+                "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
+
+
+def write_diffusers_from_single_file(model, new_tensors: dict[str, torch.Tensor], tmp: Path,
+                                     extra_metadata: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Fill ``tmp`` with a diffusers folder converted from a single-file ``model`` (a
+    ``LoadedModel``), ``new_tensors`` patched in, every tensor in the dtype the file stores it in.
+
+    Nothing is built or held whole: the configs and tokenizers come from the family's config
+    folder (with the file's own configs), and each component's weights are streamed tensor by
+    tensor from the file (``write_safetensors_streamed``), so peak memory is one tensor.
+    Returns {component: [edited tensor names]}.
+    """
+    import shutil
+
+    from compiler.export.single_file import write_safetensors_streamed
+    from compiler.models.configs import config_folder
+    from compiler.models.layout import SINGLE_FILE_COMPONENTS
+    from compiler.models.load import _build_meta, inspect_source
+    from compiler.models.selective import TensorReader
+
+    source = getattr(model, "source", None) or inspect_source(model.source_path, model.prediction_type)
+    reader = TensorReader(source)
+    by_component: dict[str, dict[str, torch.Tensor]] = {}
+    for qualified, value in new_tensors.items():
+        component, param = split_name(qualified)
+        by_component.setdefault(component, {})[param] = value
+    with config_folder(source.family, source.configs) as configs:
+        for path in sorted(Path(configs).rglob("*")):
+            if path.is_file():
+                target = tmp / path.relative_to(configs)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)  # follows the shipped tokenizer links
+    metadata = {"format": "pt", **(extra_metadata or {})}
+    replaced: dict[str, list[str]] = {}
+    for component in SINGLE_FILE_COMPONENTS[source.family]:
+        module = _build_meta(source.configs, component, str(source.path))
+        names = [n for n in module.state_dict() if not n.endswith("position_ids")]
+        shapes = {n: tuple(module.state_dict()[n].shape) for n in names}
+        edits = dict(by_component.pop(component, {}))
+        dtypes = {}
+        for name in names:  # dtypes from the file's header: nothing read yet
+            from compiler.export.single_file import original_name
+
+            original = original_name(source.family, f"{component}/{name}", source.configs)
+            dtypes[name] = SAFETENSORS_DTYPES[reader._handle(source.path).entries[original]["dtype"]] \
+                if source.path.suffix == ".safetensors" else reader._state(source.path)[original].dtype
+
+        def produce(name: str, component=component, edits=edits, shapes=shapes, dtypes=dtypes) -> torch.Tensor:
+            value = next((edits.pop(k) for k in (name, "text_model." + name, name.removeprefix("text_model."))
+                          if k in edits), None)
+            if value is not None:
+                replaced.setdefault(component, []).append(name)
+                return value.detach().cpu().to(dtypes[name]).reshape(shapes[name]).contiguous()
+            return reader.read(f"{component}/{name}").reshape(shapes[name]).contiguous()
+
+        out = tmp / component / _WEIGHT_FILE[component]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_safetensors_streamed({n: (dtypes[n], shapes[n]) for n in names}, produce, out, metadata)
+        if edits:
+            raise RuntimeError(f"{component}: edited tensors {sorted(edits)} have no place in the model")
+    if by_component:
+        raise RuntimeError(f"edited tensors of {sorted(by_component)} have no place in a {source.family} folder")
+    return replaced

@@ -273,6 +273,37 @@ def write_safetensors(tensors: Mapping[str, torch.Tensor], out_file: Path, metad
             f.write(_tensor_bytes(tensors[name]))
 
 
+def write_safetensors_streamed(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], produce,
+                               out_file: Path, metadata: Mapping[str, str]) -> None:
+    """:func:`write_safetensors` one tensor at a time: the header from dtypes and shapes alone,
+    then ``produce(name)`` for each tensor in the same order, written and dropped, so peak
+    memory is one tensor, not the checkpoint. Byte-identical to ``write_safetensors`` of the
+    same tensors."""
+    def size(name: str) -> int:
+        dtype, shape = entries[name]
+        count = 1
+        for n in shape:
+            count *= int(n)
+        return count * torch.empty((), dtype=dtype).element_size()
+
+    order = sorted(entries, key=lambda n: (-torch.empty((), dtype=entries[n][0]).element_size(), n))
+    table, offset = {}, 0
+    for name in order:
+        dtype, shape = entries[name]
+        table[name] = {"dtype": _TORCH_TO_SAFETENSORS[dtype], "shape": [int(n) for n in shape],
+                       "data_offsets": [offset, offset + size(name)]}
+        offset += size(name)
+    with out_file.open("wb") as f:
+        f.write(_header_bytes(table, metadata))
+        for name in order:
+            tensor = produce(name)
+            dtype, shape = entries[name]
+            if tensor.dtype != dtype or list(tensor.shape) != list(shape):
+                raise ValueError(f"{name}: produced {tensor.dtype} {list(tensor.shape)}, announced "
+                                 f"{dtype} {list(shape)}")
+            f.write(_tensor_bytes(tensor))
+
+
 def patch_safetensors_copy(source: SafetensorsTable, out_file: Path,
                            replacements: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
     """Write ``source`` to ``out_file`` with the tensors in ``replacements`` overwritten.
@@ -334,17 +365,16 @@ class _Source:
     configs: dict[str, dict]
     metadata: dict[str, str]
     prediction_type: str | None
-    pipeline: object | None = None  # loaded pipeline, when the caller had one
     prediction_type_guessed: bool = False
 
 
 def _describe_source(source, prediction_type: str | None = None) -> _Source:
     from compiler.models.load import LoadedModel, inspect_source
 
-    if isinstance(source, LoadedModel):
-        inspected = inspect_source(source.source_path, source.prediction_type)
+    if isinstance(source, LoadedModel):  # its pipeline is not needed (and may not be built)
+        inspected = getattr(source, "source", None) or inspect_source(source.source_path, source.prediction_type)
         return _Source(Path(source.source_path), source.source_format, source.family,
-                       inspected.configs, dict(source.metadata), source.prediction_type, source.pipeline,
+                       inspected.configs, dict(source.metadata), source.prediction_type,
                        source.prediction_type_guessed and inspected.prediction_type_guessed)
     inspected = inspect_source(source, prediction_type)
     return _Source(inspected.path, inspected.format, inspected.family, inspected.configs,
@@ -417,44 +447,77 @@ def _source_dtypes(folder: Path, component: str) -> dict[str, torch.dtype]:
 
 
 def _write_from_diffusers(described: _Source, edited, out_file: Path, metadata: Mapping[str, str]) -> None:
-    """A diffusers source: every component converted to the family's original layout."""
-    from compiler.models.layout import SINGLE_FILE_COMPONENTS, component_to_original
+    """A diffusers source: every component converted to the family's original layout, streamed
+    tensor by tensor from the source's files (peak memory: one original tensor and its parts)."""
+    from compiler.models.layout import SINGLE_FILE_COMPONENTS, component_name_to_original, component_to_original
+    from compiler.models.load import _build_meta, inspect_source
+    from compiler.models.selective import TensorReader
 
-    pipeline = described.pipeline
-    if pipeline is None:
-        from compiler.models.load import load_model
-
-        pipeline = load_model(described.path).pipeline
-    tensors: dict[str, torch.Tensor] = {}
+    source = inspect_source(described.path, described.prediction_type)
+    reader = TensorReader(source)
     by_component: dict[str, dict[str, torch.Tensor]] = {}
     for qualified, value in edited.items():
         component, parameter = split_name(qualified)
         by_component.setdefault(component, {})[parameter] = value
+    entries: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    parts: dict[str, tuple[str, dict, list[str]]] = {}  # original -> (component, config, diffusers names)
+    meta_modules = {}
     for component in SINGLE_FILE_COMPONENTS[described.family]:
-        module = getattr(pipeline, component)
-        state = {k: v.detach().cpu() for k, v in module.state_dict().items()}
-        for parameter, value in by_component.pop(component, {}).items():
-            key = parameter if parameter in state else "text_model." + parameter.removeprefix("text_model.")
-            if key not in state:
-                key = parameter.removeprefix("text_model.")
-            if key not in state:
-                raise UserError(f"{component}/{parameter}: no such tensor in the model")
-            state[key] = value.detach().cpu().reshape(state[key].shape)
+        module = _build_meta(source.configs, component, str(source.path))
+        meta_modules[component] = module
+        config = source.configs.get(component, {}) if component in ("unet", "vae") else {}
+        state = module.state_dict()
+        edits = by_component.pop(component, {})
+        unknown = [p for p in edits if p not in state and "text_model." + p not in state
+                   and p.removeprefix("text_model.") not in state]
+        if unknown:
+            raise UserError(f"{component}/{unknown[0]}: no such tensor in the model")
         stored = _source_dtypes(described.path, component)
-        for name in list(state):
-            dtype = stored.get(name.removeprefix("text_model."), state[name].dtype)
-            state[name] = state[name].to(dtype)
-        config = described.configs.get(component, {}) if component in ("unet", "vae") else {}
-        tensors.update(component_to_original(described.family, component, state, config))
-    if by_component:
-        raise UserError(f"edited tensors of {', '.join(sorted(by_component))} have no place in a "
+        typed = {}
+        for name, tensor in state.items():
+            if name.endswith("position_ids"):
+                continue
+            typed[name] = tensor.to(stored.get(name.removeprefix("text_model."), torch.float32))
+        for original, tensor in component_to_original(described.family, component, typed, config).items():
+            entries[original] = (tensor.dtype, tuple(tensor.shape))
+            parts.setdefault(original, (component, config, []))
+        for name in typed:
+            original = component_name_to_original(described.family, component, name, config)
+            parts[original][2].append(name)
+        by_component[f"_edits_{component}"] = edits  # kept for produce()
+    leftover = [c for c in by_component if not c.startswith("_edits_")]
+    if leftover:
+        raise UserError(f"edited tensors of {', '.join(sorted(leftover))} have no place in a "
                         f"{described.family} single file")
+
+    def produce(original: str) -> torch.Tensor:
+        component, config, names = parts[original]
+        edits = by_component[f"_edits_{component}"]
+        tensors = {}
+        for name in names:
+            value = next((edits[k] for k in (name, "text_model." + name, name.removeprefix("text_model."))
+                          if k in edits), None)
+            base = reader.read(f"{component}/{name}")
+            tensors[name] = base if value is None else value.detach().cpu().to(base.dtype).reshape(base.shape)
+            if component == "vae" and tensors[name].shape != meta_modules[component].get_parameter(name).shape:
+                tensors[name] = tensors[name].reshape(meta_modules[component].get_parameter(name).shape)
+        out = component_to_original(described.family, component, tensors, config)[original]
+        return out.contiguous()
+
     # The configs ride along, so that a model off the family's conventions (the toy model's
     # widths and heads, its VAE scaling factor, its scheduler) loads back exactly.
     from compiler.models.configs import config_metadata
 
-    metadata = {**config_metadata(pipeline.components), **metadata}
-    write_safetensors(tensors, out_file, metadata)
+    components = dict(meta_modules)
+    if "scheduler" in source.configs:
+        import diffusers
+
+        scheduler_config = dict(source.configs["scheduler"])
+        cls = getattr(diffusers, scheduler_config.get("_class_name", ""), None)
+        if cls is not None:
+            components["scheduler"] = cls.from_config(scheduler_config)
+    metadata = {**config_metadata(components), **metadata}
+    write_safetensors_streamed(entries, produce, out_file, metadata)
 
 
 def write_output(job) -> dict:

@@ -28,7 +28,6 @@ class LocoEdit(EditMethod):
         import torch
 
         from compiler import solve
-        from compiler.fuse import get_parameter
 
         model, lam = context.model, context.lam
         x_orig = torch.cat([rows.by_plan[id(p)][0] for p in plans])
@@ -41,11 +40,9 @@ class LocoEdit(EditMethod):
         weights = torch.cat([torch.full((n,), w, dtype=torch.float64) for n, w in zip(counts, per_edit)])
         problem = solve.build_problem(x_orig, x_target, lam=lam, preserve=rows.preserve, row_weights=weights)
         layers = sorted({j for p in plans for j in p.layers})
-        old = {}
-        for layer in (model.registry.cross_attention[j] for j in layers):
-            for name in (layer.to_k, layer.to_v):
-                qualified = f"unet/{name}"
-                old[qualified] = get_parameter(model.pipeline, qualified).detach()
+        names = [f"unet/{name}" for layer in (model.registry.cross_attention[j] for j in layers)
+                 for name in (layer.to_k, layer.to_v)]
+        old = model.read_tensors(names)  # as stored: the result keeps the checkpoint's dtype
         result = solve.solve_ridge(problem, old)
         info = {
             "method": "locoedit", "layers": layers, "rows": problem.n_rows, "preserve_rows": problem.n_preserve_rows,

@@ -38,7 +38,6 @@ class Neurons(EditMethod):
         """
         from compiler import solve
         from compiler.errors import UserError
-        from compiler.fuse import get_parameter
 
         model = context.model
         new = {}
@@ -49,7 +48,9 @@ class Neurons(EditMethod):
                 layer = model.registry.cross_attention[j]
                 for name in (layer.to_k, layer.to_v):
                     qualified = f"unet/{name}"
-                    weight = new.get(qualified, get_parameter(model.pipeline, qualified).detach())
+                    weight = new.get(qualified)
+                    if weight is None:
+                        weight = model.read_tensors([qualified])[qualified]
                     w64 = weight.double()
                     if plan.edit.neurons_top_k > w64.shape[0]:
                         raise UserError(f"edit '{plan.edit.concept}': neurons_top_k {plan.edit.neurons_top_k} exceeds "

@@ -113,27 +113,30 @@ class QuickFix(EditMethod):
 
     # -- out_proj --------------------------------------------------------------------------
     def _out_proj_keys(self, context, plans):
+        """The inputs of layer 0's out_proj (the encoder stops there); the preservation keys'
+        ``PᵀP`` from the cache."""
         from compiler import resolve
 
-        pipe, tokenizer, preserve = context.pipeline, context.tokenizer, context.preserve
+        encoder, tokenizer, preserve = context.encoder, context.tokenizer, context.preserve
         spec = context.model.registry.text_layer0[0]
-        out_proj = getattr(pipe, spec.component).get_submodule(spec.module_name)
+        out_proj = context.model.text_encoder(spec.component).get_submodule(spec.module_name)
         rows = quickfix_rows(tokenizer, plans, context.lam)
-        n = len(rows.sources)
-        inputs = resolve.encode_context(pipe, rows.sources + rows.targets + preserve, capture=out_proj)
-        keys = resolve.gather_rows(inputs[:n], rows.source_positions)
-        target_keys = resolve.gather_rows(inputs[n : 2 * n], rows.target_positions)
-        preserve_keys = resolve.gather_rows(inputs[2 * n :], resolve.all_token_positions(tokenizer, preserve))
-        return keys, target_keys, preserve_keys, rows.weights
+        n = int(rows.weights.numel())
+        inputs = encoder.module_inputs(rows.sources + rows.targets, rows.source_positions + rows.target_positions,
+                                       out_proj, spec.component)
+        positions = resolve.all_token_positions(tokenizer, preserve)
+        preserve_keys = context.cache.gram(f"inputs:{spec.component}/{spec.module_name}", [spec.component],
+                                           preserve, positions,
+                                           lambda: encoder.module_inputs(preserve, positions, out_proj, spec.component))
+        return inputs[:n], inputs[n:], preserve_keys, rows.weights
 
     def _solve_out_proj(self, context, keys):
         from compiler import solve
-        from compiler.fuse import get_parameter
 
         keys, target_keys, preserve_keys, weights = keys
         spec = context.model.registry.text_layer0[0]
         qualified = f"{spec.component}/{spec.weight}"
-        old = get_parameter(context.pipeline, qualified).detach()
+        old = context.model.read_tensors([qualified])[qualified]
         values = target_keys.double() @ old.double().T  # what the unedited layer gives the replacement
         result = solve.solve_quickfix(keys, values, old, lam=context.lam, preserve_keys=preserve_keys,
                                       name=qualified, row_weights=weights)
@@ -149,28 +152,30 @@ class QuickFix(EditMethod):
         """Keys mixed by the layer-0 attention, per head."""
         from compiler import resolve
 
-        pipe, tokenizer, preserve = context.pipeline, context.tokenizer, context.preserve
+        encoder, tokenizer, preserve = context.encoder, context.tokenizer, context.preserve
         spec = context.model.registry.text_layer0[0]
-        attention = getattr(pipe, spec.component).get_submodule(spec.module_name.rsplit(".", 1)[0])
+        attention = context.model.text_encoder(spec.component).get_submodule(spec.module_name.rsplit(".", 1)[0])
         if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "num_heads")):
             raise UserError(f"{spec.component}: its layer-0 attention ({type(attention).__name__}) has no "
                             "separate q/k/v projections; use site: out_proj")
         rows = quickfix_rows(tokenizer, plans, context.lam)
-        positions = rows.source_positions + rows.target_positions + resolve.all_token_positions(tokenizer, preserve)
-        mixed = resolve.attention_value_keys(pipe, spec.component, attention,
-                                             rows.sources + rows.targets + preserve, positions)
+        mixed = encoder.value_keys(rows.sources + rows.targets, rows.source_positions + rows.target_positions,
+                                   attention, spec.component)
         n = len(rows.weights)  # key rows per side (source and target positions pair up)
-        return mixed[:, :n], mixed[:, n : 2 * n], mixed[:, 2 * n :], rows.weights
+        positions = resolve.all_token_positions(tokenizer, preserve)
+        preserve_keys = context.cache.gram(f"value_keys:{spec.component}/{spec.module_name}", [spec.component],
+                                           preserve, positions,
+                                           lambda: encoder.value_keys(preserve, positions, attention, spec.component))
+        return mixed[:, :n], mixed[:, n:], preserve_keys, rows.weights
 
     def _solve_v_proj(self, context, keys):
         from compiler import solve
-        from compiler.fuse import get_parameter
 
         keys, target_keys, preserve_keys, weights = keys
         spec = context.model.registry.text_layer0[0]
         weight_name = spec.weight.replace("out_proj.weight", "v_proj.weight")
         qualified = f"{spec.component}/{weight_name}"
-        old = get_parameter(context.pipeline, qualified).detach()
+        old = context.model.read_tensors([qualified])[qualified]
         result = solve.solve_value_heads(keys, target_keys, old, lam=context.lam, preserve_keys=preserve_keys,
                                          name=qualified, row_weights=weights)
         info = {

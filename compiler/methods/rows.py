@@ -1,6 +1,7 @@
-"""What the methods' solves share: the planned edits, the preservation prompts and the UNet
-context rows (text-encoder outputs at each edit's positions), embedded once for every method
-that reads them."""
+"""What the methods' solves share: the planned edits, the preservation prompts, the one prompt
+encoder (``compiler.encode``), the preservation Gram cache (``compiler.preserve_cache``) and the
+UNet context rows (text-encoder outputs at each edit's positions), embedded once for every
+method that reads them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ import torch
 
 from compiler import resolve
 
+# UNet edits with EOS on also remap every padding position after EOS (and keep every padding
+# position of the preservation prompts in place): the UNet attends to all 77 context tokens.
+PADDING_ROWS = True
+
 
 @dataclass
 class ContextRows:
@@ -18,7 +23,7 @@ class ContextRows:
     preservation rows, all at the same token length."""
 
     by_plan: dict[int, tuple[torch.Tensor, torch.Tensor]]
-    preserve: torch.Tensor
+    preserve: object  # compiler.solve.PreservationGram: PᵀP of the preservation rows
 
 
 @dataclass
@@ -32,15 +37,29 @@ class RowContext:
     preserve: list[str]
     lam: float
     timings: dict[str, float] = field(default_factory=dict)
+    preserve_cache: bool | None = None  # None: on unless EDITC_NO_PRESERVE_CACHE=1
     _context_rows: ContextRows | None = None
+    _encoder: object = None
+    _cache: object = None
 
     @property
-    def pipeline(self):
-        return self.model.pipeline
+    def encoder(self):
+        """The one prompt encoder (deduplicated, causal prefixes; reads only the text encoders)."""
+        if self._encoder is None:
+            from compiler.encode import PromptEncoder
+
+            self._encoder = PromptEncoder(self.model)
+        return self._encoder
 
     @property
     def tokenizer(self):
-        return self.model.pipeline.tokenizer
+        return self.encoder.tokenizer()
+
+    @property
+    def cache(self) -> PreserveCache:
+        if self._cache is None:
+            self._cache = PreserveCache(self.model, self.preserve_cache)
+        return self._cache
 
     def context_rows(self) -> ContextRows:
         """The UNet's cross-attention context rows of every plan, embedded in one pass on first
@@ -50,27 +69,48 @@ class RowContext:
         return self._context_rows
 
     def _embed_context_rows(self) -> ContextRows:
-        plans, preserve, tokenizer = self.plans, self.preserve, self.tokenizer
-        sources = [pr.source for p in plans for pr in p.pairs]
-        targets = [pr.target for p in plans for pr in p.pairs]
-        # Trailing (EOS and padding) rows need the pipeline's full 77-token contexts.
-        full = any(p.eos for p in plans if p.method_plugin.edits_unet_layers)
-        contexts = resolve.encode_context(self.pipeline, sources + targets + preserve, full_length=full)
-        src_ctx, tgt_ctx = contexts[: len(sources)], contexts[len(sources) : len(sources) + len(targets)]
-        pres_ctx = contexts[len(sources) + len(targets) :]
-        offset = 0
-        by_plan = {}
+        plans, preserve, tokenizer, encoder = self.plans, self.preserve, self.tokenizer, self.encoder
+        # With padding rows, the trailing (EOS and padding) rows reach to the pipeline's full
+        # 77-token contexts, and so do the preservation rows'.
+        full = PADDING_ROWS and any(p.eos for p in plans if p.method_plugin.edits_unet_layers)
+        length = encoder.max_length if full else None
+        prompts, positions, counts = [], [], []
         for plan in plans:
-            n = len(plan.pairs)
-            s_pos, t_pos = positions_by_prompt(tokenizer, plan, contexts.shape[1] if full else None)
-            by_plan[id(plan)] = (
-                resolve.gather_rows(src_ctx[offset : offset + n], s_pos),
-                resolve.gather_rows(tgt_ctx[offset : offset + n], t_pos),
-            )
-            offset += n
-        length = contexts.shape[1] if full else None
-        preserve_rows = resolve.gather_rows(pres_ctx, resolve.all_token_positions(tokenizer, preserve, length))
-        return ContextRows(by_plan, preserve_rows)
+            s_pos, t_pos = positions_by_prompt(tokenizer, plan, length)
+            prompts += [pr.source for pr in plan.pairs] + [pr.target for pr in plan.pairs]
+            positions += s_pos + t_pos
+            counts.append((sum(map(len, s_pos)), sum(map(len, t_pos))))
+        rows = encoder.context_rows(prompts, positions)
+        by_plan, offset = {}, 0
+        for plan, (n_src, n_tgt) in zip(plans, counts):
+            by_plan[id(plan)] = (rows[offset : offset + n_src], rows[offset + n_src : offset + n_src + n_tgt])
+            offset += n_src + n_tgt
+        preserve_positions = resolve.all_token_positions(tokenizer, preserve, length)
+        preserve_gram = self.cache.gram("context", encoder.components, preserve, preserve_positions,
+                                        lambda: encoder.context_rows(preserve, preserve_positions))
+        return ContextRows(by_plan, preserve_gram)
+
+
+class PreserveCache:
+    """The preservation Gram cache for one compile, keyed by the content hash of the text
+    encoder(s) involved; ``stats`` (hits, misses) goes into the manifest."""
+
+    def __init__(self, model, enabled: bool | None):
+        from compiler.preserve_cache import CacheStats
+
+        self.model, self.enabled, self.stats = model, enabled, CacheStats()
+        self._hashes: dict[str, str] = {}
+
+    def gram(self, kind: str, components, prompts, positions, rows):
+        from compiler.preserve_cache import cached_gram, text_encoder_hash
+
+        for component in components:
+            if component not in self._hashes:
+                self._hashes[component] = text_encoder_hash(self.model, component)
+        encoder_hash = "+".join(self._hashes[c] for c in components)
+        # An in-memory pipeline has no content hash: nothing to key a cache entry by.
+        enabled = False if not all(self._hashes[c] for c in components) else self.enabled
+        return cached_gram(encoder_hash, kind, prompts, positions, rows, enabled=enabled, stats=self.stats)
 
 
 def positions_by_prompt(tokenizer, plan, trailing_to: int | None = None):

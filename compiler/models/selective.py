@@ -100,11 +100,52 @@ def cross_attention_from_config(family: str, unet_config: Mapping) -> list[Cross
 # --------------------------------------------------------------------------------------------
 
 
+class SafetensorsRanges:
+    """One safetensors file read tensor by tensor: the header once, then each tensor's own byte
+    range with a positioned read. (A memory map, as ``safe_open`` uses, would leave every page
+    it touched counted in the process's resident memory until it is closed; explicit reads keep
+    peak memory at the tensors actually held.)"""
+
+    def __init__(self, path: Path):
+        import struct
+
+        from compiler.models.checkpoint import read_safetensors_header
+
+        self.path = Path(path)
+        self.entries, self.metadata = read_safetensors_header(self.path)  # validated against the size
+        with self.path.open("rb") as f:
+            (header_length,) = struct.unpack("<Q", f.read(8))
+        self.data_start = 8 + header_length
+
+    def keys(self):
+        return self.entries.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        from compiler.export.single_file import SAFETENSORS_DTYPES
+
+        entry = self.entries[name]
+        start, end = entry["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        if end == start:
+            return torch.empty(entry["shape"], dtype=dtype)
+        buffer = bytearray(end - start)
+        with self.path.open("rb", buffering=0) as f:
+            f.seek(self.data_start + start)
+            view, done = memoryview(buffer), 0
+            while done < len(buffer):
+                n = f.readinto(view[done:])
+                if not n:
+                    raise UserError(f"{self.path}: truncated while reading {name}")
+                done += n
+        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+
+
 class TensorReader:
     """Tensors of a checkpoint by diffusers name (``<component>/<parameter>``), as stored.
 
-    Safetensors files are opened with ``safe_open`` (memory-mapped; only the requested byte
-    ranges are read); a ``.ckpt`` is loaded once with ``mmap=True``. ``read`` counts tensors.
+    Safetensors files are read range by range (:class:`SafetensorsRanges`: only the requested
+    tensors' bytes); a ``.ckpt`` is loaded once with ``torch.load(mmap=True,
+    weights_only=True)``. ``count`` counts the tensors read.
     """
 
     def __init__(self, source: ModelSource):
@@ -123,11 +164,9 @@ class TensorReader:
                 self._keys[path] = set(self._state(path))
         return self._keys[path]
 
-    def _handle(self, path: Path):
+    def _handle(self, path: Path) -> SafetensorsRanges:
         if path not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[path] = safe_open(str(path), "pt")
+            self._handles[path] = SafetensorsRanges(path)
         return self._handles[path]
 
     def _state(self, path: Path) -> dict[str, torch.Tensor]:
@@ -218,7 +257,8 @@ class SelectiveModel(LoadedModel):
                          source_format=source.format, model_hash=source_hash(source),
                          registry=registry, dtype=source.stored_dtype or torch.float32,
                          stored_dtype=source.stored_dtype, prediction_type=source.prediction_type,
-                         metadata=dict(source.metadata), notes=registry.notes)
+                         metadata=dict(source.metadata), notes=registry.notes,
+                         prediction_type_guessed=source.prediction_type_guessed)
 
     # LoadedModel's ``pipeline`` field, built on first use.
     @property

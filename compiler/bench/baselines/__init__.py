@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from compiler import resolve
+from compiler.encode import PromptEncoder
 
 
 _VOCABULARY = []
@@ -187,8 +188,7 @@ def aligned_token_rows(pipe, pairs: list[resolve.PromptPair], concept: str, repl
     the concept sits anywhere). Returns float64 (R, d) source rows and target rows.
     """
     tokenizer = pipe.tokenizer
-    states = resolve.encode_context(pipe, [p.source for p in pairs] + [p.target for p in pairs],
-                                    full_length=True).double()
+    states = PromptEncoder(pipe).contexts([p.source for p in pairs] + [p.target for p in pairs]).double()
     source_states, target_states = states[: len(pairs)], states[len(pairs) :]
     length = states.shape[1]
     sources, targets = [], []
@@ -203,7 +203,7 @@ def aligned_token_rows(pipe, pairs: list[resolve.PromptPair], concept: str, repl
 
 def all_token_rows(pipe, prompts: list[str]) -> Tensor:
     """Every one of the 77 context rows of each prompt (UCE's preservation rows), float64."""
-    states = resolve.encode_context(pipe, prompts, full_length=True).double()
+    states = PromptEncoder(pipe).contexts(prompts).double()
     return states.reshape(-1, states.shape[-1])
 
 
