@@ -45,7 +45,6 @@ PYTHON = sys.executable
 TARGETS = {  # issue 13, item 5 (2 CPU threads, idle machine)
     ("sd1", "van_gogh", "diffusers", "diffusers"): (10.0, 1.5),
     ("sd1", "british_monarch", "diffusers", "diffusers"): (5.0, None),
-    ("sd1", "100 styles", "diffusers", "diffusers"): (60.0, None),
     ("sdxl", "van_gogh", "diffusers", "diffusers"): (30.0, 4.0),
 }
 
@@ -129,9 +128,10 @@ def _recipe_with_model(recipe: Path, out: Path) -> Path:
     return out
 
 
-def hundred_concepts_recipe(path: Path) -> Path:
+def hundred_concepts_recipe(path: Path, count: int = 100) -> Path:
+    """``count`` painters -> "a painting" in one recipe (one solve)."""
     lines = ["model: toy", "lambda: 0.01", "edits:"]
-    for name in PAINTERS[:100]:
+    for name in PAINTERS[:count]:
         lines += [f"  - concept: {name}", "    replacement: a painting", "    attribute: style"]
     lines += ["outputs:", "  formats: [delta]"]
     path.write_text("\n".join(lines) + "\n")
@@ -275,10 +275,11 @@ def write_report(results: dict) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scratch", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "editc-real-size")
-    parser.add_argument("--families", default="sd1,sd2,sdxl")
+    parser.add_argument("--families", default="sd1,sdxl,sd2")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--baseline-size", type=int, default=32, help="latent side for the ESD/CA steps (64 = 512 px)")
+    parser.add_argument("--concepts", type=int, default=100, help="styles in the many-concept recipe (0: skip)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -297,7 +298,6 @@ def main(argv=None) -> int:
     recipes.mkdir(exist_ok=True)
     examples = {name: _recipe_with_model(ROOT / "recipes" / f"{name}.yaml", recipes / f"{name}.yaml")
                 for name in ("van_gogh", "snoopy", "british_monarch")}
-    hundred = hundred_concepts_recipe(recipes / "hundred.yaml")
 
     for family in families:
         print(f"[real_size] building {family} in {args.scratch}", flush=True)
@@ -313,15 +313,19 @@ def main(argv=None) -> int:
                 ("snoopy", folder, "diffusers"),
                 ("british_monarch", folder, "diffusers"),
                 ("british_monarch", folder, "diffusers")]
-        if family != "sd1":
-            runs = [r for r in runs if r[0] != "snoopy" and r[1:] != (folder, "single-file")
-                    and r[1:] != (single, "diffusers")]
+        if family != "sd1":  # the bigger models: the target runs and one of each input
+            runs = [runs[0], runs[1], runs[2], runs[7]]
         for recipe_name, model, fmt in runs:
             results["compiles"].append(compile_run(recipe_name, family, examples[recipe_name], model, fmt,
                                                    args.scratch, env))
-        if family == "sd1":
-            results["compiles"].append(compile_run("100 styles", family, hundred, folder, "delta", args.scratch, env))
-            results["compiles"].append(compile_run("100 styles", family, hundred, folder, "diffusers", args.scratch, env))
+            write_report({**results, "load_after": os.getloadavg()})
+
+    if "sd1" in families and args.concepts:
+        label = f"{args.concepts} styles"
+        TARGETS[("sd1", label, "diffusers", "diffusers")] = (60.0, None)
+        recipe = hundred_concepts_recipe(recipes / f"styles-{args.concepts}.yaml", args.concepts)
+        results["compiles"].append(compile_run(label, "sd1", recipe, args.scratch / "sd1-diffusers", "diffusers",
+                                               args.scratch, env))
         write_report({**results, "load_after": os.getloadavg()})
 
     if args.baselines and "sd1" in families:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 
 MAX_BATCH = 256
-TOKEN_BUDGET = 16384  # prompts × tokens per forward pass
+TOKEN_BUDGET = 8192  # prompts × tokens per forward pass (bounds activation memory)
 
 
 class _Stop(Exception):
@@ -162,11 +162,13 @@ class PromptEncoder:
             return self.model.text_encoder(component)(self._ids_tensor(prompts, length, component))[0].float()
         # SD-XL: the penultimate hidden state of each encoder, concatenated; each encoder reads
         # its own tokenizer's ids (the same BPE; only the pad token differs).
+        # The penultimate hidden state is the last layer's input: captured there, the last layer
+        # never runs and no other layer's states are kept (all 33 of bigG's would be GBs).
         parts = []
         for component in self.components:
             encoder = self.model.text_encoder(component)
-            out = encoder(self._ids_tensor(prompts, length, component), output_hidden_states=True)
-            parts.append(out.hidden_states[-2].float())
+            last = _encoder_layers(encoder)[-1]
+            parts.append(_capture_input(encoder, last, self._ids_tensor(prompts, length, component)).float())
         return torch.cat(parts, dim=-1)
 
     def _pipeline_contexts(self, prompts) -> torch.Tensor:
@@ -179,14 +181,26 @@ class PromptEncoder:
         return torch.stack([states[p] for p in prompts])
 
 
+def _encoder_layers(encoder: torch.nn.Module) -> torch.nn.ModuleList:
+    """The transformer layers of a CLIP text model (``encoder.layers``, with or without
+    transformers' ``text_model.`` level)."""
+    for name in ("encoder.layers", "text_model.encoder.layers"):
+        try:
+            return encoder.get_submodule(name)
+        except AttributeError:
+            continue
+    raise ValueError(f"{type(encoder).__name__} has no encoder.layers")
+
+
 def _capture_input(encoder: torch.nn.Module, module: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The first input of ``module`` when ``encoder`` runs on ``ids``; the pass stops there."""
     seen: list[torch.Tensor] = []
 
-    def hook(_module, args):
-        seen.append(args[0].detach())
+    def hook(_module, args, kwargs):
+        seen.append((args[0] if args else next(iter(kwargs.values()))).detach())
         raise _Stop
 
-    handle = module.register_forward_pre_hook(hook)
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         encoder(ids)
     except _Stop:
