@@ -221,7 +221,7 @@ class PipelineModel:
     baselines and LocoGen hold pipelines)."""
 
     def __init__(self, pipeline):
-        from compiler.models.registry import build_registry
+        from compiler.models.load import build_registry
 
         self.pipeline = pipeline
         self.registry = build_registry(pipeline)
