@@ -15,7 +15,7 @@ peak RSS after each stage):
   diffusers / single-file / delta out; the first van_gogh compile of a model runs with an empty
   preservation cache ("cold"), the later ones find it ("warm");
 - a 100-concept recipe (100 painters -> "a painting", one solve);
-- one ESD-x step and one Concept Ablation step (``bench/baselines``) on the same SD-1.5 UNet in
+- one ESD-x step and one Concept Ablation step (``compiler/bench/baselines``) on the same SD-1.5 UNet in
   float32, at a reduced resolution (``--baseline-size``, latents of that side), so that the
   ratio to ESD's 1000 and CA's 400 steps is measured in the same run.
 
@@ -175,9 +175,9 @@ def _output_dtypes(out: Path) -> list[str]:
 BASELINE_SCRIPT = r"""
 import json, sys, time, torch
 from compiler.models.load import load_model
-from bench.baselines import EditTask
-from bench.baselines.esd import ESDConfig, train_esd
-from bench.baselines.concept_ablation import ConceptAblationConfig, train_concept_ablation
+from compiler.bench.baselines import EditTask
+from compiler.bench.baselines.esd import ESDConfig, train_esd
+from compiler.bench.baselines.concept_ablation import ConceptAblationConfig, train_concept_ablation
 which, model, size, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 loaded = load_model(model, dtype=torch.float32, device=device)
 pipe = loaded.pipeline
@@ -224,7 +224,8 @@ def write_report(results: dict) -> None:
         "# Real-size compile (random weights, full-size architectures, float16 checkpoints)",
         "",
         f"Measured {results['date']} by `bench/real_size.py` on {results['machine']}; load average "
-        f"before {results['load_before']}, after {results['load_after']}. Each row is one child process "
+        f"before {results['load_before']}, after {results['load_after']}; padding rows "
+        f"{'on' if results.get('padding_rows', True) else 'off (EDITC_PADDING_ROWS=0)'}. Each row is one child process "
         "(`/usr/bin/time -v`: wall and peak RSS of the whole `editc compile`, Python start included).",
         "",
         "| model | recipe | in -> out | cache | wall s | peak RSS GB | load / embed / solve / save s | rows | output | target | met |",
@@ -281,6 +282,8 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline-size", type=int, default=32, help="latent side for the ESD/CA steps (64 = 512 px)")
     parser.add_argument("--concepts", type=int, default=100, help="styles in the many-concept recipe (0: skip)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--padding-rows", action=argparse.BooleanOptionalAction, default=None,
+                        help="UNet edits' padding rows (default: editc's default, EDITC_PADDING_ROWS)")
     args = parser.parse_args(argv)
 
     families = [f.strip() for f in args.families.split(",") if f.strip()]
@@ -291,34 +294,40 @@ def main(argv=None) -> int:
            "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "EDITC_CACHE_DIR": str(cache)}
     if args.device != "cpu":
         env["EDITC_DEVICE"] = args.device
+    if args.padding_rows is not None:
+        env["EDITC_PADDING_ROWS"] = "1" if args.padding_rows else "0"
     results = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{os.cpu_count()} cores",
-               "threads": args.threads, "load_before": os.getloadavg(), "compiles": [], "baselines": [],
+               "threads": args.threads,
+               "padding_rows": env.get("EDITC_PADDING_ROWS", "1") != "0", "load_before": os.getloadavg(), "compiles": [], "baselines": [],
                "notes": ["random weights of the real architectures, float16 checkpoints built by this script"]}
     recipes = args.scratch / "recipes"
     recipes.mkdir(exist_ok=True)
     examples = {name: _recipe_with_model(ROOT / "recipes" / f"{name}.yaml", recipes / f"{name}.yaml")
                 for name in ("van_gogh", "snoopy", "british_monarch")}
 
+    models = {}
     for family in families:
         print(f"[real_size] building {family} in {args.scratch}", flush=True)
         t0 = time.perf_counter()
-        folder, single = build_checkpoints(family, args.scratch)
+        models[family] = build_checkpoints(family, args.scratch)
         results.setdefault("build_s", {})[family] = round(time.perf_counter() - t0, 1)
-        runs = [("van_gogh", folder, "diffusers"),  # cold: fills the preservation cache
-                ("van_gogh", folder, "diffusers"),  # warm
-                ("van_gogh", single, "single-file"),
-                ("van_gogh", single, "diffusers"),
-                ("van_gogh", folder, "single-file"),
-                ("van_gogh", folder, "delta"),
-                ("snoopy", folder, "diffusers"),
-                ("british_monarch", folder, "diffusers"),
-                ("british_monarch", folder, "diffusers")]
-        if family != "sd1":  # the bigger models: the target runs and one of each input
-            runs = [runs[0], runs[1], runs[2], runs[7]]
-        for recipe_name, model, fmt in runs:
-            results["compiles"].append(compile_run(recipe_name, family, examples[recipe_name], model, fmt,
-                                                   args.scratch, env))
-            write_report({**results, "load_after": os.getloadavg()})
+    # The target runs first (a cold compile fills the preservation cache, the next finds it),
+    # then the other inputs and outputs.
+    plan = []
+    for family in families:
+        folder, single = models[family]
+        plan += [(family, "van_gogh", folder, "diffusers"), (family, "van_gogh", folder, "diffusers"),
+                 (family, "british_monarch", folder, "diffusers")]
+    for family in families:
+        folder, single = models[family]
+        plan += [(family, "van_gogh", single, "single-file"), (family, "van_gogh", folder, "delta")]
+        if family == "sd1":
+            plan += [(family, "van_gogh", single, "diffusers"), (family, "van_gogh", folder, "single-file"),
+                     (family, "snoopy", folder, "diffusers")]
+    for family, recipe_name, model, fmt in plan:
+        results["compiles"].append(compile_run(recipe_name, family, examples[recipe_name], model, fmt,
+                                               args.scratch, env))
+        write_report({**results, "load_after": os.getloadavg()})
 
     if "sd1" in families and args.concepts:
         label = f"{args.concepts} styles"
