@@ -56,6 +56,12 @@ class RowContext:
         return self._encoder
 
     @property
+    def pipeline(self):
+        """The whole diffusers pipeline, built on first use (a plug-in that needs the UNet);
+        the built-in methods read only ``encoder`` and ``model.read_tensors``."""
+        return self.model.pipeline
+
+    @property
     def tokenizer(self):
         return self.encoder.tokenizer()
 
