@@ -110,13 +110,14 @@ def find_neighbours(recipe: Recipe, edit: Edit, model, vocabulary, method: str) 
     replacements are never neighbours."""
     if recipe.neighbours <= 0:
         return []
-    capture = None
+    capture, capture_name = None, ""
     if method == "quickfix":
         spec = model.registry.text_layer0[0]
         capture = model.text_encoder(spec.component).get_submodule(spec.module_name)
+        capture_name = f"{spec.component}.{spec.module_name}"
     avoid = [e.concept for e in recipe.edits] + [e.replacement for e in recipe.edits]
     return resolve.find_neighbours(model, vocabulary, edit.concept, edit.attribute,
-                                   k=recipe.neighbours, avoid=avoid, capture=capture)
+                                   k=recipe.neighbours, avoid=avoid, capture=capture, capture_name=capture_name)
 
 
 def _layers_for(edit: Edit, model, locate_fn) -> tuple[tuple[int, ...], LayersSource, str]:

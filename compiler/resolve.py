@@ -46,20 +46,32 @@ def vocabulary_of(model, recipe_vocabulary=None) -> Vocabulary:
     return vocab.vocabulary_for(folder or None, recipe_vocabulary)
 
 
-def state_encoder(pipe, capture: torch.nn.Module | None = None):
+def state_encoder(pipe, capture: torch.nn.Module | None = None, capture_name: str = ""):
     """``encode(prompts, phrases)``: each prompt's state at the last token of its phrase, the
     state an edit moves (the text encoder's output, or with ``capture`` that module's input,
-    e.g. layer 0's ``out_proj`` for Diff-QuickFix). For ranking neighbours."""
+    e.g. layer 0's ``out_proj`` for Diff-QuickFix, named ``capture_name``). For ranking
+    neighbours; the states are kept in the prompt-state cache (``compiler.preserve_cache``),
+    keyed by the text encoder's content hash, so a second recipe on a model encodes only what
+    is new."""
     from compiler.encode import PromptEncoder
+    from compiler.preserve_cache import PromptStateCache, text_encoder_hash
 
     encoder = PromptEncoder(pipe)  # a pipeline or a LoadedModel (then only its text encoder)
     tokenizer = encoder.tokenizer()
+    hashes = [text_encoder_hash(pipe, c) if hasattr(pipe, "model_hash") else "" for c in encoder.components]
+    # No content hash (a pipeline in memory) or an unnamed capture site: nothing to key by.
+    encoder_hash = "+".join(hashes) if all(hashes) and (capture is None or capture_name) else ""
+    cache = PromptStateCache(encoder_hash, f"input:{capture_name}" if capture is not None else "context")
+
+    def compute(prompts: list[str], positions: list[int]) -> torch.Tensor:
+        rows = [[p] for p in positions]
+        if capture is None:
+            return encoder.context_rows(prompts, rows)
+        return encoder.module_inputs(prompts, rows, capture)
 
     def encode(prompts: list[str], phrases: list[str]) -> torch.Tensor:
-        positions = [[last_token_index(tokenizer, p, ph)] for p, ph in zip(prompts, phrases)]
-        if capture is None:
-            return encoder.context_rows(prompts, positions)
-        return encoder.module_inputs(prompts, positions, capture)
+        positions = [last_token_index(tokenizer, p, ph) for p, ph in zip(prompts, phrases)]
+        return cache.rows(prompts, positions, compute)
 
     return encode
 
@@ -157,8 +169,9 @@ def all_token_positions(tokenizer, prompts: list[str], length: int | None = None
 
 # ----------------------------------------------------------------------------- neighbours
 def find_neighbours(pipe, vocabulary: Vocabulary, concept: str, attribute: str, *, k: int,
-                    avoid=(), capture: torch.nn.Module | None = None) -> list[vocab.Neighbour]:
+                    avoid=(), capture: torch.nn.Module | None = None, capture_name: str = "") -> list[vocab.Neighbour]:
     """The ``k`` concepts of ``vocabulary`` nearest ``concept`` in this model's own text space
     (see ``compiler.prompts.neighbours``): at the text encoder's output, or with ``capture``
-    at that module's input (Diff-QuickFix's keys)."""
-    return vocab.rank_neighbours(vocabulary, concept, attribute, state_encoder(pipe, capture), k=k, avoid=avoid)
+    at that module's input (Diff-QuickFix's keys; ``capture_name`` names it for the cache)."""
+    encode = state_encoder(pipe, capture, capture_name)
+    return vocab.rank_neighbours(vocabulary, concept, attribute, encode, k=k, avoid=avoid)

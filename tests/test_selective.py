@@ -138,3 +138,33 @@ def test_preservation_cache_hit_on_second_compile_invalidated_by_a_new_text_enco
     save_file(tensors, str(weights), metadata=metadata)
     changed = _compile(model, tmp_path / "d", ("delta",), tmp_path)
     assert _cache_counts(changed) == (0, 2)
+
+
+def test_neighbour_states_are_encoded_once_per_text_encoder(tiny, tmp_path, monkeypatch):
+    """Ranking neighbours encodes the whole vocabulary's attribute; the second ranking on the
+    same text encoder (another recipe, another concept) encodes only the prompts it has not seen,
+    and finds the same neighbours."""
+    from compiler import resolve
+    from compiler.encode import PromptEncoder
+    from compiler.models.selective import open_model
+
+    monkeypatch.setenv("EDITC_CACHE_DIR", str(tmp_path / "cache"))
+    encoded: list[int] = []
+    original = PromptEncoder.context_rows
+
+    def counting(self, prompts, positions):
+        encoded.append(len(prompts))
+        return original(self, prompts, positions)
+
+    monkeypatch.setattr(PromptEncoder, "context_rows", counting)
+    model = open_model(tiny("sd1"))
+    vocabulary = resolve.vocabulary_of(model)
+    first = resolve.find_neighbours(model, vocabulary, "van gogh", "style", k=4, avoid=["a painting"])
+    assert sum(encoded) > 200  # every style of the real vocabulary, in two templates
+    encoded.clear()
+    again = resolve.find_neighbours(open_model(tiny("sd1")), vocabulary, "van gogh", "style", k=4,
+                                    avoid=["a painting"])
+    assert encoded == [] and again == first
+    other = resolve.find_neighbours(model, vocabulary, "claude monet", "style", k=4, avoid=["a painting"])
+    assert sum(encoded) <= 2 and len(other) == 4  # only "van gogh" in its two templates is new
+    assert list((tmp_path / "cache" / "prompt-states").glob("*.safetensors"))
