@@ -38,6 +38,7 @@ def test_shipped_toy_model_is_a_standard_pipeline_under_40_mb():
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
 
 
+@pytest.mark.slow  # 18 s: a second quick training from scratch (the toy is an instrument, not the product)
 def test_training_is_seeded_and_resumable(quick_toy_weights, tmp_path):
     # A second run from scratch gives the session's quick toy (conftest.py) bit for bit.
     again = _train_quick(tmp_path / "b", tmp_path / "b-out")

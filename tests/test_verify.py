@@ -383,9 +383,11 @@ def test_shipped_fact_recipe_passes_on_the_toy_world(tmp_path):
     assert groups["specificity"]["edited"]["accuracy"] >= groups["specificity"]["base"]["accuracy"] - 0.05
 
 
+@pytest.mark.slow  # 22 s; the gate and exit code are tested on the quick toy above (make test)
 @needs_toy_weights
 def test_useless_edit_on_the_toy_world_fails(tmp_path):
-    """A huge λ pins the weights to the old ones: the edit does nothing and must fail."""
+    """A huge λ pins the weights to the old ones: the edit does nothing and must fail (on the
+    trained toy, where the concept is really drawn before and after)."""
     recipe = tmp_path / "useless.yaml"
     recipe.write_text("model: toy\nlambda: 1000000\n"
                       "edits: [{concept: van gogh, replacement: a painting, attribute: style, method: locoedit,"
