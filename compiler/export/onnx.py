@@ -270,9 +270,11 @@ def _vae_graphs(pipeline, family: str) -> list[ComponentGraph]:
 
 def component_graphs(pipeline, family: str) -> list[ComponentGraph]:
     """The graphs of a pipeline, in export order, with their fixed parity inputs."""
-    graphs = [_text_encoder_graph("text_encoder", pipeline.tokenizer, pipeline.text_encoder)]
-    if family == "sdxl":
-        graphs.append(_text_encoder_graph("text_encoder_2", pipeline.tokenizer_2, pipeline.text_encoder_2))
+    from compiler.models.families import FAMILIES
+
+    graphs = [_text_encoder_graph(spec.component, getattr(pipeline, spec.component.replace("text_encoder", "tokenizer")),
+                                  getattr(pipeline, spec.component))
+              for spec in FAMILIES[family].text_encoders]
     graphs.append(_unet_graph(pipeline))
     graphs.extend(_vae_graphs(pipeline, family))
     return graphs

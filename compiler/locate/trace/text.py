@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from compiler.errors import UserError
+from compiler.models.families import family_of_pipeline
 from compiler.locate import cache
 from compiler.locate.distributed import current_process_group
 from compiler.locate.engine import GenerationSettings, PromptEmbeddings, embed_prompts, embed_unconditional
@@ -178,7 +179,7 @@ def trace_text_encoder(
     bad = [c for c in components if c not in TEXT_COMPONENTS]
     if bad or not components:
         raise UserError(f"text components must be among {', '.join(TEXT_COMPONENTS)}, got {bad or 'none'}")
-    if hasattr(pipe, "text_encoder_2") and pipe.text_encoder_2 is not None:
+    if len(family_of_pipeline(pipe).text_encoders) > 1:
         raise UserError("text-encoder tracing covers single-encoder models (SD-1.x, SD-2.x); SD-XL "
                         "has two encoders")
     tokens = prompt_tokens(pipe.tokenizer, prompt, subject)

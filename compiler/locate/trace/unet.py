@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from compiler.errors import UserError
+from compiler.models.families import family_of_pipeline
 from compiler.locate.distributed import current_process_group
 from compiler.locate.engine import (GenerationSettings, PromptEmbeddings, embed_prompts, embed_unconditional,
                                     generate_from_embeddings)
@@ -176,7 +177,7 @@ def trace_unet(
     what the restored runs get back); then components × noise_samples × seeds samples.
     """
     started = time.perf_counter()
-    if hasattr(pipe, "text_encoder_2") and pipe.text_encoder_2 is not None:
+    if len(family_of_pipeline(pipe).text_encoders) > 1:
         raise UserError("UNet tracing corrupts one CLIP text encoder's input; SD-XL has two")
     tokens = prompt_tokens(pipe.tokenizer, prompt, subject)
     components = unet_components(pipe.unet, granularity)
