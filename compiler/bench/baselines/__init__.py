@@ -169,6 +169,20 @@ def synchronize(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def trainable_copy(unet: torch.nn.Module, names: list[str], learning_rate: float):
+    """A copy of ``unet`` in train mode whose parameters ``names`` (only) require grad, and an
+    Adam optimizer over them: the fine-tuning baselines' shared start (the original stays frozen)."""
+    import copy
+
+    unet = copy.deepcopy(unet)
+    trainable = set(names)
+    for name, param in unet.named_parameters():
+        param.requires_grad_(name in trainable)
+    unet.train()
+    optimizer = torch.optim.Adam([p for n, p in unet.named_parameters() if n in trainable], lr=learning_rate)
+    return unet, optimizer
+
+
 def trained_tensors(module: torch.nn.Module, names: list[str], component: str = "unet") -> dict[str, Tensor]:
     """The named parameters of a trained copy, detached, under qualified names."""
     params = dict(module.named_parameters())

@@ -21,7 +21,6 @@ common setting of later re-implementations, and the default here). The toy world
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 from dataclasses import dataclass
@@ -31,7 +30,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from tqdm import tqdm
 
-from compiler.bench.baselines import BaselineResult, EditTask, encode_prompts, predict, synchronize, trained_tensors
+from compiler.bench.baselines import (BaselineResult, EditTask, encode_prompts, predict, synchronize, trainable_copy,
+                                      trained_tensors)
 
 
 @dataclass(frozen=True)
@@ -92,13 +92,8 @@ def train_concept_ablation(pipe, task: EditTask, config: ConceptAblationConfig =
     concept_cond = encode_prompts(pipe, concept_prompts)
 
     frozen = pipe.unet  # only ever called under no_grad
-    unet = copy.deepcopy(frozen)
-    names = ablation_parameter_names(unet, config.parameters)
-    trainable = set(names)
-    for name, param in unet.named_parameters():
-        param.requires_grad_(name in trainable)
-    unet.train()
-    optimizer = torch.optim.Adam([p for n, p in unet.named_parameters() if n in trainable], lr=config.learning_rate)
+    names = ablation_parameter_names(frozen, config.parameters)
+    unet, optimizer = trainable_copy(frozen, names, config.learning_rate)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator("cpu").manual_seed(config.seed)
     dtype = frozen.dtype

@@ -25,7 +25,6 @@ put the new one in; the benchmark reports it as measured.
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 
@@ -35,7 +34,7 @@ from diffusers import DDIMScheduler
 from tqdm import tqdm
 
 from compiler.bench.baselines import (BaselineResult, Conditioning, EditTask, encode_prompts, latent_shape, predict,
-                             synchronize, trained_tensors)
+                             synchronize, trainable_copy, trained_tensors)
 
 
 @dataclass(frozen=True)
@@ -80,13 +79,8 @@ def train_esd(pipe, task: EditTask, config: ESDConfig = ESDConfig(), *, progress
     started = time.perf_counter()
     device = pipe.unet.device
     frozen = pipe.unet  # only ever called under no_grad
-    unet = copy.deepcopy(frozen)
-    names = esd_parameter_names(unet, config.parameters)
-    trainable = set(names)
-    for name, param in unet.named_parameters():
-        param.requires_grad_(name in trainable)
-    unet.train()
-    optimizer = torch.optim.Adam([p for n, p in unet.named_parameters() if n in trainable], lr=config.learning_rate)
+    names = esd_parameter_names(frozen, config.parameters)
+    unet, optimizer = trainable_copy(frozen, names, config.learning_rate)
 
     if config.prompts not in ("concept", "templates"):
         raise ValueError(f"ESD prompts must be 'concept' or 'templates', not {config.prompts!r}")
