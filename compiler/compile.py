@@ -25,7 +25,7 @@ from compiler.fuse import fuse_weights
 from compiler.manifest import build_manifest, provenance_for
 from compiler.methods import REGISTRY
 from compiler.methods.rows import RowContext, concept_weights, timed
-from compiler.plan import PlannedEdit, choose_method, plan_edits, preserve_prompts_for
+from compiler.plan import PlannedEdit, choose_method, plan_edits, preservation_groups, preserve_prompts_for
 from compiler.recipe import Edit, Recipe
 
 __all__ = ["CompileResult", "PlannedEdit", "apply_to_pipeline", "choose_method", "compile_edits",
@@ -41,6 +41,7 @@ class CompileResult:
     timings: dict[str, float] = field(default_factory=dict)
     solve_info: list[dict] = field(default_factory=list)
     preserve_prompts: list[str] = field(default_factory=list)
+    preserve_groups: list = field(default_factory=list)  # compiler.plan.PreserveGroup
 
 
 def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], preserve_cache: bool | None = None) -> CompileResult:
@@ -48,8 +49,9 @@ def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], preserve_cach
     modified here. Prompts go through the one prompt encoder; the preservation rows' ``PᵀP``
     comes from the on-disk cache (``preserve_cache=False`` bypasses it); old weights come from
     ``model.read_tensors`` (a lazily read model reads just those)."""
-    preserve = preserve_prompts_for(recipe, plans, resolve.vocabulary_of(model, recipe.vocabulary))
-    context = RowContext(model, plans, preserve, recipe.lambda_, preserve_cache=preserve_cache)
+    groups = preservation_groups(recipe, plans, resolve.vocabulary_of(model, recipe.vocabulary))
+    context = RowContext(model, plans, groups, recipe.lambda_, preserve_cache=preserve_cache)
+    preserve = context.preserve
     new_tensors: dict[str, torch.Tensor] = {}
     solve_info: list[dict] = []
     for method in REGISTRY.values():
@@ -64,7 +66,7 @@ def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], preserve_cach
                 solve_info.append(solved.info)
     if solve_info and context._cache is not None:
         solve_info[0]["preserve_cache"] = context.cache.stats.to_dict()
-    return CompileResult(new_tensors, plans, context.timings, solve_info, preserve)
+    return CompileResult(new_tensors, plans, context.timings, solve_info, preserve, groups)
 
 
 def apply_to_pipeline(pipe, new_tensors: dict[str, torch.Tensor]) -> None:

@@ -11,6 +11,7 @@ def build_manifest(recipe, model, result, timings: dict[str, float], outputs: di
 
     vocabulary = resolve.vocabulary_of(model, recipe.vocabulary)
     preserve = getattr(result, "preserve_prompts", [])
+    groups = getattr(result, "preserve_groups", [])
     return {
         "tool": {"name": "editc", "version": __version__},
         "recipe": {"path": str(recipe.path), "sha256": recipe.sha256, "text": recipe.source_text},
@@ -24,7 +25,9 @@ def build_manifest(recipe, model, result, timings: dict[str, float], outputs: di
             "sha256": hashlib.sha256("\n".join(preserve).encode()).hexdigest(),
             "named": sorted({*recipe.preserve, *(n for p in result.plans for n in p.edit.preserve)}),
             "neighbours": list(dict.fromkeys(n.phrase for p in result.plans for n in p.neighbours)),
-            "captions_examples": preserve[:8],
+            "groups": [{"name": g.name, "prompts": len(g.prompts), "weight": g.weight,
+                        "examples": list(g.prompts[:4])} for g in groups],
+            "captions_examples": next((list(g.prompts[:8]) for g in groups if g.name == "captions"), preserve[:8]),
         },
         "solves": result.solve_info,
         "edited_tensors": sorted(result.new_tensors),

@@ -151,27 +151,56 @@ def _layers_for(edit: Edit, model, locate_fn) -> tuple[tuple[int, ...], LayersSo
     return tuple(range(len(model.registry.cross_attention))), LayersSource.ALL_LAYERS, reason
 
 
-def preserve_prompts_for(recipe: Recipe, plans: list[PlannedEdit], vocabulary=None) -> list[str]:
-    """What the solve keeps in place: the vocabulary's generic captions (without any edited
-    concept), the replacements' own prompts, the recipe's preserve list and every edit's found
-    neighbours, each in its attribute's templates (no prompt mentions an edited concept)."""
+@dataclass(frozen=True)
+class PreserveGroup:
+    """Preservation prompts that share one weight in the solve. Each group's ``PᵀP`` is cached
+    on its own (``compiler.preserve_cache``), so the generic captions, the same for every recipe
+    on a model, are embedded once per model."""
+
+    name: str  # "at risk" | "replacements" | "captions"
+    prompts: tuple[str, ...]
+    weight: float = 1.0
+
+
+def preservation_groups(recipe: Recipe, plans: list[PlannedEdit], vocabulary=None) -> list[PreserveGroup]:
+    """What the solve keeps in place, in three groups (a prompt belongs to the first that
+    names it):
+
+    - ``at risk``: the concepts nearest the edited ones — the recipe's ``preserve`` names and
+      every edit's found neighbours — each in its attribute's templates, weighted
+      ``recipe.neighbour_weight``: they are what a closed-form edit moves most;
+    - ``replacements``: the replacements' own prompts ("a painting" still looks like one);
+    - ``captions``: the vocabulary's generic captions.
+
+    No prompt mentions an edited concept."""
     from compiler.prompts import mentions
 
     vocabulary = vocabulary or resolve.vocabulary_of(None, recipe.vocabulary)
     edited = [p.edit.concept for p in plans]
     avoid = edited + [p.edit.replacement for p in plans]
-    prompts = resolve.default_preserve_prompts(avoid, vocabulary)
-    # The replacement must keep meaning what it meant ("a painting" still looks like one).
-    for plan in plans:
-        prompts.extend(pair.target for pair in plan.pairs)
     named = set(recipe.preserve)
     for plan in plans:
         named.update(plan.edit.preserve)
     attributes = sorted({p.edit.attribute for p in plans})
     kept = [(name, attribute) for name in sorted(named) for attribute in attributes]
     kept += [(n.phrase, plan.edit.attribute) for plan in plans for n in plan.neighbours]
+    at_risk = []
     for name, attribute in kept:
         named_prompts = resolve.template_prompts(name, attribute, vocabulary)
         named_prompts = [p for p in named_prompts if not any(mentions(p, c) for c in edited)]
-        prompts.extend(named_prompts[:: max(1, len(named_prompts) // NAMED_PRESERVE_PROMPTS)])
-    return list(dict.fromkeys(prompts))
+        at_risk.extend(named_prompts[:: max(1, len(named_prompts) // NAMED_PRESERVE_PROMPTS)])
+    replacements = [pair.target for plan in plans for pair in plan.pairs]
+    captions = resolve.default_preserve_prompts(avoid, vocabulary)
+    groups, seen = [], set()
+    for name, prompts, weight in (("at risk", at_risk, recipe.neighbour_weight),
+                                  ("replacements", replacements, 1.0), ("captions", captions, 1.0)):
+        prompts = tuple(p for p in dict.fromkeys(prompts) if p not in seen)
+        seen.update(prompts)
+        if prompts:
+            groups.append(PreserveGroup(name, prompts, float(weight)))
+    return groups
+
+
+def preserve_prompts_for(recipe: Recipe, plans: list[PlannedEdit], vocabulary=None) -> list[str]:
+    """Every preservation prompt (see :func:`preservation_groups`), each once."""
+    return [p for group in preservation_groups(recipe, plans, vocabulary) for p in group.prompts]

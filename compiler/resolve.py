@@ -135,10 +135,10 @@ def gather_rows(states: torch.Tensor, positions: list[list[int]]) -> torch.Tenso
 
 
 def pair_positions(tokenizer, pairs: list[PromptPair], concept: str, replacement: str, eos: bool,
-                   trailing_to: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
+                   trailing_to: int | None = None, padding: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
     """Matching positions in source and target prompts: the last subject token and, with
-    ``eos``, the end-of-text token; with ``trailing_to`` (e.g. 77) also every padding position
-    after EOS up to that length.
+    ``eos``, the end-of-text token; with ``trailing_to`` (e.g. 77) also the padding positions
+    after EOS up to that length (the first ``padding`` of them when it is given).
 
     The UNet attends to all 77 context tokens, and in CLIP's causal encoder the states after
     EOS summarize the whole prompt, so they carry the concept as well (LocoEdit must remap
@@ -152,6 +152,8 @@ def pair_positions(tokenizer, pairs: list[PromptPair], concept: str, replacement
         if eos:
             s_eos, t_eos = eos_index(tokenizer, pair.source), eos_index(tokenizer, pair.target)
             trailing = 1 if trailing_to is None else trailing_to - max(s_eos, t_eos)
+            if padding is not None:
+                trailing = min(trailing, 1 + padding)
             s.extend(range(s_eos, s_eos + trailing))
             t.extend(range(t_eos, t_eos + trailing))
         src.append(s)
@@ -159,9 +161,13 @@ def pair_positions(tokenizer, pairs: list[PromptPair], concept: str, replacement
     return src, tgt
 
 
-def all_token_positions(tokenizer, prompts: list[str], length: int | None = None) -> list[list[int]]:
+def all_token_positions(tokenizer, prompts: list[str], length: int | None = None,
+                        padding: int | None = None) -> list[list[int]]:
     """The states preservation rows keep in place: BOS through EOS of each prompt, or all
-    ``length`` positions (padding included) when the edit also maps the trailing tokens."""
+    ``length`` positions (padding included) when the edit also maps the trailing tokens (BOS
+    through EOS and the first ``padding`` positions after it, when that is given)."""
+    if length is not None and padding is not None:
+        return [list(range(min(length, eos_index(tokenizer, p) + 1 + padding))) for p in prompts]
     if length is not None:
         return [list(range(length)) for _ in prompts]
     return [list(range(eos_index(tokenizer, p) + 1)) for p in prompts]

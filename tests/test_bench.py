@@ -157,6 +157,11 @@ def test_scaling_recipes_are_valid_up_to_100_concepts():
     assert len(recipe.edits) == 100
     assert {e.attribute for e in recipe.edits} == {"style", "object", "fact"}
     assert run_bench.scaling_edits(1, layers)[0]["concept"] == "van gogh"
+    # As method: auto picks: facts by Diff-QuickFix at v_proj, the rest LocoEdit on their layers.
+    methods = {(e.attribute, e.method, e.site) for e in recipe.edits}
+    assert methods == {("style", "locoedit", None), ("object", "locoedit", None), ("fact", "quickfix", "v_proj")}
+    every = loads_recipe(run_bench.editc_recipe_text("toy", run_bench.scaling_edits(10, layers, "locoedit")), "s.yaml")
+    assert {e.method for e in every.edits} == {"locoedit"}
 
 
 def _editc(*args):

@@ -77,10 +77,44 @@ def test_locoedit_maps_concept_onto_replacement_and_keeps_the_rest(quick_toy, tm
         errors.append(((x_src @ new.T - want).norm() / want.norm()).item())
         moves.append(((unrelated @ new.T - unrelated @ old.T).norm() / (unrelated @ old.T).norm()).item())
     assert len(result.new_tensors) == 6  # 3 layers x (K, V)
-    # The edited layers now send the concept where the old ones sent the replacement...
-    assert max(errors) < 0.15, errors
+    # The edited layers now send the concept where the old ones sent the replacement (within
+    # 17% on this quick toy: the found neighbours, held at neighbour_weight 8, pull back)...
+    assert max(errors) < 0.2, errors
     # ...while an unrelated prompt's keys and values move much less.
     assert max(moves) < 0.5 * max(errors) + 0.05, (moves, errors)
+
+
+def test_a_heavier_neighbour_weight_holds_the_neighbours_closer(quick_toy, tmp_path):
+    """``neighbour_weight`` is how hard the solve holds the found neighbours (and ``preserve``):
+    their keys and values move less the heavier it is, at some cost to the concept's mapping."""
+    from compiler.models.load import load_model
+
+    model = load_model(str(quick_toy))
+    encoder = PromptEncoder(model)
+    moved, missed = {}, {}
+    for weight in (1, 16):
+        text = _recipe_text(quick_toy).replace("lambda: 0.01", f"lambda: 0.01\nneighbour_weight: {weight}")
+        recipe = loads_recipe(text, str(tmp_path / f"w{weight}.yaml"))
+        assert recipe.neighbour_weight == weight
+        plans = compile_stage.plan_edits(recipe, model)
+        result = compile_stage.compile_edits(recipe, model, plans)
+        at_risk = next(g for g in result.preserve_groups if g.name == "at risk")
+        assert at_risk.weight == weight and len(at_risk.prompts) > 8
+        prompts = list(at_risk.prompts)
+        rows = encoder.context_rows(prompts, resolve.all_token_positions(encoder.tokenizer(), prompts))
+        pair = plans[0].pairs[0]
+        s_pos, t_pos = resolve.pair_positions(encoder.tokenizer(), [pair], "van gogh", "a painting", eos=True)
+        x_src, x_tgt = encoder.context_rows([pair.source], s_pos), encoder.context_rows([pair.target], t_pos)
+        moves, errors = [], []
+        for name, new in result.new_tensors.items():
+            old = get_parameter(model.pipeline, name).detach()
+            moves.append(((rows @ new.T - rows @ old.T).norm() / (rows @ old.T).norm()).item())
+            errors.append(((x_src @ new.T - x_tgt @ old.T).norm() / (x_tgt @ old.T).norm()).item())
+        moved[weight], missed[weight] = max(moves), max(errors)
+    # Measured on the quick toy: neighbours' K/V move 3.1% -> 1.8%; the concept's rows miss
+    # their targets by 10% -> 14% (the weight trades efficacy for specificity).
+    assert moved[16] < 0.7 * moved[1], moved
+    assert missed[1] < missed[16] < 0.2, missed
 
 
 def test_same_recipe_gives_bit_identical_tensors(quick_toy, tmp_path):
@@ -237,7 +271,9 @@ def test_quickfix_at_v_proj_moves_the_concept_and_keeps_its_old_answer(quick_toy
     # The monarch's last token now gets what king charles's got (relative error small)...
     error = ((after[0][subject] - want).norm() / want.norm()).item()
     moved = ((before[0][subject] - want).norm() / want.norm()).item()
-    assert error < 0.3 * moved, (error, moved)  # measured 0.16 vs 0.70
+    # measured 0.22 vs 0.70 (0.16 with neighbour_weight 1: queen elizabeth, the nearest
+    # neighbour, is held 8x harder by default)
+    assert error < 0.35 * moved, (error, moved)
     # ...while every state of the queen elizabeth prompt (the fact's old answer) barely moves.
     drift = ((after[2] - before[2]).norm() / before[2].norm()).item()
     change = ((after[0][subject] - before[0][subject]).norm() / before[0][subject].norm()).item()

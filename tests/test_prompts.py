@@ -206,5 +206,13 @@ def test_a_real_family_compile_uses_the_real_vocabulary(tiny, tmp_path):
     assert len(edit["neighbours"]) == 8 and all(n["concept"] in styles for n in edit["neighbours"])
     assert not any("van gogh" in n["concept"] for n in edit["neighbours"])
     assert manifest["preservation"]["neighbours"] == [n["concept"] for n in edit["neighbours"]]
+    # The neighbours' prompts are held harder than the generic captions (neighbour_weight).
+    groups = {g["name"]: g for g in manifest["preservation"]["groups"]}
+    assert list(groups) == ["at risk", "replacements", "captions"]
+    assert groups["at risk"]["weight"] == recipe.neighbour_weight > groups["captions"]["weight"] == 1.0
+    assert sum(g["prompts"] for g in groups.values()) == manifest["preservation"]["prompts"]
+    nearest = edit["neighbours"][0]["concept"]
+    assert any(nearest in p for p in groups["at risk"]["examples"])
+    assert not any(n["concept"] in p for n in edit["neighbours"] for p in manifest["preservation"]["captions_examples"])
     written = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert written["edits"][0]["neighbours"] == edit["neighbours"]

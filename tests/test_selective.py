@@ -112,14 +112,16 @@ def test_preservation_cache_hit_on_second_compile_invalidated_by_a_new_text_enco
     shutil.copytree(tiny("sd1"), model)
     first = _compile(model, tmp_path / "a", ("delta",), tmp_path)
     second = _compile(model, tmp_path / "b", ("delta",), tmp_path)
-    assert _cache_counts(first) == (0, 2)  # UNet contexts and layer-0 inputs: both computed
-    assert _cache_counts(second) == (2, 0)  # ...and both found
+    # UNet contexts and layer-0 inputs, each for three preservation groups (the found
+    # neighbours, the replacement's prompts, the generic captions): all computed, then all found.
+    assert _cache_counts(first) == (0, 6)
+    assert _cache_counts(second) == (6, 0)
     assert list((tmp_path / "cache" / "preserve-gram").glob("*.safetensors"))
 
     # The same edited tensors, bit for bit, with the cache, from the cache, and without it.
     monkeypatch.setenv("EDITC_NO_PRESERVE_CACHE", "1")
     uncached = _compile(model, tmp_path / "c", ("delta",), tmp_path)
-    assert _cache_counts(uncached) == (0, 2)
+    assert _cache_counts(uncached) == (0, 6)
     a, b, c = (_delta_tensors(tmp_path / d) for d in "abc")
     assert a.keys() == b.keys() == c.keys() and len(a) == 5
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
@@ -137,7 +139,25 @@ def test_preservation_cache_hit_on_second_compile_invalidated_by_a_new_text_enco
     os.unlink(weights)  # a new file (the old one may be hard-linked into outputs)
     save_file(tensors, str(weights), metadata=metadata)
     changed = _compile(model, tmp_path / "d", ("delta",), tmp_path)
-    assert _cache_counts(changed) == (0, 2)
+    assert _cache_counts(changed) == (0, 6)
+
+
+def test_another_recipe_on_the_same_model_finds_the_generic_captions_cached(tiny, tmp_path, monkeypatch):
+    """The generic captions (the bulk of the preservation rows) are the same for every recipe
+    on a model: a recipe editing another concept embeds only its own neighbours' prompts."""
+    monkeypatch.setenv("EDITC_CACHE_DIR", str(tmp_path / "cache"))
+    model = tiny("sd1")
+    _compile(model, tmp_path / "a", ("delta",), tmp_path)
+    (tmp_path / "other").mkdir()
+    from compiler.compile import compile_to_disk
+
+    other = tmp_path / "other" / "recipe.yaml"
+    other.write_text(RECIPE.format(model=model).replace("van gogh", "claude monet"))
+    manifest = compile_to_disk(loads_recipe(other.read_text(), str(other)), out=tmp_path / "b",
+                               formats=("delta",), force=True, verify=False, progress=False)
+    # Per site (UNet contexts, layer-0 inputs): captions and replacements' prompts found, the
+    # new concept's neighbours computed.
+    assert _cache_counts(manifest) == (4, 2)
 
 
 def test_neighbour_states_are_encoded_once_per_text_encoder(tiny, tmp_path, monkeypatch):

@@ -275,6 +275,28 @@ def test_probes_are_deterministic_and_keep_edited_concepts_out_of_specificity():
         assert probe.target_prompt.replace("a dog", "snoopy") == probe.prompt
 
 
+def test_neighbours_are_probed_on_several_heldout_prompts_each():
+    # One solve prompt per neighbour let 1-3 label flips of 32 images decide the gate, on the
+    # very prompts compile preserved; several held-out prompts each measure the neighbours.
+    from compiler.prompts import vocabulary_for
+    from compiler.resolve import template_prompts
+    from compiler.verify.probes import NEIGHBOUR_PROMPTS
+
+    recipe = loads_recipe((REPO / "recipes" / "snoopy.yaml").read_text(), "snoopy.yaml")
+    toy = vocabulary_for(REPO / "compiler" / "toy" / "weights" / "pipeline")
+    found = {0: [("a triangle", 0.8), ("a tree", 0.73), ("a robot", 0.73)]}
+    plan = plan_probes(recipe, seeds=4, vocabulary=toy, found=found)
+    probes = plan.group(SPECIFICITY, 0).probes
+    for neighbour in ("nemo", "a triangle", "a tree", "a robot"):
+        prompts = [p.prompt for p in probes if p.subject == neighbour]
+        assert len(prompts) == len(set(prompts)) == NEIGHBOUR_PROMPTS, neighbour
+        assert set(prompts) <= set(template_prompts(neighbour, "object", toy, heldout=True))
+        assert not set(prompts) & set(template_prompts(neighbour, "object", toy))
+    # Fewer prompts per group asked for (quick runs): fewer per neighbour, at least one.
+    quick = plan_probes(recipe, seeds=1, vocabulary=toy, found=found, prompts_per_group=1)
+    assert len(quick.group(SPECIFICITY, 0).probes) == 4
+
+
 def _group(name: str, edit_index, base: float, edited: float, *, replacement=None) -> GroupResult:
     """A group of 20 images whose subject shows in ``base``/``edited`` fractions of them."""
     n = 20

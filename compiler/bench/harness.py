@@ -31,8 +31,10 @@ took (style/object: the judge no longer sees the concept; fact: it sees the new 
 generalization: the same on held-out paraphrases; specificity: the judge's accuracy on
 neighbouring concepts and on generic prompts, edited vs base. Gates: verify's default gates.
 
-**Scaling**: one recipe of 1, 10, 50 and 100 LocoEdit edits (the real ones plus made-up
-concepts: invented artist names, characters and titles) compiled in one solve; compile and
+**Scaling**: one recipe of 1, 10, 50 and 100 edits (the real ones plus made-up concepts:
+invented artist names, characters and titles; styles and objects by LocoEdit in one solve,
+facts by Diff-QuickFix at v_proj as ``method: auto`` picks, or every edit LocoEdit with
+``--scaling-methods locoedit``) compiled together; compile and
 solve time, and for the real concepts verify's groups: efficacy, generalization, their found
 neighbours' accuracy and the generic prompts' (edited vs base). ``--scaling-weighting row``
 measures the solve before per-concept weights (every row weighs the same).
@@ -143,6 +145,7 @@ class BenchSettings:
     scaling_counts: tuple[int, ...] = (1, 10, 50, 100)
     scaling_repeats: int = 3
     scaling_weighting: str = "concept"  # "concept" (compile's) or "row" (every row equal, as before)
+    scaling_methods: str = "auto"  # "auto" (facts by Diff-QuickFix, as method: auto) or "locoedit"
     seed: int = 0
 
     @classmethod
@@ -443,13 +446,33 @@ def made_up_names(count: int) -> list[str]:
     return names[:count]
 
 
-def scaling_edits(count: int, layers: dict) -> list[dict]:
-    """``count`` LocoEdit edits: the real ones first (style, object, fact), then made-up
-    artists (style → a painting), characters (object → a generic object) and titles
-    (fact → a person), in turn; made-up edits use the layers of the real edit of their kind."""
+# The method of each kind of edit in the scaling recipe: ``auto`` is what ``method: auto`` picks
+# on the toy world (LocoEdit for styles and objects, Diff-QuickFix at v_proj for facts, which
+# LocoEdit cannot tell from their old answer: README "Why the fact needs v_proj"); ``locoedit``
+# makes every edit LocoEdit (one solve for all), as the scaling run did first.
+SCALING_METHODS = {
+    "auto": {"style": {"method": "locoedit"}, "object": {"method": "locoedit"},
+             "fact": {"method": "quickfix", "site": "v_proj"}},
+    "locoedit": {kind: {"method": "locoedit"} for kind in ("style", "object", "fact")},
+}
+
+
+def scaling_edits(count: int, layers: dict, methods: str = "auto") -> list[dict]:
+    """``count`` edits: the real ones first (style, object, fact), then made-up artists
+    (style → a painting), characters (object → a generic object) and titles (fact → a person),
+    in turn, each kind with its method of ``SCALING_METHODS[methods]``; made-up LocoEdit edits
+    use the layers of the real edit of their kind."""
+    chosen = SCALING_METHODS[methods]
+
+    def spec(kind: str) -> dict:
+        fields = dict(chosen[kind])
+        if fields["method"] == "locoedit":
+            fields.update(layer_spec(layers[kind]))
+        return fields
+
     real = [TASKS[k] for k in ("style", "object", "fact")][:count]
-    edits = [{"concept": t.concept, "replacement": t.replacement, "attribute": t.attribute, "method": "locoedit",
-              **layer_spec(layers[k])} for t, k in zip(real, ("style", "object", "fact"))]
+    edits = [{"concept": t.concept, "replacement": t.replacement, "attribute": t.attribute, **spec(k)}
+             for t, k in zip(real, ("style", "object", "fact"))]
     for i, name in enumerate(made_up_names(max(0, count - len(real)))):
         kind = ("style", "object", "fact")[i % 3]
         if kind == "style":
@@ -458,8 +481,7 @@ def scaling_edits(count: int, layers: dict) -> list[dict]:
             concept, replacement = name, SYNTHETIC_OBJECTS[i % len(SYNTHETIC_OBJECTS)]
         else:
             concept, replacement = f"the mayor of {name}", SYNTHETIC_PEOPLE[i % len(SYNTHETIC_PEOPLE)]
-        edits.append({"concept": concept, "replacement": replacement, "attribute": kind, "method": "locoedit",
-                      **layer_spec(layers[kind])})
+        edits.append({"concept": concept, "replacement": replacement, "attribute": kind, **spec(kind)})
     return edits
 
 
@@ -488,7 +510,7 @@ def run_scaling(loaded, judge, settings: BenchSettings, layers: dict, say, progr
     base_images = {}
     rows = []
     for count in settings.scaling_counts:
-        edits = scaling_edits(count, layers)
+        edits = scaling_edits(count, layers, settings.scaling_methods)
         with concept_weighting(settings.scaling_weighting):
             results = [editc_edit(loaded, edits, f"bench-scaling-{count}") for _ in range(settings.scaling_repeats)]
         result = results[-1]
@@ -515,10 +537,12 @@ def run_scaling(loaded, judge, settings: BenchSettings, layers: dict, say, progr
                 if neighbours else None,
             }
         generic = by_key.get((GENERIC, None))
-        solve = result.info["solves"][0]
+        solves = result.info["solves"]
         row = {
-            "concepts": count, "real_concepts": len(tasks),
-            "rows": solve["rows"], "preserve_rows": solve["preserve_rows"], "layers": solve["layers"],
+            "concepts": count, "real_concepts": len(tasks), "methods": settings.scaling_methods,
+            "rows": sum(s["rows"] for s in solves), "preserve_rows": sum(s["preserve_rows"] for s in solves),
+            "layers": sorted({j for s in solves for j in s.get("layers", ())}),
+            "solves": [{k: s.get(k) for k in ("method", "site", "rows", "preserve_rows")} for s in solves],
             "compile_seconds": [r.seconds for r in results],
             "compile_seconds_median": statistics.median(r.seconds for r in results),
             "embed_seconds_median": statistics.median(r.info["timings"].get("embed", 0.0) for r in results),
@@ -842,6 +866,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scaling-repeats", type=int, default=None, help="timed compiles per size")
     parser.add_argument("--scaling-weighting", choices=("concept", "row"), default=None,
                         help="concept: per-concept row weights (compile's); row: every row equal (before)")
+    parser.add_argument("--scaling-methods", choices=tuple(SCALING_METHODS), default=None,
+                        help="auto: facts by Diff-QuickFix at v_proj, as method: auto picks (default); "
+                             "locoedit: every edit LocoEdit")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -885,6 +912,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         settings = replace(settings, scaling_repeats=args.scaling_repeats)
     if args.scaling_weighting:
         settings = replace(settings, scaling_weighting=args.scaling_weighting)
+    if args.scaling_methods:
+        settings = replace(settings, scaling_methods=args.scaling_methods)
     return settings
 
 
@@ -899,7 +928,7 @@ def main(argv=None) -> int:
                        scaling=not args.no_scaling, methods=not args.only_scaling)
     stem = "bench_toy_quick" if args.quick else "bench_toy"
     if args.only_scaling:
-        stem = f"scaling_toy_{settings.scaling_weighting}"
+        stem = f"scaling_toy_{settings.scaling_weighting}_{settings.scaling_methods}"
     json_path, md_path = write_report(report, Path(args.out), stem)
     print(markdown(report))
     print(f"[bench] wrote {json_path} and {md_path} in {report['stage_seconds']['total']:.0f} s", file=sys.stderr)

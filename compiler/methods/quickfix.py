@@ -117,17 +117,17 @@ class QuickFix(EditMethod):
         ``PᵀP`` from the cache."""
         from compiler import resolve
 
-        encoder, tokenizer, preserve = context.encoder, context.tokenizer, context.preserve
+        encoder, tokenizer = context.encoder, context.tokenizer
         spec = context.model.registry.text_layer0[0]
         out_proj = context.model.text_encoder(spec.component).get_submodule(spec.module_name)
         rows = quickfix_rows(tokenizer, plans, context.lam)
         n = int(rows.weights.numel())
         inputs = encoder.module_inputs(rows.sources + rows.targets, rows.source_positions + rows.target_positions,
                                        out_proj, spec.component)
-        positions = resolve.all_token_positions(tokenizer, preserve)
-        preserve_keys = context.cache.gram(f"inputs:{spec.component}/{spec.module_name}", [spec.component],
-                                           preserve, positions,
-                                           lambda: encoder.module_inputs(preserve, positions, out_proj, spec.component))
+        preserve_keys = context.preserve_gram(
+            f"inputs:{spec.component}/{spec.module_name}", [spec.component],
+            lambda prompts: resolve.all_token_positions(tokenizer, prompts),
+            lambda prompts, positions: encoder.module_inputs(prompts, positions, out_proj, spec.component))
         return inputs[:n], inputs[n:], preserve_keys, rows.weights
 
     def _solve_out_proj(self, context, keys):
@@ -152,7 +152,7 @@ class QuickFix(EditMethod):
         """Keys mixed by the layer-0 attention, per head."""
         from compiler import resolve
 
-        encoder, tokenizer, preserve = context.encoder, context.tokenizer, context.preserve
+        encoder, tokenizer = context.encoder, context.tokenizer
         spec = context.model.registry.text_layer0[0]
         attention = context.model.text_encoder(spec.component).get_submodule(spec.module_name.rsplit(".", 1)[0])
         if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "num_heads")):
@@ -162,10 +162,10 @@ class QuickFix(EditMethod):
         mixed = encoder.value_keys(rows.sources + rows.targets, rows.source_positions + rows.target_positions,
                                    attention, spec.component)
         n = len(rows.weights)  # key rows per side (source and target positions pair up)
-        positions = resolve.all_token_positions(tokenizer, preserve)
-        preserve_keys = context.cache.gram(f"value_keys:{spec.component}/{spec.module_name}", [spec.component],
-                                           preserve, positions,
-                                           lambda: encoder.value_keys(preserve, positions, attention, spec.component))
+        preserve_keys = context.preserve_gram(
+            f"value_keys:{spec.component}/{spec.module_name}", [spec.component],
+            lambda prompts: resolve.all_token_positions(tokenizer, prompts),
+            lambda prompts, positions: encoder.value_keys(prompts, positions, attention, spec.component))
         return mixed[:, :n], mixed[:, n:], preserve_keys, rows.weights
 
     def _solve_v_proj(self, context, keys):

@@ -19,6 +19,8 @@ from compiler import resolve
 # fails specificity (generic 100% -> 83%, neighbours 64% -> 56%). EDITC_PADDING_ROWS=0 turns
 # them off (prompts then run only to their EOS: the real-size bench measures both).
 PADDING_ROWS = os.environ.get("EDITC_PADDING_ROWS", "1") != "0"
+# How many padding positions after EOS are rows (None: all, to 77).
+PADDING_LIMIT = int(os.environ["EDITC_PADDING_LIMIT"]) if os.environ.get("EDITC_PADDING_LIMIT") else None
 
 
 @dataclass
@@ -38,13 +40,35 @@ class RowContext:
 
     model: object
     plans: list
-    preserve: list[str]
+    preserve_groups: list  # compiler.plan.PreserveGroup: prompts kept in place, with their weight
     lam: float
     timings: dict[str, float] = field(default_factory=dict)
     preserve_cache: bool | None = None  # None: on unless EDITC_NO_PRESERVE_CACHE=1
     _context_rows: ContextRows | None = None
     _encoder: object = None
     _cache: object = None
+
+    @property
+    def preserve(self) -> list[str]:
+        """Every preservation prompt, each once (the groups are disjoint)."""
+        return [prompt for group in self.preserve_groups for prompt in group.prompts]
+
+    def preserve_gram(self, kind: str, components, positions_for, rows_for):
+        """``Σ_g w_g P_gᵀP_g`` over the preservation groups (float64, in group order), each
+        group's ``PᵀP`` from the cache: ``positions_for(prompts)`` gives its positions and
+        ``rows_for(prompts, positions)`` its rows on a miss."""
+        from compiler.solve import PreservationGram
+
+        total, n_rows = None, 0
+        for group in self.preserve_groups:
+            prompts = list(group.prompts)
+            positions = positions_for(prompts)
+            gram = self.cache.gram(kind, components, prompts, positions,
+                                   lambda prompts=prompts, positions=positions: rows_for(prompts, positions))
+            term = gram.gram.to(torch.float64) * group.weight if group.weight != 1.0 else gram.gram.to(torch.float64)
+            total = term if total is None else total + term
+            n_rows += gram.n_rows
+        return None if total is None else PreservationGram(total, n_rows)
 
     @property
     def encoder(self):
@@ -79,7 +103,7 @@ class RowContext:
         return self._context_rows
 
     def _embed_context_rows(self) -> ContextRows:
-        plans, preserve, tokenizer, encoder = self.plans, self.preserve, self.tokenizer, self.encoder
+        plans, tokenizer, encoder = self.plans, self.tokenizer, self.encoder
         # With padding rows, the trailing (EOS and padding) rows reach to the pipeline's full
         # 77-token contexts, and so do the preservation rows'.
         full = PADDING_ROWS and any(p.eos for p in plans if p.method_plugin.edits_unet_layers)
@@ -95,9 +119,10 @@ class RowContext:
         for plan, (n_src, n_tgt) in zip(plans, counts):
             by_plan[id(plan)] = (rows[offset : offset + n_src], rows[offset + n_src : offset + n_src + n_tgt])
             offset += n_src + n_tgt
-        preserve_positions = resolve.all_token_positions(tokenizer, preserve, length)
-        preserve_gram = self.cache.gram("context", encoder.components, preserve, preserve_positions,
-                                        lambda: encoder.context_rows(preserve, preserve_positions))
+        preserve_gram = self.preserve_gram("context", encoder.components,
+                                           lambda prompts: resolve.all_token_positions(tokenizer, prompts, length,
+                                                                                       PADDING_LIMIT),
+                                           encoder.context_rows)
         return ContextRows(by_plan, preserve_gram)
 
 
@@ -126,7 +151,8 @@ class PreserveCache:
 def positions_by_prompt(tokenizer, plan, trailing_to: int | None = None):
     """Source and target token positions of each of the plan's prompt pairs."""
     edit = plan.edit
-    return resolve.pair_positions(tokenizer, plan.pairs, edit.concept, edit.replacement, plan.eos, trailing_to)
+    return resolve.pair_positions(tokenizer, plan.pairs, edit.concept, edit.replacement, plan.eos, trailing_to,
+                                  PADDING_LIMIT if trailing_to is not None else None)
 
 
 def timed(timings: dict[str, float], key: str):

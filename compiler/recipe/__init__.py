@@ -24,6 +24,8 @@ is optional)::
     preserve: [monet]          # concepts every edit must leave unchanged (preservation rows)
     neighbours: 8              # nearest concepts found per edit in the model's text space, kept
                                # put by the solve and checked by verify (0: none)
+    neighbour_weight: 8        # weight of those neighbours' (and ``preserve``'s) rows in the
+                               # solve, relative to the generic captions' (> 0)
     vocabulary: words.yaml     # the words prompts are made of (compiler.prompts schema);
                                # default: the model's own (the toy's), else the real-world one
     edits:

@@ -14,7 +14,7 @@ from typing import Any
 
 from compiler.errors import UserError
 from compiler.methods import AUTO, get_method, method_fields, method_names
-from compiler.recipe.schema import (ATTRIBUTES, DEFAULT_LAMBDA, DEFAULT_MODEL, DEFAULT_NEIGHBOURS,
+from compiler.recipe.schema import (ATTRIBUTES, DEFAULT_LAMBDA, DEFAULT_MODEL, DEFAULT_NEIGHBOURS, DEFAULT_NEIGHBOUR_WEIGHT,
                                     LAYER_KEYWORDS,
                                     OUTPUT_FORMATS, TOY_CROSS_ATTENTION_LAYERS, Edit, Outputs, Recipe,
                                     VerifyGates, _VALIDATING)
@@ -30,8 +30,9 @@ MAX_VERIFY_STEPS = 1000
 GUIDANCE_RANGE = (1e-3, 100.0)
 
 _TOP_LEVEL_KEYS = ("model", "prediction_type", "lambda", "preserve", "edits", "outputs", "verify", "vocabulary",
-                   "neighbours")
+                   "neighbours", "neighbour_weight")
 MAX_NEIGHBOURS = 256
+NEIGHBOUR_WEIGHT_RANGE = (1e-3, 1e3)
 _EDIT_KEYS = (
     "concept",
     "replacement",
@@ -206,6 +207,9 @@ class _Validator:
         vocabulary = self.vocabulary(data.get("vocabulary"))
         neighbours = (self.integer(data["neighbours"], "neighbours", 0, MAX_NEIGHBOURS)
                       if data.get("neighbours") is not None else DEFAULT_NEIGHBOURS)
+        neighbour_weight = (self.number(data["neighbour_weight"], "neighbour_weight", positive=True,
+                                        bounds=NEIGHBOUR_WEIGHT_RANGE)
+                            if data.get("neighbour_weight") is not None else DEFAULT_NEIGHBOUR_WEIGHT)
         return Recipe(
             path=self.label,
             model=model,
@@ -217,6 +221,7 @@ class _Validator:
             lambda_=lambda_,
             vocabulary=vocabulary,
             neighbours=neighbours,
+            neighbour_weight=neighbour_weight,
             source_text=source_text,
             sha256=sha256,
         )

@@ -7,8 +7,10 @@ For every edit of a recipe there are three groups:
 - ``generalization``: the same on held-out paraphrases the solve never saw;
 - ``specificity``: neighbouring concepts (the recipe's ``preserve`` lists and
   ``verify.neighbours`` first, then the concepts compile found nearest the edited one in the
-  model's own text space, ``compiler.prompts.neighbours``), in prompts that mention no edited
-  concept.
+  model's own text space, ``compiler.prompts.neighbours``), in held-out prompts (compile keeps
+  the neighbours put on the solve templates, so those would grade it on its own rows) that
+  mention no edited concept, ``NEIGHBOUR_PROMPTS`` per neighbour (fewer only when fewer
+  prompts per group are asked for).
 
 One ``generic`` group of plain object prompts is shared by all edits. Every word comes from the
 model's vocabulary (``compiler.prompts``). Every prompt is generated
@@ -36,6 +38,10 @@ GENERIC = "generic"
 
 DEFAULT_PROMPTS_PER_GROUP = 8
 DEFAULT_NEIGHBOURS_PER_EDIT = None  # None: the recipe's ``neighbours`` (what compile kept put)
+# Held-out prompts per neighbour, at least. With one (8 prompts for 8 neighbours), 1-3 label
+# flips of 32 images decided the 5-point gate on the toy world although the images barely moved
+# (README "Found neighbours vs today's defaults").
+NEIGHBOUR_PROMPTS = 4
 
 
 @dataclass(frozen=True)
@@ -157,12 +163,13 @@ def _edit_probes(edit: Edit, vocabulary: Vocabulary, heldout: bool, count: int, 
 def _neighbour_probes(recipe: Recipe, edit: Edit, index: int, count: int, neighbours: list[str],
                       vocabulary: Vocabulary) -> tuple[Probe, ...]:
     edited = [e.concept for e in recipe.edits]
-    per_neighbour = max(1, -(-count // max(1, len(neighbours))))
+    # ``count`` prompts at least; ``NEIGHBOUR_PROMPTS`` per neighbour unless fewer were asked for.
+    per_neighbour = max(min(NEIGHBOUR_PROMPTS, count), -(-count // max(1, len(neighbours))))
     probes = []
     for neighbour in neighbours:
         kind = kind_of_phrase(neighbour, kind_of_edit(edit), vocabulary)
         attribute = "style" if kind == STYLE else (edit.attribute if edit.attribute != "style" else "object")
-        prompts = template_prompts(neighbour, attribute, vocabulary)
+        prompts = template_prompts(neighbour, attribute, vocabulary, heldout=True)
         prompts = [p for p in prompts if not any(mentions(p, concept) for concept in edited)]
         label = f"editc verify specificity {index} {normalize_phrase(neighbour)}"
         probes.extend(Probe(prompt, neighbour, kind) for prompt in _draw(prompts, per_neighbour, label))
