@@ -66,6 +66,8 @@ def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], preserve_cach
                 solve_info.append(solved.info)
     if solve_info and context._cache is not None:
         solve_info[0]["preserve_cache"] = context.cache.stats.to_dict()
+        if context.cache.row_stats.hits or context.cache.row_stats.misses:
+            solve_info[0]["edit_rows_cache"] = context.cache.row_stats.to_dict()
     return CompileResult(new_tensors, plans, context.timings, solve_info, preserve, groups)
 
 

@@ -206,3 +206,82 @@ class PromptStateCache:
                     os.unlink(tmp)
                 except OSError:
                     pass
+
+
+# --------------------------------------------------------------------------------------------
+# Edit rows: the text-encoder states of one edit's prompt pairs
+# --------------------------------------------------------------------------------------------
+ROWS_FORMAT = "editc-edit-rows/1"
+
+
+def rows_folder() -> Path:
+    return cache_dir() / "edit-rows"
+
+
+def cached_edit_rows(encoder_hash: str, kind: str, requests: Sequence[tuple[list[str], list[list[int]]]],
+                     compute: Callable[[list[str], list[list[int]]], torch.Tensor], *,
+                     enabled: bool | None = None, stats: CacheStats | None = None) -> list[torch.Tensor]:
+    """Per request (one edit's prompts and, per prompt, its positions), its rows (R × d).
+
+    An edit's rows depend on the text encoder and its prompts and positions only, not on λ, the
+    weights, the preservation set or the output format, so re-compiling a recipe with any of
+    those changed, or another recipe sharing an edit, reads them back (the very float32 bits
+    computed, so edited tensors are bit-identical with and without the cache). The requests that
+    miss are encoded in ONE call of ``compute`` (identical prompts across edits, such as a shared
+    replacement's, encoded once), then split and stored one file per request."""
+    enabled = enabled_by_environment() if enabled is None else enabled
+    enabled = bool(enabled and encoder_hash)
+    keys = [cache_key(encoder_hash, f"edit-rows:{kind}", prompts, positions) for prompts, positions in requests]
+    found: dict[int, torch.Tensor] = {}
+    if enabled:
+        for index, key in enumerate(keys):
+            rows = _read_rows(rows_folder() / f"{key}.safetensors")
+            if rows is not None:
+                found[index] = rows
+    missing = [i for i in range(len(requests)) if i not in found]
+    if stats is not None:
+        stats.hits += len(found)
+        stats.misses += len(missing)
+    if missing:
+        prompts = [p for i in missing for p in requests[i][0]]
+        positions = [pos for i in missing for pos in requests[i][1]]
+        fresh = compute(prompts, positions)
+        offset = 0
+        for i in missing:
+            count = sum(len(pos) for pos in requests[i][1])
+            found[i] = fresh[offset: offset + count]
+            offset += count
+            if enabled:
+                _write_rows(rows_folder() / f"{keys[i]}.safetensors", found[i])
+    return [found[i] for i in range(len(requests))]
+
+
+def _read_rows(path: Path) -> torch.Tensor | None:
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            if (f.metadata() or {}).get("format") != ROWS_FORMAT:
+                return None
+            return f.get_tensor("rows")
+    except Exception:  # noqa: BLE001 - an unreadable entry is a miss
+        return None
+
+
+def _write_rows(path: Path, rows: torch.Tensor) -> None:
+    """Best effort and atomic, like the Gram cache."""
+    tmp = None
+    try:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".rows-", suffix=".safetensors")
+        os.close(fd)
+        save_file({"rows": rows.contiguous()}, tmp, metadata={"format": ROWS_FORMAT})
+        os.replace(tmp, path)
+    except OSError:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass

@@ -116,6 +116,10 @@ def test_preservation_cache_hit_on_second_compile_invalidated_by_a_new_text_enco
     # neighbours, the replacement's prompts, the generic captions): all computed, then all found.
     assert _cache_counts(first) == (0, 6)
     assert _cache_counts(second) == (6, 0)
+    # The style edit's own rows (its prompt pairs through the text encoder) too.
+    assert first["solves"][0]["edit_rows_cache"] == {"hits": 0, "misses": 1}
+    assert second["solves"][0]["edit_rows_cache"] == {"hits": 1, "misses": 0}
+    assert list((tmp_path / "cache" / "edit-rows").glob("*.safetensors"))
     assert list((tmp_path / "cache" / "preserve-gram").glob("*.safetensors"))
 
     # The same edited tensors, bit for bit, with the cache, from the cache, and without it.
@@ -158,6 +162,7 @@ def test_another_recipe_on_the_same_model_finds_the_generic_captions_cached(tiny
     # Per site (UNet contexts, layer-0 inputs): captions and replacements' prompts found, the
     # new concept's neighbours computed.
     assert _cache_counts(manifest) == (4, 2)
+    assert manifest["solves"][0]["edit_rows_cache"] == {"hits": 0, "misses": 1}  # a new concept's rows
 
 
 def test_neighbour_states_are_encoded_once_per_text_encoder(tiny, tmp_path, monkeypatch):

@@ -103,22 +103,21 @@ class RowContext:
         return self._context_rows
 
     def _embed_context_rows(self) -> ContextRows:
-        plans, tokenizer, encoder = self.plans, self.tokenizer, self.encoder
+        # Only the edits that move UNet layers read these rows (a text-encoder edit has its own).
+        plans = [p for p in self.plans if p.method_plugin.edits_unet_layers]
+        tokenizer, encoder = self.tokenizer, self.encoder
         # With padding rows, the trailing (EOS and padding) rows reach to the pipeline's full
         # 77-token contexts, and so do the preservation rows'.
-        full = PADDING_ROWS and any(p.eos for p in plans if p.method_plugin.edits_unet_layers)
+        full = PADDING_ROWS and any(p.eos for p in plans)
         length = encoder.max_length if full else None
-        prompts, positions, counts = [], [], []
+        requests, sources = [], []
         for plan in plans:
             s_pos, t_pos = positions_by_prompt(tokenizer, plan, length)
-            prompts += [pr.source for pr in plan.pairs] + [pr.target for pr in plan.pairs]
-            positions += s_pos + t_pos
-            counts.append((sum(map(len, s_pos)), sum(map(len, t_pos))))
-        rows = encoder.context_rows(prompts, positions)
-        by_plan, offset = {}, 0
-        for plan, (n_src, n_tgt) in zip(plans, counts):
-            by_plan[id(plan)] = (rows[offset : offset + n_src], rows[offset + n_src : offset + n_src + n_tgt])
-            offset += n_src + n_tgt
+            requests.append(([pr.source for pr in plan.pairs] + [pr.target for pr in plan.pairs], s_pos + t_pos))
+            sources.append(sum(map(len, s_pos)))
+        # Each edit's rows from the edit-row cache; the missing ones encoded in one pass.
+        rows = self.cache.edit_rows("context", encoder.components, requests, encoder.context_rows)
+        by_plan = {id(plan): (r[:n], r[n:]) for plan, r, n in zip(plans, rows, sources)}
         preserve_gram = self.preserve_gram("context", encoder.components,
                                            lambda prompts: resolve.all_token_positions(tokenizer, prompts, length,
                                                                                        PADDING_LIMIT),
@@ -134,18 +133,31 @@ class PreserveCache:
         from compiler.preserve_cache import CacheStats
 
         self.model, self.enabled, self.stats = model, enabled, CacheStats()
+        self.row_stats = CacheStats()  # the edit-row cache's
         self._hashes: dict[str, str] = {}
 
-    def gram(self, kind: str, components, prompts, positions, rows):
-        from compiler.preserve_cache import cached_gram, text_encoder_hash
+    def _encoder_hash(self, components) -> tuple[str, bool | None]:
+        from compiler.preserve_cache import text_encoder_hash
 
         for component in components:
             if component not in self._hashes:
                 self._hashes[component] = text_encoder_hash(self.model, component)
-        encoder_hash = "+".join(self._hashes[c] for c in components)
         # An in-memory pipeline has no content hash: nothing to key a cache entry by.
         enabled = False if not all(self._hashes[c] for c in components) else self.enabled
+        return "+".join(self._hashes[c] for c in components), enabled
+
+    def gram(self, kind: str, components, prompts, positions, rows):
+        from compiler.preserve_cache import cached_gram
+
+        encoder_hash, enabled = self._encoder_hash(components)
         return cached_gram(encoder_hash, kind, prompts, positions, rows, enabled=enabled, stats=self.stats)
+
+    def edit_rows(self, kind: str, components, requests, compute):
+        """Per request (an edit's prompts and positions) its rows, from the edit-row cache."""
+        from compiler.preserve_cache import cached_edit_rows
+
+        encoder_hash, enabled = self._encoder_hash(components)
+        return cached_edit_rows(encoder_hash, kind, requests, compute, enabled=enabled, stats=self.row_stats)
 
 
 def positions_by_prompt(tokenizer, plan, trailing_to: int | None = None):
