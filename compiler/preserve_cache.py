@@ -98,21 +98,29 @@ def _read(path: Path) -> PreservationGram | None:
 
 
 def _write(path: Path, gram: PreservationGram, kind: str) -> None:
-    """Best effort and atomic: a read-only or racing cache never breaks a compile."""
+    _save_atomically(path, {"gram": gram.gram.contiguous()},
+                     {"format": FORMAT, "n_rows": str(gram.n_rows), "kind": kind})
+
+
+def _save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Best effort and atomic: written to a temporary file beside ``path``, then renamed, so a
+    reader sees the old entry or the whole new one; a read-only or racing cache never breaks a
+    compile."""
+    tmp = None
     try:
         from safetensors.torch import save_file
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".gram-", suffix=".safetensors")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".entry-", suffix=".safetensors")
         os.close(fd)
-        save_file({"gram": gram.gram.contiguous()}, tmp,
-                  metadata={"format": FORMAT, "n_rows": str(gram.n_rows), "kind": kind})
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     except OSError:
-        try:
-            os.unlink(tmp)  # type: ignore[possibly-undefined]
-        except (OSError, NameError):
-            pass
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
 
 def text_encoder_hash(model, component: str = "text_encoder") -> str:
@@ -188,24 +196,9 @@ class PromptStateCache:
             return {}
 
     def _write(self, entries: dict[tuple[str, int], torch.Tensor]) -> None:
-        """Best effort and atomic, like the Gram cache."""
-        tmp = None
-        try:
-            from safetensors.torch import save_file
-
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".states-", suffix=".safetensors")
-            os.close(fd)
-            index = [[p, i] for p, i in entries]
-            save_file({"states": torch.stack(list(entries.values())).contiguous()}, tmp,
-                      metadata={"format": STATES_FORMAT, "index": json.dumps(index)})
-            os.replace(tmp, self.path)
-        except OSError:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
+        index = [[p, i] for p, i in entries]
+        _save_atomically(self.path, {"states": torch.stack(list(entries.values())).contiguous()},
+                         {"format": STATES_FORMAT, "index": json.dumps(index)})
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,19 +262,4 @@ def _read_rows(path: Path) -> torch.Tensor | None:
 
 
 def _write_rows(path: Path, rows: torch.Tensor) -> None:
-    """Best effort and atomic, like the Gram cache."""
-    tmp = None
-    try:
-        from safetensors.torch import save_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".rows-", suffix=".safetensors")
-        os.close(fd)
-        save_file({"rows": rows.contiguous()}, tmp, metadata={"format": ROWS_FORMAT})
-        os.replace(tmp, path)
-    except OSError:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+    _save_atomically(path, {"rows": rows.contiguous()}, {"format": ROWS_FORMAT})
