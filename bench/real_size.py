@@ -235,8 +235,12 @@ def write_report(results: dict) -> None:
         stages = row.get("stages_s", {})
         stage_text = " / ".join(f"{stages.get(k, 0):.1f}" for k in ("load", "embed", "solve", "save"))
         cache = row.get("preserve_cache") or {}
-        cache_text = "warm" if cache.get("hits") and not cache.get("misses") else ("cold" if cache.get("misses") else "-")
-        target = _target(row) if cache_text != "cold" else None
+        hits, misses = cache.get("hits", 0), cache.get("misses", 0)
+        # warm: every preservation group found; partial: the generic captions found, the recipe's
+        # own groups (its neighbours) computed; cold: nothing found
+        cache_text = ("warm" if hits and not misses else "cold" if misses and not hits
+                      else f"partial {hits}/{hits + misses}" if hits else "-")
+        target = _target(row) if cache_text == "warm" else None
         met = ""
         if target:
             wall_ok = row["wall_s"] <= target[0]
