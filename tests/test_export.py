@@ -326,3 +326,32 @@ def test_sd2_single_file_from_diffusers_has_the_original_24_text_blocks(tmp_path
         want = pipe.text_encoder(ids).last_hidden_state
         got = loaded.pipeline.text_encoder(ids).last_hidden_state
     assert torch.equal(want, got)
+
+
+def test_sd2_diffusers_folder_streams_to_a_single_file_with_the_24th_block(tmp_path):
+    """The same completion when a 23-layer SD-2 diffusers folder is exported tensor by tensor
+    (editc export / compile --format single-file): the added block and projection are written
+    too (they have no diffusers source tensor), equal to the in-memory conversion's."""
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from compiler.export.single_file import export_single_file
+    from compiler.models.layout import pipeline_to_original
+    from compiler.testing.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("sd2")
+    config = CLIPTextConfig.from_dict({**pipe.text_encoder.config.to_dict(), "num_hidden_layers": 23})
+    torch.manual_seed(0)
+    pipe.text_encoder = CLIPTextModel(config).eval()
+    pipe.save_pretrained(tmp_path / "sd2", safe_serialization=True)
+    out = tmp_path / "sd2.safetensors"
+    export_single_file({}, tmp_path / "sd2", out, {}, force=True)
+    want = pipeline_to_original("sd2", pipe.components)
+    prefix = "cond_stage_model.model."
+    with safe_open(str(out), "pt") as f:
+        assert set(f.keys()) == set(want)
+        projection = f.get_tensor(prefix + "text_projection")
+        assert torch.equal(projection, torch.eye(projection.shape[0], dtype=projection.dtype))
+        for key in (prefix + "transformer.resblocks.23.ln_1.weight", prefix + "transformer.resblocks.23.attn.in_proj_weight",
+                    prefix + "transformer.resblocks.22.attn.in_proj_weight"):
+            assert torch.equal(f.get_tensor(key), want[key].to(f.get_tensor(key).dtype)), key

@@ -292,9 +292,11 @@ def test_neighbours_are_probed_on_several_heldout_prompts_each():
         assert len(prompts) == len(set(prompts)) == NEIGHBOUR_PROMPTS, neighbour
         assert set(prompts) <= set(template_prompts(neighbour, "object", toy, heldout=True))
         assert not set(prompts) & set(template_prompts(neighbour, "object", toy))
-    # Fewer prompts per group asked for (quick runs): fewer per neighbour, at least one.
+    # Fewer prompts per group asked for (quick runs): half as many per neighbour, at least one.
     quick = plan_probes(recipe, seeds=1, vocabulary=toy, found=found, prompts_per_group=1)
     assert len(quick.group(SPECIFICITY, 0).probes) == 4
+    half = plan_probes(recipe, seeds=1, vocabulary=toy, found=found, prompts_per_group=4)
+    assert len(half.group(SPECIFICITY, 0).probes) == 4 * 2
 
 
 def _group(name: str, edit_index, base: float, edited: float, *, replacement=None) -> GroupResult:

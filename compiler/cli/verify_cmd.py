@@ -28,7 +28,8 @@ from compiler.errors import GateFailed
 @click.option("--guidance", type=click.FloatRange(min=0, max=100, min_open=True), default=None,
               help="Classifier-free guidance scale (default: the recipe's, else 4 on the toy world, 7.5 otherwise).")
 @click.option("--prompts", "prompts_per_group", type=click.IntRange(1, 1000), default=None,
-              help="Prompts per group (efficacy, generalization, specificity, generic); default 8.")
+              help="Prompts per group (efficacy, generalization, generic); default 8. Specificity: 4 held-out "
+                   "prompts per neighbour at the default, half this number below it.")
 @device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")

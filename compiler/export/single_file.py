@@ -477,7 +477,8 @@ def _source_dtypes(folder: Path, component: str) -> dict[str, torch.dtype]:
 def _write_from_diffusers(described: _Source, edited, out_file: Path, metadata: Mapping[str, str]) -> None:
     """A diffusers source: every component converted to the family's original layout, streamed
     tensor by tensor from the source's files (peak memory: one original tensor and its parts)."""
-    from compiler.models.layout import SINGLE_FILE_COMPONENTS, component_name_to_original, component_to_original
+    from compiler.models.layout import (SINGLE_FILE_COMPONENTS, component_name_to_original, component_to_original,
+                                        sd2_completion_tensor)
     from compiler.models.load import _build_meta, inspect_source
     from compiler.models.selective import TensorReader
 
@@ -520,6 +521,9 @@ def _write_from_diffusers(described: _Source, edited, out_file: Path, metadata: 
 
     def produce(original: str) -> torch.Tensor:
         component, config, names = parts[original]
+        if not names:  # added by the conversion itself (SD-2's pass-through block and projection)
+            dtype, shape = entries[original]
+            return sd2_completion_tensor(original, shape, dtype)
         edits = by_component[f"_edits_{component}"]
         tensors = {}
         for name in names:

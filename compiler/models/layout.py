@@ -324,13 +324,23 @@ def _complete_sd2_openclip(out: dict[str, torch.Tensor]) -> None:
         return  # not the reference 23-layer encoder (a narrower model keeps its own layout)
     block = f"{prefix}transformer.resblocks.{_SD2_REFERENCE_TEXT_LAYERS}."
     for key in [k for k in out if k.startswith(last)]:
-        name = key[len(last):]
         template = out[key]
-        identity_scale = name.endswith(("ln_1.weight", "ln_2.weight"))
-        out[block + name] = torch.ones_like(template) if identity_scale else torch.zeros_like(template)
+        out[block + key[len(last):]] = sd2_completion_tensor(block + key[len(last):], template.shape, template.dtype,
+                                                             template.device)
     if prefix + "text_projection" not in out:
         width = out[last + "ln_1.weight"].shape[0]
-        out[prefix + "text_projection"] = torch.eye(width, dtype=out[last + "ln_1.weight"].dtype)
+        out[prefix + "text_projection"] = sd2_completion_tensor(prefix + "text_projection", (width, width),
+                                                                out[last + "ln_1.weight"].dtype)
+
+
+def sd2_completion_tensor(original: str, shape, dtype, device=None) -> torch.Tensor:
+    """The value of a tensor that :func:`_complete_sd2_openclip` adds: the identity projection,
+    unit layer-norm scales, zeros for the rest of the pass-through block."""
+    if original.endswith("text_projection"):
+        return torch.eye(int(shape[0]), dtype=dtype, device=device)
+    if original.endswith(("ln_1.weight", "ln_2.weight")):
+        return torch.ones(shape, dtype=dtype, device=device)
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def expected_original_names(

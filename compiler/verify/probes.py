@@ -9,8 +9,8 @@ For every edit of a recipe there are three groups:
   ``verify.neighbours`` first, then the concepts compile found nearest the edited one in the
   model's own text space, ``compiler.prompts.neighbours``), in held-out prompts (compile keeps
   the neighbours put on the solve templates, so those would grade it on its own rows) that
-  mention no edited concept, ``NEIGHBOUR_PROMPTS`` per neighbour (fewer only when fewer
-  prompts per group are asked for).
+  mention no edited concept, ``NEIGHBOUR_PROMPTS`` per neighbour (half the prompts per group
+  when fewer than the default 8 are asked for).
 
 One ``generic`` group of plain object prompts is shared by all edits. Every word comes from the
 model's vocabulary (``compiler.prompts``). Every prompt is generated
@@ -163,8 +163,9 @@ def _edit_probes(edit: Edit, vocabulary: Vocabulary, heldout: bool, count: int, 
 def _neighbour_probes(recipe: Recipe, edit: Edit, index: int, count: int, neighbours: list[str],
                       vocabulary: Vocabulary) -> tuple[Probe, ...]:
     edited = [e.concept for e in recipe.edits]
-    # ``count`` prompts at least; ``NEIGHBOUR_PROMPTS`` per neighbour unless fewer were asked for.
-    per_neighbour = max(min(NEIGHBOUR_PROMPTS, count), -(-count // max(1, len(neighbours))))
+    # ``count`` prompts at least; ``NEIGHBOUR_PROMPTS`` per neighbour at the default 8 prompts
+    # per group, half of ``count`` when fewer are asked for (quick runs), one at least.
+    per_neighbour = max(1, min(NEIGHBOUR_PROMPTS, count // 2), -(-count // max(1, len(neighbours))))
     probes = []
     for neighbour in neighbours:
         kind = kind_of_phrase(neighbour, kind_of_edit(edit), vocabulary)
