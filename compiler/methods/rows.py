@@ -65,7 +65,7 @@ class RowContext:
             positions = positions_for(prompts)
             gram = self.cache.gram(kind, components, prompts, positions,
                                    lambda prompts=prompts, positions=positions: rows_for(prompts, positions))
-            term = gram.gram.to(torch.float64) * group.weight if group.weight != 1.0 else gram.gram.to(torch.float64)
+            term = gram.gram.to(torch.float64) * group.weight  # × 1.0 is exact in float64
             total = term if total is None else total + term
             n_rows += gram.n_rows
         return None if total is None else PreservationGram(total, n_rows)
