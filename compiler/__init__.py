@@ -14,6 +14,9 @@ The Python API (see the README's "Python API")::
 Names are imported on first use, so ``import compiler`` stays light.
 """
 
+import time as _time
+
+IMPORT_STARTED = _time.perf_counter()  # compile's manifest counts imports from here
 __version__ = "0.1.0"
 
 _API = {

@@ -77,11 +77,25 @@ def apply_to_pipeline(pipe, new_tensors: dict[str, torch.Tensor]) -> None:
 
 def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force: bool = False,
                     verify: bool | None = None, progress: bool = True, prediction_type: str | None = None,
-                    resolution: str | None = None) -> dict:
+                    resolution: str | None = None, device=None) -> dict:
     """The full job behind ``editc compile``; returns the manifest (also written to disk).
 
-    The output is claimed (checked against the inputs, locked, its folder writable) before the
-    model is loaded; it appears under its name only when complete (``compiler.io``)."""
+    ``device``: ``--device`` (see :mod:`compiler.device`; default ``$EDITC_DEVICE``, else cuda
+    when available). Only the text encoder(s) and the edited tensors go there; the UNet is read
+    only for verify, ONNX or LocoGen. The output is claimed (checked against the inputs, locked,
+    its folder writable) before the model is loaded; it appears under its name only when
+    complete (``compiler.io``)."""
+    from compiler.device import device_policy
+
+    timings: dict[str, float] = {}
+    first = not _IMPORTED
+    with timed(timings, "imports"):  # Python imports, so that "load" means reading the model
+        policy = device_policy(device)
+        _import_compile_modules()
+    if first:  # and what the process imported before (torch, editc): since editc's import began
+        import compiler
+
+        timings["imports"] = time.perf_counter() - compiler.IMPORT_STARTED
     from compiler.export.diffusers_folder import write_manifest
     from compiler.export.formats import ExportJob, write_formats
     from compiler.io import claim_output, input_paths
@@ -89,7 +103,6 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
     from compiler.models.selective import open_model
 
     say = _reporter(progress)
-    timings: dict[str, float] = {}
     out, out_from = compile_output_path(recipe, out)
     formats = tuple(formats or recipe.outputs.formats)
     # `--out edited.safetensors` with the one format single-file: that file, not a folder
@@ -105,7 +118,8 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
         with timed(timings, "load"):
             # Only what the compile edits is read: text encoders, tokenizers, the edited tensors.
             loaded = (model_spec if isinstance(model_spec, LoadedModel)
-                      else open_model(model_spec, prediction_type=prediction_type or recipe.prediction_type))
+                      else open_model(model_spec, device=policy.device,
+                                      prediction_type=prediction_type or recipe.prediction_type))
         peak_rss = {"load": _peak_rss_mb()}
         resolution = resolution or recipe.outputs.resolution
         say("plan edits (resolve, locate)")
@@ -118,13 +132,14 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
         peak_rss["embed_solve"] = _peak_rss_mb()
         if "onnx" in formats:  # ONNX export traces the whole edited pipeline
             with timed(timings, "fuse"):
-                apply_to_pipeline(loaded.pipeline, result.new_tensors)
+                apply_to_pipeline(loaded.export_pipeline, result.new_tensors)
 
         say(f"write {', '.join(formats)} to {out}")
         t0 = time.perf_counter()
         outputs: dict = {}
         manifest = build_manifest(recipe, loaded, result, timings, outputs)
         manifest["output"] = {"path": str(out), "from": out_from}
+        manifest["compute"] = getattr(loaded, "policy", policy).describe(loaded.stored_dtype)
         manifest["peak_rss_mb"] = peak_rss  # the process's peak so far, after each stage
         manifest["model_reads"] = _model_reads(loaded)
         if single_file_out:
@@ -143,7 +158,8 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
             from compiler.verify import verify_compiled
 
             say("verify")
-            manifest["verify"] = verify_compiled(recipe, edited_dir=out, base=loaded, progress=progress)
+            manifest["verify"] = verify_compiled(recipe, edited_dir=out, base=loaded, progress=progress,
+                                                 device=policy.device)
             write_manifest(out, manifest)
     return manifest
 
@@ -163,7 +179,8 @@ def _write_single_file_only(recipe, loaded, result, out, manifest, timings, t0, 
 
         say("verify")
         manifest["verify"] = verify_compiled(recipe, edited_dir=out, base=loaded, progress=progress,
-                                             report_dir=Path(out).with_name(Path(out).stem + "-verify"))
+                                             report_dir=Path(out).with_name(Path(out).stem + "-verify"),
+                                             device=getattr(loaded, "policy", None))
     return manifest
 
 
@@ -179,6 +196,26 @@ def compile_output_path(recipe: Recipe, out=None):
         path, absolute = resolve_recipe_output(recipe.path, recipe.outputs.dir)
         return path, "the recipe's outputs.dir (an absolute path)" if absolute else "the recipe's outputs.dir"
     return expand(Path("out") / Path(recipe.path).stem), "the default out/<recipe name>"
+
+
+_IMPORTED = False
+
+
+def _import_compile_modules() -> None:
+    """Import what a compile runs (transformers' CLIP, safetensors, the exporters) once per
+    process, so that the manifest's ``imports`` holds it and ``load`` is reading the model."""
+    global _IMPORTED
+    if _IMPORTED:
+        return
+    import safetensors.torch  # noqa: F401
+    import transformers
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
+
+    import compiler.export.diffusers_folder  # noqa: F401
+    import compiler.export.formats  # noqa: F401
+    import compiler.models.selective  # noqa: F401
+    del transformers
+    _IMPORTED = True
 
 
 def _peak_rss_mb() -> float | None:

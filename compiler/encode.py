@@ -69,7 +69,8 @@ class PromptEncoder:
     @torch.no_grad()
     def context_rows(self, prompts: Sequence[str], positions: Sequence[Sequence[int]]) -> torch.Tensor:
         """UNet context rows ``context[n, p]`` for each prompt n and each of its positions p, in
-        that order: (Σ positions, d) float32."""
+        that order: (Σ positions, d) float32, on the text encoder's device (as every method
+        here returns them: the caller moves them where they are needed)."""
         from compiler.models.families import FAMILIES
 
         if not FAMILIES[self.family].causal_text_encoder:  # T5: every token sees the whole prompt
@@ -145,12 +146,17 @@ class PromptEncoder:
             for i in range(0, len(group), step):
                 chunk = group[i : i + step]
                 out = run(chunk, length)
-                for prompt, state in zip(chunk, out.to("cpu", dtype)):
+                for prompt, state in zip(chunk, out.to(dtype)):  # stays on the encoder's device
                     states[prompt] = state
         rows = [states[p][list(pos)] for p, pos in zip(prompts, positions) if len(pos)]
         if not rows:
-            return torch.empty(0, dtype=dtype)
+            return torch.empty(0, dtype=dtype, device=self.device)
         return torch.cat(rows)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the (first) text encoder computes, and where its rows are returned."""
+        return next(self.model.text_encoder(self.components[0]).parameters()).device
 
     def _ids_tensor(self, prompts: list[str], length: int, component: str) -> torch.Tensor:
         ids = torch.tensor([row[:length] for row in self.token_ids(prompts, component)], dtype=torch.long)
@@ -176,7 +182,7 @@ class PromptEncoder:
         unique = list(dict.fromkeys(prompts))
         parts = []
         for i in range(0, len(unique), MAX_BATCH):
-            parts.append(pipe.encode_prompt(unique[i : i + MAX_BATCH], pipe.device, 1, False)[0].float().cpu())
+            parts.append(pipe.encode_prompt(unique[i : i + MAX_BATCH], pipe.device, 1, False)[0].float())
         states = dict(zip(unique, torch.cat(parts)))
         return torch.stack([states[p] for p in prompts])
 

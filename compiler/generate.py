@@ -48,16 +48,21 @@ def _generate_onnx(runner, prompts: list[str], seeds: list[int], *, steps: int, 
     return runner(list(prompts), latents=latents, steps=steps, guidance=guidance, batch=batch)
 
 
-def load_generator(path_or_toy: str, **load_options):
-    """What ``generate`` and ``verify`` draw with: an ``export_onnx`` folder runs on onnxruntime
-    (``OnnxTextToImage``), anything else loads as a diffusers pipeline."""
-    from compiler.export.onnx_pipeline import OnnxTextToImage, is_onnx_folder
+def load_generator(path_or_toy: str, device=None):
+    """What ``generate`` draws with: an ``export_onnx`` folder runs on onnxruntime
+    (``OnnxTextToImage``; its CUDA provider when ``device`` is a GPU and onnxruntime-gpu is
+    installed), anything else loads as a diffusers pipeline as the device policy says
+    (``compiler.device``: float32 on the CPU, the stored half precision on a GPU)."""
+    from compiler.device import resolve_device
+    from compiler.export.onnx_pipeline import OnnxTextToImage, default_providers, is_onnx_folder
 
+    device = resolve_device(device)
     if is_onnx_folder(path_or_toy):
-        return OnnxTextToImage(path_or_toy)
-    from compiler.models.load import load_model
+        return OnnxTextToImage(path_or_toy, providers=default_providers() if device.type == "cuda"
+                               else ("CPUExecutionProvider",))
+    from compiler.models.load import load_for_generation
 
-    return load_model(path_or_toy, **load_options).pipeline
+    return load_for_generation(path_or_toy, device=device).pipeline
 
 
 def image_grid(images: np.ndarray, cols: int, scale: int = 1) -> np.ndarray:

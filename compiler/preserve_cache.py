@@ -113,7 +113,7 @@ def _save_atomically(path: Path, tensors: dict[str, torch.Tensor], metadata: dic
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".entry-", suffix=".safetensors")
         os.close(fd)
-        save_file(tensors, tmp, metadata=metadata)
+        save_file({name: tensor.cpu() for name, tensor in tensors.items()}, tmp, metadata=metadata)
         os.replace(tmp, path)
     except OSError:
         if tmp is not None:

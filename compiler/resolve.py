@@ -53,6 +53,7 @@ def state_encoder(pipe, capture: torch.nn.Module | None = None, capture_name: st
     neighbours; the states are kept in the prompt-state cache (``compiler.preserve_cache``),
     keyed by the text encoder's content hash, so a second recipe on a model encodes only what
     is new."""
+    from compiler.device import compute_tag
     from compiler.encode import PromptEncoder
     from compiler.preserve_cache import PromptStateCache, text_encoder_hash
 
@@ -60,14 +61,16 @@ def state_encoder(pipe, capture: torch.nn.Module | None = None, capture_name: st
     tokenizer = encoder.tokenizer()
     hashes = [text_encoder_hash(pipe, c) if hasattr(pipe, "model_hash") else "" for c in encoder.components]
     # No content hash (a pipeline in memory) or an unnamed capture site: nothing to key by.
-    encoder_hash = "+".join(hashes) if all(hashes) and (capture is None or capture_name) else ""
+    # States computed on a GPU round differently from the CPU's: the key names where.
+    encoder_hash = (f"{'+'.join(hashes)}@{compute_tag(encoder.device)}"
+                    if all(hashes) and (capture is None or capture_name) else "")
     cache = PromptStateCache(encoder_hash, f"input:{capture_name}" if capture is not None else "context")
 
     def compute(prompts: list[str], positions: list[int]) -> torch.Tensor:
         rows = [[p] for p in positions]
         if capture is None:
-            return encoder.context_rows(prompts, rows)
-        return encoder.module_inputs(prompts, rows, capture)
+            return encoder.context_rows(prompts, rows).cpu()
+        return encoder.module_inputs(prompts, rows, capture).cpu()
 
     def encode(prompts: list[str], phrases: list[str]) -> torch.Tensor:
         positions = [last_token_index(tokenizer, p, ph) for p, ph in zip(prompts, phrases)]

@@ -77,6 +77,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from compiler.device import synchronize as _synchronize
 from compiler.errors import UserError
 
 DEFAULT_LAMBDA = 0.01  # λ of both papers
@@ -820,7 +821,3 @@ def _check_weights(old_weights: Mapping[str, Tensor], dim: int, what: str) -> No
             )
         _require_finite(f"weight {name!r}", weight)
 
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

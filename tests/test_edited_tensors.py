@@ -28,7 +28,7 @@ edited = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(edited)
 
 RECORD = json.loads(edited.RECORD.read_text())
-SAME_MACHINE = RECORD["machine"] == edited.machine()
+SAME_MACHINE = edited.same_machine(RECORD["machine"])
 
 
 @pytest.mark.parametrize("recipe", edited.RECIPES)

@@ -58,13 +58,38 @@ def tensor_summary(tensor) -> dict:
 
 
 def machine() -> dict:
-    """What decides the bits: torch's version and the CPU's kernels."""
+    """What decides the bits: torch's version, the CPU's kernels and the CPU itself (an AMD EPYC
+    and an Intel Xeon both run torch's AVX512 kernels, yet round differently: measured, every
+    edited tensor's bits differ between the two). The CPU model is compared only when the
+    record names one."""
     import platform
 
     import torch
 
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "machine": platform.machine()}
+            "machine": platform.machine(), "cpu_model": cpu_model()}
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else the platform's processor string."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def same_machine(recorded: dict) -> bool:
+    """Whether this machine is the one that wrote ``recorded`` (a record without a CPU model
+    came from an AMD EPYC, README "Measured results")."""
+    here = machine()
+    recorded = {"cpu_model": "AMD EPYC", **recorded}
+    return all(here[k] == recorded[k] if k != "cpu_model" else here[k].startswith(recorded[k]) or
+               recorded[k].startswith(here[k]) for k in here)
 
 
 def compare(recorded: dict, now: dict, same_machine: bool) -> list[str]:

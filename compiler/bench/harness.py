@@ -771,23 +771,24 @@ def _process_cpu() -> float:
 
 
 def run_bench(model_path: str | Path, settings: BenchSettings, *, judge_path: str | Path | None = None,
-              device: str = "cpu", progress: bool = True, scaling: bool = True, methods: bool = True,
+              device=None, progress: bool = True, scaling: bool = True, methods: bool = True,
               say=None) -> dict:
     """Run everything on one model and return the report (see the module docstring)."""
-    from compiler.models.load import load_model
+    from compiler.models.load import load_for_generation
     from compiler.verify.judges import choose_judge
 
     say = say or (lambda message: print(f"[bench] {message}", file=sys.stderr, flush=True))
     started, cpu_at_start = time.perf_counter(), _process_cpu()
     torch.manual_seed(settings.seed)
-    loaded = load_model(str(model_path), dtype=torch.float32, device=device)
+    loaded = load_for_generation(str(model_path), device=device)  # float32 on the CPU, as before
+    policy = loaded.policy
     loaded.pipeline.set_progress_bar_config(disable=True)
     from compiler.bench.baselines import use_vocabulary
     from compiler.resolve import vocabulary_of
 
     use_vocabulary(vocabulary_of(loaded))
     base_dir = Path(loaded.source_path) if Path(loaded.source_path).is_dir() else None
-    judge = choose_judge(judge_path, base_dir, loaded.pipeline.text_encoder)
+    judge = choose_judge(judge_path, base_dir, loaded.pipeline.text_encoder, device=policy.device)
     say(f"model {loaded.source_path} ({loaded.family}), {torch.get_num_threads()} thread(s)")
 
     stages = {}
@@ -826,7 +827,7 @@ def run_bench(model_path: str | Path, settings: BenchSettings, *, judge_path: st
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "model": {"path": str(loaded.source_path), "family": loaded.family, "sha256": loaded.model_hash},
         "judge": judge.description,
-        "host": {"device": device, "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else None,
+        "host": {**policy.describe(loaded.stored_dtype),
                  "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                  "torch": torch.__version__, "platform": platform.platform(),
                  "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
@@ -869,6 +870,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scaling-methods", choices=tuple(SCALING_METHODS), default=None,
                         help="auto: facts by Diff-QuickFix at v_proj, as method: auto picks (default); "
                              "locoedit: every edit LocoEdit")
+    parser.add_argument("--device", default=None, help="torch device (default: $EDITC_DEVICE, else cuda when "
+                                                       "available, else cpu)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser.parse_args(argv)
 
@@ -924,7 +927,7 @@ def main(argv=None) -> int:
     if not model.is_dir():
         raise UserError(f"{model}: no toy-world model here; train it (make train-toy) or pass --model PATH "
                         f"(a toy-world diffusers folder with its judge beside it)")
-    report = run_bench(model, settings, judge_path=args.judge, progress=not args.quiet,
+    report = run_bench(model, settings, judge_path=args.judge, device=args.device, progress=not args.quiet,
                        scaling=not args.no_scaling, methods=not args.only_scaling)
     stem = "bench_toy_quick" if args.quick else "bench_toy"
     if args.only_scaling:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import click
 
 from compiler.cli import main
-from compiler.cli.options import judge_option
+from compiler.cli.options import device_option, judge_option
 
 
 def load_harness():
@@ -43,9 +43,10 @@ def _methods_help() -> str:
               help="LocoEdit/neurons layers: locate (LocoGen, cached; default), default (the papers' table) "
                    "or a list like 2,3,4.")
 @click.option("--no-scaling", is_flag=True, help="Skip the 1/10/50/100-concept scaling run.")
+@device_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def bench_command(quick, model, judge, out, methods, kinds, repeats, esd_steps, ca_steps, layers, no_scaling,
-                  quiet):
+                  device, quiet):
     """Benchmark editc's edits against fine-tuning (ESD-x, Concept Ablation) and closed-form
     peers (UCE, TIME) on the toy world: edit time (median of interleaved repeats), efficacy,
     generalization and specificity (by editc verify), and scaling to 100 concepts in one recipe.
@@ -57,7 +58,7 @@ def bench_command(quick, model, judge, out, methods, kinds, repeats, esd_steps, 
     argv = []
     for flag, value in (("--model", model), ("--judge", judge), ("--out", out), ("--methods", methods),
                         ("--kinds", kinds), ("--repeats", repeats), ("--esd-steps", esd_steps),
-                        ("--ca-steps", ca_steps), ("--layers", layers)):
+                        ("--ca-steps", ca_steps), ("--layers", layers), ("--device", device)):
         if value is not None:
             argv += [flag, str(value)]
     for flag, on in (("--quick", quick), ("--no-scaling", no_scaling),

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from compiler.cli import main
+from compiler.cli.options import device_option
 from compiler.export.formats import format_names
 
 
@@ -27,10 +28,11 @@ from compiler.export.formats import format_names
 @click.option("--resolution", default=None, metavar="WxH",
               help="modelspec.resolution of a single-file output; overrides the recipe's outputs.resolution.")
 @click.option("--verify/--no-verify", "run_verify", default=None, help="Run the recipe's verify gates after export.")
+@device_option
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON instead of a summary.")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
 def compile_command(recipe_path, model_path, out_dir, formats, force, prediction_type, resolution, run_verify,
-                    as_json, quiet):
+                    device, as_json, quiet):
     """Compile RECIPE into an edited checkpoint (diffusers folder + manifest.json).
 
     Locates the layers holding each concept, solves one closed-form ridge regression per
@@ -43,7 +45,7 @@ def compile_command(recipe_path, model_path, out_dir, formats, force, prediction
     started = time.perf_counter()
     manifest = compile_to_disk(recipe, model=model_path, out=out_dir, formats=formats or None, force=force,
                                verify=run_verify, progress=not quiet, prediction_type=prediction_type,
-                               resolution=resolution)
+                               resolution=resolution, device=device)
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
     else:
@@ -67,6 +69,10 @@ def _print_summary(manifest: dict, seconds: float) -> None:
         heads = f", {s['heads']} heads" if "heads" in s else ""
         echo(f"  solve {s['method']}{' at ' + s['site'] if 'site' in s else ''}: {len(s['tensors'])} tensors{heads}{extra}"
              + (f", {s['rows']} rows + {s['preserve_rows']} preservation rows" if "rows" in s else ""))
+    compute = manifest.get("compute") or {}
+    if compute:
+        echo(f"  on {compute.get('gpu') or compute.get('device')}: embed {compute.get('embed_dtype')}, "
+             f"solve {compute.get('solve_dtype')}")
     t = manifest["timings_seconds"]
     echo("  time: " + ", ".join(f"{k} {v:.3f}s" for k, v in t.items()) + f" (total {seconds:.1f}s)")
     for fmt, path in manifest["outputs"].items():

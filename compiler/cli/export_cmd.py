@@ -16,6 +16,8 @@ import time
 import click
 
 from compiler.cli import main
+from compiler.cli.options import device_option
+from compiler.errors import UserError
 
 
 def _echo_json(document: dict) -> None:
@@ -38,26 +40,36 @@ def export_group() -> None:
 @click.option("--no-check", is_flag=True, help="Skip the onnxruntime parity check.")
 @click.option("--tolerance", type=float, default=None,
               help="Max abs error allowed relative to max(1, max|output|) (default 1e-3 fp32, 3e-2 fp16).")
+@device_option
 @click.option("--force", is_flag=True, help="Replace an existing output folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def export_onnx_command(model, out_dir, fp16, exporter, no_check, tolerance, force, as_json):
+def export_onnx_command(model, out_dir, fp16, exporter, no_check, tolerance, device, force, as_json):
     """Export MODEL's text encoder(s), UNet and VAE to ONNX, checked with onnxruntime.
 
-    Exits 1 when an onnxruntime output differs from PyTorch by more than the tolerance
-    (nothing is written then).
+    Graphs are traced in float32 on the CPU; --device picks where onnxruntime runs the parity
+    check (cuda: its CUDA execution provider, from onnxruntime-gpu). Exits 1 when an
+    onnxruntime output differs from PyTorch by more than the tolerance (nothing is written then).
     """
+    from compiler.device import resolve_device
     from compiler.export.onnx import export_onnx
+    from compiler.export.onnx_pipeline import default_providers
     from compiler.export.provenance import read_provenance
     from compiler.io import claim_output, input_paths
     from compiler.models.load import load_model
 
+    providers = ("CPUExecutionProvider",)
+    if resolve_device(device).type == "cuda":
+        providers = default_providers()
+        if "CUDAExecutionProvider" not in providers:
+            raise UserError("--device cuda: this onnxruntime has no CUDA execution provider; "
+                            "pip install 'editc[gpu]' (onnxruntime-gpu), or use --device cpu")
     started = time.perf_counter()
     # Claimed (checked, locked) before the minutes a large model takes to load.
     with claim_output(out_dir, force=force, inputs=input_paths(model), kind="dir"):
         loaded = load_model(model)
         provenance = read_provenance(loaded.source_path)
         result = export_onnx(loaded, out_dir, "fp16" if fp16 else "fp32", force=force, provenance=provenance,
-                             exporter=exporter, check=not no_check, tolerance=tolerance)
+                             exporter=exporter, check=not no_check, tolerance=tolerance, providers=providers)
     seconds = time.perf_counter() - started
     if as_json:
         _echo_json({"out": str(result.path), "family": result.family, "dtype": result.dtype,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from compiler.cli import main
+from compiler.cli.options import device_option
 from compiler.errors import UserError
 
 
@@ -48,7 +49,8 @@ def parse_seeds(text: str) -> list[int]:
               help="Upscale the saved picture (nearest) for viewing.")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False), required=True, help="PNG to write.")
 @click.option("--force", is_flag=True, help="Replace an existing --out picture.")
-def generate_command(prompts, model_path, seeds, steps, guidance, scale, out_path, force):
+@device_option
+def generate_command(prompts, model_path, seeds, steps, guidance, scale, out_path, force, device):
     """Generate images for PROMPTS; one prompt and seed gives one picture, more give a grid
     (one row per prompt, one column per seed)."""
     from PIL import Image
@@ -63,7 +65,7 @@ def generate_command(prompts, model_path, seeds, steps, guidance, scale, out_pat
     if not out_path.lower().endswith(".png"):
         raise UserError(f"--out: {out_path!r} must end in .png")
     with claim_output(out_path, force=force, inputs=input_paths(model_path), kind="file") as claim:
-        pipe = load_generator(model_path)
+        pipe = load_generator(model_path, device=device)
         pipe.set_progress_bar_config(disable=True)
         all_prompts = [p for p in prompts for _ in seed_list]
         all_seeds = [s for _ in prompts for s in seed_list]

@@ -21,12 +21,13 @@ def parse_seed_list(text: str) -> tuple[int, ...]:
 
 
 def load_for_sweep(model_path: str, device: str | None):
-    """Load the model on this process's device (``torchrun``: one GPU per rank)."""
+    """Load the model on this process's device (``torchrun``: one GPU per rank), in the device
+    policy's generation dtype (``compiler.device``)."""
     from compiler.locate.distributed import init_from_environment
-    from compiler.models.load import load_model
+    from compiler.models.load import load_for_generation
 
-    process_device = init_from_environment()  # joins torchrun's process group, if any
-    loaded = load_model(model_path, device=device or str(process_device))
+    process_device = init_from_environment(device)  # joins torchrun's process group, if any
+    loaded = load_for_generation(model_path, device=process_device)
     loaded.pipeline.set_progress_bar_config(disable=True)
     return loaded
 
@@ -73,7 +74,8 @@ def default_out(kind: str, name: str) -> Path:
               help="Sweep every m up to --max-m (a complete heat map), not only until one passes.")
 @click.option("--confirm-steps", type=click.IntRange(1, 1000), default=None,
               help="Measure the winner again with this many steps at the model's resolution.")
-@click.option("--batch", type=click.IntRange(1, 4096), default=32, show_default=True, help="Samples per pipeline call.")
+@click.option("--batch", type=click.IntRange(1, 4096), default=None,
+              help="Samples per pipeline call [default: 32 on the CPU; on a GPU sized to its free memory].")
 @judge_option()
 @device_option
 @click.option("--out", "out_dir", default=None,
@@ -97,11 +99,11 @@ def locate_command(model_path, concept, replacement, attribute, prompt_list, n_p
     claim_sweep_output(out, force, model_path)  # fail before the sweep, not after
     seed_list = parse_seed_list(seeds)
     loaded = load_for_sweep(model_path, device)
-    judge = load_judge_for(loaded.source_path, judge_dir)
+    judge = load_judge_for(loaded.source_path, judge_dir, device=loaded.policy.device)
     settings = LocateSettings(prompts=tuple(prompt_list), n_prompts=n_prompts, seeds=tuple(seed_list),
                               steps=steps, guidance=guidance, height=resolution, width=resolution,
                               max_m=max_m, threshold=threshold, criterion=criterion, full_sweep=full_sweep,
-                              confirm_steps=confirm_steps, batch=batch)
+                              confirm_steps=confirm_steps, batch=batch or loaded.policy.generation_batch(32))
     result = locate(loaded.pipeline, concept, replacement, attribute, settings, judge=judge,
                     model_hash=loaded.model_hash, use_cache=not no_cache)
     if not current_process_group().is_main:

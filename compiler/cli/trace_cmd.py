@@ -66,7 +66,7 @@ def trace_command(model_path, prompt, subject, seeds, steps, guidance, resolutio
     if subject.lower() not in prompt.lower():
         raise UserError(f"--subject {subject!r} does not occur in --prompt {prompt!r}")
     loaded = load_for_sweep(model_path, device)
-    judge = load_judge_for(loaded.source_path, judge_dir)
+    judge = load_judge_for(loaded.source_path, judge_dir, device=loaded.policy.device)
     common = dict(judge=judge, seeds=seed_list, steps=steps, guidance=guidance, height=resolution,
                   width=resolution, noise_scale=noise_scale, noise_samples=noise_samples, batch=batch,
                   model_hash=loaded.model_hash, use_cache=not no_cache)

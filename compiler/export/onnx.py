@@ -590,8 +590,12 @@ def export_onnx(pipeline_or_folder, out_dir: str | os.PathLike, dtype: str = "fp
                 force: bool = False, provenance: Mapping[str, str] | None = None,
                 exporter: str = "torchscript", check: bool = True, opset: int = OPSET,
                 external_data_threshold_bytes: int = EXTERNAL_DATA_THRESHOLD_BYTES,
-                tolerance: float | None = None) -> OnnxExport:
+                tolerance: float | None = None,
+                providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> OnnxExport:
     """Export a pipeline's text encoder(s), UNet, VAE encoder and decoder to ONNX.
+
+    Graphs are traced from the float32 pipeline on the CPU (a graph is device-free);
+    ``providers`` are the onnxruntime execution providers the parity check runs on.
 
     ``pipeline_or_folder``: a ``LoadedModel``, a diffusers pipeline object, or a model path
     ('toy', a diffusers folder, a single file). ``dtype``: 'fp32' or 'fp16'. With ``check``
@@ -642,7 +646,8 @@ def export_onnx(pipeline_or_folder, out_dir: str | os.PathLike, dtype: str = "fp
         parity = {}
         if check:
             try:
-                parity = check_onnx_parity(folder, pipeline, family=model.family, tolerance=tolerance)
+                parity = check_onnx_parity(folder, pipeline, family=model.family, tolerance=tolerance,
+                                           providers=providers)
             except OnnxParityError as err:
                 details = str(err).split(": ", 1)[-1]
                 raise OnnxParityError(f"{Path(out_dir)}: not written, {details}") from None
@@ -676,7 +681,8 @@ def _session_input_dtypes(session) -> dict[str, np.dtype]:
 
 
 def check_onnx_parity(onnx_dir: str | os.PathLike, reference, *, family: str | None = None,
-                      tolerance: float | None = None) -> dict[str, dict]:
+                      tolerance: float | None = None,
+                      providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> dict[str, dict]:
     """Run every exported graph with onnxruntime on fixed inputs and compare with PyTorch.
 
     ``reference``: the float32 PyTorch model (pipeline object, ``LoadedModel`` or path).
@@ -693,7 +699,7 @@ def check_onnx_parity(onnx_dir: str | os.PathLike, reference, *, family: str | N
     results: dict[str, dict] = {}
     failures = []
     for graph in component_graphs(pipeline, model.family):
-        session = ort_session(onnx_dir / graph.name / "model.onnx")
+        session = ort_session(onnx_dir / graph.name / "model.onnx", providers)
         input_dtypes = _session_input_dtypes(session)
         dtype_name = "fp16" if session.get_outputs()[0].type == "tensor(float16)" else "fp32"
         module = getattr(pipeline, graph.source_component)
@@ -732,6 +738,7 @@ def write_output(job) -> dict:
     """Compile's ``onnx`` format (:mod:`compiler.export.formats`): graphs from the weights as the
     checkpoint stores them, checked against PyTorch."""
     loaded = job.loaded
-    with weights_as_stored(loaded.pipeline, job.new_tensors, loaded.stored_dtype):
-        exported = export_onnx(loaded.pipeline, job.folder / "onnx", provenance=job.provenance)
+    pipeline = loaded.export_pipeline  # float32 on the CPU, whatever the device policy
+    with weights_as_stored(pipeline, job.new_tensors, loaded.stored_dtype):
+        exported = export_onnx(pipeline, job.folder / "onnx", provenance=job.provenance)
     return {"onnx": str(job.out / "onnx"), "onnx_max_abs_error": exported.max_abs_errors()}

@@ -108,6 +108,7 @@ class ClipFolderJudge(Judge):
     def __init__(self, model, tokenizer, image_size: int, mean, std, description: str, batch: int = 64,
                  vocabulary=None):
         self.model = model
+        self.device = next(model.parameters()).device  # images and texts go where the model is
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
@@ -134,8 +135,8 @@ class ClipFolderJudge(Judge):
     def embed_images(self, images: np.ndarray) -> torch.Tensor:
         out = []
         for i in range(0, len(images), self.batch):
-            features = self.model.get_image_features(pixel_values=self._pixels(images[i : i + self.batch]))
-            out.append(_as_tensor(features))
+            pixels = self._pixels(images[i : i + self.batch]).to(self.device)
+            out.append(_as_tensor(self.model.get_image_features(pixel_values=pixels)).float().cpu())
         emb = torch.cat(out).float()
         return emb / emb.norm(dim=-1, keepdim=True)
 
@@ -146,8 +147,9 @@ class ClipFolderJudge(Judge):
         for i in range(0, len(texts), self.batch):
             enc = self.tokenizer(texts[i : i + self.batch], padding=True, truncation=True, max_length=77,
                                  return_tensors="pt")
-            features = self.model.get_text_features(input_ids=enc.input_ids, attention_mask=enc.attention_mask)
-            out.append(_as_tensor(features))
+            features = self.model.get_text_features(input_ids=enc.input_ids.to(self.device),
+                                                    attention_mask=enc.attention_mask.to(self.device))
+            out.append(_as_tensor(features).float().cpu())
         emb = torch.cat(out).float()
         return emb / emb.norm(dim=-1, keepdim=True)
 
@@ -189,8 +191,9 @@ def _as_tensor(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def load_clip_folder_judge(path: str | Path, vocabulary=None) -> ClipFolderJudge:
-    """A local transformers ``CLIPModel`` folder (config.json + weights + tokenizer files)."""
+def load_clip_folder_judge(path: str | Path, vocabulary=None, device=None) -> ClipFolderJudge:
+    """A local transformers ``CLIPModel`` folder (config.json + weights + tokenizer files), in
+    float32 on ``device`` (default: the CPU); it judges batches of images there."""
     from transformers import CLIPModel, CLIPTokenizer
 
     path = Path(path)
@@ -216,6 +219,7 @@ def load_clip_folder_judge(path: str | Path, vocabulary=None) -> ClipFolderJudge
         mean = tuple(settings.get("image_mean", mean))
         std = tuple(settings.get("image_std", std))
     image_size = int(model.config.vision_config.image_size)
+    model = model.to(torch.device(device) if device is not None else "cpu")
     return ClipFolderJudge(model, tokenizer, image_size, mean, std, f"CLIP model folder {path}",
                            vocabulary=vocabulary)
 
@@ -239,18 +243,32 @@ def toy_judge_folder_for(base_dir: str | Path | None) -> Path | None:
 
 
 def load_toy_world_judge(judge_dir: Path, base_dir: Path, base_text_encoder=None) -> Judge:
-    """The toy world's judge: its vision tower from ``judge_dir``, the *base* model's text tower."""
+    """The toy world's judge: its vision tower from ``judge_dir``, the *base* model's text tower.
+    It is tiny and runs on the CPU (in float32) whatever the device policy."""
     from compiler.toy.judge import ToyWorldJudge, load_judge
 
+    if base_text_encoder is not None and _needs_cpu_copy(base_text_encoder):
+        import copy
+
+        base_text_encoder = copy.deepcopy(base_text_encoder).to("cpu", torch.float32)
     try:
         toy = load_judge(Path(base_dir), Path(judge_dir), text_encoder=base_text_encoder)
     except (OSError, RuntimeError, ValueError) as err:
+        # A toy judge's text tower is the model's own: it fits toy-world models only.
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{judge_dir}: cannot load the toy world's judge ({first_line})") from None
+        raise UserError(f"{judge_dir}: cannot load the toy world's judge for {base_dir} ({first_line[:120]}); "
+                        "a toy judge fits only toy-world models: for any other model pass --judge DIR, "
+                        "a local CLIP model folder (transformers CLIPModel)") from None
     return ToyWorldJudge(toy, f"toy-world CLIP judge ({judge_dir}, text tower of the base model)")
 
 
-def choose_judge(clip: str | Path | None, base_dir: Path | None, base_text_encoder=None, vocabulary=None) -> Judge:
+def _needs_cpu_copy(module: torch.nn.Module) -> bool:
+    parameter = next(module.parameters(), None)
+    return parameter is not None and (parameter.device.type != "cpu" or parameter.dtype != torch.float32)
+
+
+def choose_judge(clip: str | Path | None, base_dir: Path | None, base_text_encoder=None, vocabulary=None,
+                 device=None) -> Judge:
     """``--clip/--judge PATH`` when given (a toy judge folder or a CLIPModel folder), else the toy
     world's judge when the base model is a toy-world model, else a clear error. A CLIP folder
     classifies over ``vocabulary`` (default: the model's, see ``compiler.prompts.vocabulary_for``)."""
@@ -266,7 +284,7 @@ def choose_judge(clip: str | Path | None, base_dir: Path | None, base_text_encod
             from compiler.prompts import vocabulary_for
 
             vocabulary = vocabulary_for(base_dir)
-        return load_clip_folder_judge(path, vocabulary)
+        return load_clip_folder_judge(path, vocabulary, device)
     toy_folder = toy_judge_folder_for(base_dir)
     if toy_folder is not None:
         return load_toy_world_judge(toy_folder, base_dir, base_text_encoder)
@@ -276,10 +294,11 @@ def choose_judge(clip: str | Path | None, base_dir: Path | None, base_text_encod
     )
 
 
-def load_judge_for(model_path: str | Path, judge_dir: str | Path | None = None, vocabulary=None) -> Judge:
+def load_judge_for(model_path: str | Path, judge_dir: str | Path | None = None, vocabulary=None,
+                   device=None) -> Judge:
     """Locate's judge for a model folder and an optional ``--judge`` folder (see :func:`choose_judge`)."""
     pipeline_dir = Path(model_path)
     if judge_dir is None and toy_judge_folder_for(pipeline_dir) is None:
         raise UserError(f"{pipeline_dir}: no judge to score images with; pass --judge DIR, a local "
                         f"CLIP model folder (the toy model brings its own)")
-    return choose_judge(judge_dir, pipeline_dir if pipeline_dir.is_dir() else None, None, vocabulary)
+    return choose_judge(judge_dir, pipeline_dir if pipeline_dir.is_dir() else None, None, vocabulary, device)

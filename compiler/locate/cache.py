@@ -82,26 +82,6 @@ def save_entry(folder: Path, json_name: str, payload: dict, images: dict[str, np
         pass
 
 
-def cached_entries(kind: str, model_hash: str, name: str, json_name: str) -> list[dict]:
-    """Every cached result for (model, concept/subject) whatever its settings, newest first.
-
-    For callers that accept any earlier sweep (compile with ``layers: auto``).
-    """
-    root = cache_dir() / kind / model_hash[:16] / name
-    if not root.is_dir():
-        return []
-    found = []
-    for folder in root.iterdir():
-        path = folder / json_name
-        if folder.name.startswith(".") or not path.is_file():
-            continue
-        try:
-            found.append((path.stat().st_mtime, json.loads(path.read_text())))
-        except (OSError, ValueError):
-            continue
-    return [payload for _, payload in sorted(found, key=lambda item: -item[0])]
-
-
 def weights_fingerprint(pipe) -> str:
     """SHA-256 of the weights that decide a sweep's answer (UNet and text encoders), in memory.
 

@@ -59,18 +59,39 @@ def current_process_group() -> ProcessGroup:
     return ProcessGroup(0, 1)
 
 
-def init_from_environment() -> torch.device:
+def init_from_environment(requested: str | torch.device | None = None) -> torch.device:
     """Join the process group that ``torchrun`` describes in the environment, if any, and
     return the device this process should use.
 
-    One process per GPU (``LOCAL_RANK`` picks it) with NCCL; on CPU-only hosts, gloo.
+    ``requested`` is ``--device`` (see :func:`compiler.device.resolve_device`). On GPUs: one
+    process per GPU (``LOCAL_RANK`` picks it) with NCCL. More ranks than GPUs: with the device
+    left to the default, every rank runs on the CPU with gloo (said once on stderr); with
+    ``--device cuda`` asked, bad input (exit 2) saying how many GPUs there are.
     """
+    import sys
+
+    from compiler.device import resolve_device
+    from compiler.errors import UserError
+
+    device = resolve_device(requested)
+    explicit = bool(requested) or bool(os.environ.get("EDITC_DEVICE"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda" and world_size > 1:
+        gpus = torch.cuda.device_count()
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if ranks_here > gpus:  # every rank of this host decides alike
+            if explicit:
+                raise UserError(f"--device {device}: torchrun started {ranks_here} processes on this host but "
+                                f"torch sees {gpus} GPU(s); use --nproc-per-node {gpus}, or --device cpu (gloo)")
+            if local_rank == 0:
+                print(f"[editc] {ranks_here} processes but {gpus} GPU(s) here: every process runs on the CPU "
+                      "(gloo)", file=sys.stderr, flush=True)
+            device = torch.device("cpu")
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank)
     if world_size > 1 and dist.is_available() and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device.index if device.index is not None else 0)
+    return device

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compiler.device import compute_tag
 from compiler.errors import UserError
 from compiler.locate import cache
 from compiler.locate.distributed import current_process_group
@@ -388,8 +389,10 @@ def locate(
     group = current_process_group()
     if model_hash is None:
         model_hash = cache.weights_fingerprint(pipe)
+    # Images drawn on a GPU in half precision differ from the CPU's float32 ones: the key names where.
     key = cache.settings_key({"model_hash": model_hash, "concept": concept, "replacement": replacement,
-                              "attribute": attribute, "locate_version": LOCATE_VERSION, **settings.key_fields()})
+                              "attribute": attribute, "locate_version": LOCATE_VERSION,
+                              "compute": compute_tag(pipe.unet.device, pipe.unet.dtype), **settings.key_fields()})
     entry = cache.entry_dir("locate", model_hash, f"{cache.slug(concept)}.{attribute}", key)
     if use_cache:
         hit = group.broadcast(cache.load_entry(entry, "locate.json") if group.is_main else None)
@@ -527,20 +530,21 @@ COMPILE_SWEEP = LocateSettings(n_prompts=6, steps=10, confirm_steps=25, max_m=3)
 
 def locate_cached(loaded, concept: str, replacement: str, attribute: str, *, judge=None,
                   progress: bool = True, settings: LocateSettings = COMPILE_SWEEP) -> LocateResult:
-    """LocoGen for ``compile``: reuse any cached sweep of this model, concept, replacement and
-    attribute (whatever its settings, newest first), else run ``locate`` with ``settings``.
+    """LocoGen for ``compile``: the sweep with ``settings`` on this model, concept, replacement
+    and attribute, from the cache only when that very sweep (same settings, same device and
+    dtype) ran before: what a compile edits never depends on which other sweeps this machine
+    happened to run. The result's ``settings`` say which sweep it was.
 
     ``loaded`` is a ``LoadedModel``; without ``judge`` the model's own judge is used (the toy
     world's), and a model without one needs a ``judge``.
     """
-    name = f"{cache.slug(concept)}.{attribute}"
-    for payload in cache.cached_entries("locate", loaded.model_hash, name, "locate.json"):
-        if payload.get("replacement") == replacement and payload.get("schema_version") == SCHEMA_VERSION:
-            return LocateResult.from_dict(payload, cached=True)
+    policy = getattr(loaded, "policy", None)
     if judge is None:
         from compiler.locate.scoring import load_judge_for
 
-        judge = load_judge_for(loaded.source_path)
+        judge = load_judge_for(loaded.source_path, device=policy.device if policy is not None else None)
+    if policy is not None:  # batching changes no result (it is not in the cache key)
+        settings = replace(settings, batch=policy.generation_batch(settings.batch))
     return locate(loaded.pipeline, concept, replacement, attribute, settings, judge=judge,
                   model_hash=loaded.model_hash, progress=progress)
 

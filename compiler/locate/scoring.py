@@ -49,8 +49,8 @@ def presence(judge, images: np.ndarray, phrase: str) -> np.ndarray | None:
     return np.asarray(judge.presence(fit_to_judge(judge, images), phrase), dtype=np.float64)
 
 
-def load_judge_for(model_path: str | Path, judge_dir: str | Path | None = None):
+def load_judge_for(model_path: str | Path, judge_dir: str | Path | None = None, device=None):
     """The judge for a model (a diffusers folder) and an optional ``--judge`` folder: the toy
     world's for a toy-world model, else a local CLIP folder that classifies over the model's
     vocabulary (``compiler.judges.load_judge_for``)."""
-    return _load_judge_for(model_path, judge_dir)
+    return _load_judge_for(model_path, judge_dir, device=device)

@@ -29,9 +29,10 @@ class LocoEdit(EditMethod):
 
         from compiler import solve
 
-        model, lam = context.model, context.lam
-        x_orig = torch.cat([rows.by_plan[id(p)][0] for p in plans])
-        x_target = torch.cat([rows.by_plan[id(p)][1] for p in plans])
+        model, lam, device = context.model, context.lam, context.device
+        # Cached rows come back on the CPU, fresh ones on the encoder's device: all to the device.
+        x_orig = torch.cat([rows.by_plan[id(p)][0].to(device) for p in plans])
+        x_target = torch.cat([rows.by_plan[id(p)][1].to(device) for p in plans])
         from compiler.methods import rows as shared
 
         # Every concept weighs the same; an edit's own λ enters relative to the recipe's λ.

@@ -36,6 +36,8 @@ class Neurons(EditMethod):
         SD's ``to_k``/``to_v`` have no bias, so a weight edit can only make a neuron output 0
         (the papers' public code sets them to the neutral group's mean at run time).
         """
+        import torch
+
         from compiler import solve
         from compiler.errors import UserError
 
@@ -43,7 +45,7 @@ class Neurons(EditMethod):
         new = {}
         counts = {}
         for plan in plans:
-            with_rows, without_rows = rows.by_plan[id(plan)]
+            with_rows, without_rows = (r.to(context.device) for r in rows.by_plan[id(plan)])
             for j in plan.layers:
                 layer = model.registry.cross_attention[j]
                 for name in (layer.to_k, layer.to_v):
@@ -51,7 +53,7 @@ class Neurons(EditMethod):
                     weight = new.get(qualified)
                     if weight is None:
                         weight = model.read_tensors([qualified])[qualified]
-                    w64 = weight.double()
+                    w64 = weight.to(device=context.device, dtype=torch.float64)
                     if plan.edit.neurons_top_k > w64.shape[0]:
                         raise UserError(f"edit '{plan.edit.concept}': neurons_top_k {plan.edit.neurons_top_k} exceeds "
                                         f"the {w64.shape[0]} output neurons of {qualified}; use at most {w64.shape[0]}")

@@ -131,13 +131,18 @@ class QuickFix(EditMethod):
         return inputs[:n], inputs[n:], preserve_keys, rows.weights
 
     def _solve_out_proj(self, context, keys):
+        import torch
+
         from compiler import solve
 
         keys, target_keys, preserve_keys, weights = keys
+        device = context.device
+        keys, target_keys = keys.to(device), target_keys.to(device)
         spec = context.model.registry.text_layer0[0]
         qualified = f"{spec.component}/{spec.weight}"
         old = context.model.read_tensors([qualified])[qualified]
-        values = target_keys.double() @ old.double().T  # what the unedited layer gives the replacement
+        # what the unedited layer gives the replacement
+        values = target_keys.double() @ old.to(device=device, dtype=torch.float64).T
         result = solve.solve_quickfix(keys, values, old, lam=context.lam, preserve_keys=preserve_keys,
                                       name=qualified, row_weights=weights)
         info = {
@@ -172,6 +177,7 @@ class QuickFix(EditMethod):
         from compiler import solve
 
         keys, target_keys, preserve_keys, weights = keys
+        keys, target_keys = keys.to(context.device), target_keys.to(context.device)
         spec = context.model.registry.text_layer0[0]
         weight_name = spec.weight.replace("out_proj.weight", "v_proj.weight")
         qualified = f"{spec.component}/{weight_name}"

@@ -60,15 +60,23 @@ class RowContext:
         from compiler.solve import PreservationGram
 
         total, n_rows = None, 0
+        device = self.device
         for group in self.preserve_groups:
             prompts = list(group.prompts)
             positions = positions_for(prompts)
+            # On a miss the rows' PᵀP is formed where the rows are (the device); a hit is read.
             gram = self.cache.gram(kind, components, prompts, positions,
-                                   lambda prompts=prompts, positions=positions: rows_for(prompts, positions))
-            term = gram.gram.to(torch.float64) * group.weight  # × 1.0 is exact in float64
+                                   lambda prompts=prompts, positions=positions: rows_for(prompts, positions).to(device))
+            term = gram.gram.to(device=device, dtype=torch.float64) * group.weight  # × 1.0 is exact in float64
             total = term if total is None else total + term
             n_rows += gram.n_rows
         return None if total is None else PreservationGram(total, n_rows)
+
+    @property
+    def device(self) -> torch.device:
+        """Where rows, Grams and solves live: the text encoder's device (the policy's, for a
+        model opened by compile; the pipeline's, for ``apply_recipe``)."""
+        return self.encoder.device
 
     @property
     def encoder(self):
@@ -92,7 +100,7 @@ class RowContext:
     @property
     def cache(self) -> PreserveCache:
         if self._cache is None:
-            self._cache = PreserveCache(self.model, self.preserve_cache)
+            self._cache = PreserveCache(self.model, self.preserve_cache, self.device)
         return self._cache
 
     def context_rows(self) -> ContextRows:
@@ -129,14 +137,17 @@ class PreserveCache:
     """The preservation Gram cache for one compile, keyed by the content hash of the text
     encoder(s) involved; ``stats`` (hits, misses) goes into the manifest."""
 
-    def __init__(self, model, enabled: bool | None):
+    def __init__(self, model, enabled: bool | None, device: torch.device):
         from compiler.preserve_cache import CacheStats
 
-        self.model, self.enabled, self.stats = model, enabled, CacheStats()
+        self.model, self.enabled, self.stats, self.device = model, enabled, CacheStats(), device
         self.row_stats = CacheStats()  # the edit-row cache's
         self._hashes: dict[str, str] = {}
 
     def _encoder_hash(self, components) -> tuple[str, bool | None]:
+        """The encoders' content hashes and where their states were computed (a GPU's rows and
+        Grams round differently from the CPU's: a cache must never mix them)."""
+        from compiler.device import compute_tag
         from compiler.preserve_cache import text_encoder_hash
 
         for component in components:
@@ -144,7 +155,7 @@ class PreserveCache:
                 self._hashes[component] = text_encoder_hash(self.model, component)
         # An in-memory pipeline has no content hash: nothing to key a cache entry by.
         enabled = False if not all(self._hashes[c] for c in components) else self.enabled
-        return "+".join(self._hashes[c] for c in components), enabled
+        return "+".join(self._hashes[c] for c in components) + "@" + compute_tag(self.device), enabled
 
     def gram(self, kind: str, components, prompts, positions, rows):
         from compiler.preserve_cache import cached_gram

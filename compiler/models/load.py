@@ -92,6 +92,12 @@ class LoadedModel:
 
     # What compile reads: the same calls on a lazily read model (``compiler.models.selective``).
     pipeline_loaded = True
+    policy = None  # the compiler.device.DevicePolicy it was loaded under, if one chose
+
+    @property
+    def export_pipeline(self):
+        """What exporters trace (ONNX): the one pipeline held (see ``SelectiveModel``)."""
+        return self.pipeline
 
     def text_encoder(self, component: str = "text_encoder") -> torch.nn.Module:
         return getattr(self.pipeline, component)
@@ -519,7 +525,7 @@ def load_model(path_or_toy: str | os.PathLike = "toy", dtype: torch.dtype | None
     ``prediction_type``: only for SD-2.x single files without ModelSpec metadata, where the file
     cannot tell 512-base ("epsilon") from 768-v ("v_prediction", the default).
     """
-    source = inspect_source(path_or_toy, prediction_type)
+    source = path_or_toy if isinstance(path_or_toy, ModelSource) else inspect_source(path_or_toy, prediction_type)
     pipeline = _load_pipeline(source, dtype or torch.float32, device)
     pipeline = _move(pipeline, device)
     registry = registry_from_components(source.family, pipeline.components,
@@ -539,6 +545,21 @@ def load_model(path_or_toy: str | os.PathLike = "toy", dtype: torch.dtype | None
         metadata=dict(source.metadata),
         notes=registry.notes,
     )
+
+
+def load_for_generation(path_or_toy: str | os.PathLike = "toy", device=None,
+                        prediction_type: str | None = None) -> LoadedModel:
+    """A model that draws images (LocoGen, tracing, verify, generate, the baselines), as the
+    device policy says (``compiler.device``): float32 on the CPU; on a GPU the checkpoint's own
+    half precision (float16/bfloat16; a float32 checkpoint stays float32). ``policy`` on the
+    result records what it runs in."""
+    from compiler.device import device_policy
+
+    policy = device_policy(device)
+    source = inspect_source(path_or_toy, prediction_type)
+    loaded = load_model(source, dtype=policy.generation_dtype(source.stored_dtype), device=policy.device)
+    loaded.policy = policy
+    return loaded
 
 
 def build_registry(model_or_folder, family: str | None = None) -> Registry:

@@ -246,10 +246,14 @@ class SelectiveModel(LoadedModel):
     """A ``LoadedModel`` that reads only what is asked for (see the module docstring)."""
 
     def __init__(self, source: ModelSource, device: str | torch.device = "cpu"):
+        from compiler.device import device_policy
+
         self.source = source
         self.reader = TensorReader(source)
         self._pipeline = None
-        self._device = device
+        self._export_pipeline = None
+        self.policy = device_policy(device)
+        self._device = self.policy.device
         self._encoders: dict[str, torch.nn.Module] = {}
         self._tokenizers: dict[str, object] = {}
         registry = selective_registry(source)
@@ -260,13 +264,30 @@ class SelectiveModel(LoadedModel):
                          metadata=dict(source.metadata), notes=registry.notes,
                          prediction_type_guessed=source.prediction_type_guessed)
 
-    # LoadedModel's ``pipeline`` field, built on first use.
+    # LoadedModel's ``pipeline`` field, built on first use: what generates (LocoGen's sweep),
+    # on the policy's device in its generation dtype (float32 on the CPU, the stored half
+    # precision on a GPU).
     @property
     def pipeline(self):
         if self._pipeline is None:
-            pipeline = _load_pipeline(self.source, torch.float32, self._device)
-            self._pipeline = _move(pipeline, self._device)
+            if self._export_pipeline is not None and self._device.type == "cpu":
+                self._pipeline = self._export_pipeline
+            else:
+                dtype = self.policy.generation_dtype(self.source.stored_dtype)
+                pipeline = _load_pipeline(self.source, dtype, self._device)
+                self._pipeline = _move(pipeline, self._device)
         return self._pipeline
+
+    @property
+    def export_pipeline(self):
+        """The pipeline that exporters trace and fuse into (ONNX): float32 on the CPU, whatever
+        the device policy (a graph is device-free; its parity check runs on the CPU)."""
+        if self._export_pipeline is None:
+            if self._pipeline is not None and self._device.type == "cpu":
+                self._export_pipeline = self._pipeline
+            else:
+                self._export_pipeline = _move(_load_pipeline(self.source, torch.float32, "cpu"), "cpu")
+        return self._export_pipeline
 
     @pipeline.setter
     def pipeline(self, value) -> None:
@@ -274,25 +295,28 @@ class SelectiveModel(LoadedModel):
 
     @property
     def pipeline_loaded(self) -> bool:
-        return self._pipeline is not None
+        return self._pipeline is not None or self._export_pipeline is not None
 
     @property
     def tensors_read(self) -> int:
         return self.reader.count
 
     def text_encoder(self, component: str = "text_encoder") -> torch.nn.Module:
-        if self._pipeline is not None:
+        """The encoder that embeds prompts for a solve: float32, on the policy's device (the
+        only component a compile moves there). On the CPU a pipeline already built serves."""
+        if self._pipeline is not None and self._device.type == "cpu":
             return getattr(self._pipeline, component)
         if component not in self._encoders:
             if self.source.format == "diffusers":
-                self._encoders[component] = _load_folder_encoder(self.source, component, self.reader)
+                encoder = _load_folder_encoder(self.source, component, self.reader)
             else:
                 meta = _build_meta(self.source.configs, component, str(self.source.path))
-                self._encoders[component] = _fill_from_reader(meta, component, self.reader)
+                encoder = _fill_from_reader(meta, component, self.reader)
+            self._encoders[component] = encoder.to(self._device)
         return self._encoders[component]
 
     def tokenizer_for(self, component: str = "text_encoder"):
-        if self._pipeline is not None:
+        if self._pipeline is not None and self._device.type == "cpu":
             return super().tokenizer_for(component)
         name = component.replace("text_encoder", "tokenizer")
         if name not in self._tokenizers:

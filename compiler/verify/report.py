@@ -327,6 +327,7 @@ def html_report(report: VerifyReport) -> str:
         f"judge: {html.escape(report.judge)}<br>"
         f"{len(settings['seeds'])} seeds per prompt, {settings['steps']} steps, guidance {settings['guidance_scale']:g}, "
         f"{settings['images_per_model']} images per model · {html.escape(report.created)}"
+        + _compute_line(settings.get("compute"))
     )
     legend = (f'<div class="legend">Under each image, a bar: <span class="swatch" style="background:#e87d14"></span>'
               f' the judge sees the prompt\'s subject (in efficacy and generalization: the concept the edit should '
@@ -378,3 +379,12 @@ def write_reports(report: VerifyReport, directory: str | Path, *, force: bool = 
     write_atomically(paths["junit"], junit_xml(report), force=True)
     write_atomically(paths["html"], html_report(report), force=True)
     return paths
+
+
+def _compute_line(compute: dict | None) -> str:
+    """Where the images were made: device, GPU and generation dtype (``compiler.device``)."""
+    if not compute:
+        return ""
+    where = compute.get("gpu") or compute.get("device", "")
+    return (f"<br>computed on {html.escape(str(where))} ({html.escape(str(compute.get('device', '')))}), "
+            f"images in {html.escape(str(compute.get('generation_dtype', '')))}")

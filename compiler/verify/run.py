@@ -171,22 +171,23 @@ class _OnnxModel:
     source_path: Path
 
 
-def load_pipeline(path_or_toy: str | Path, role: str, device: str):
-    """Load a model for verify (float32: reproducible on CPU); bad paths are ``UserError``.
-    An ``export_onnx`` folder (the edited model only) runs on onnxruntime."""
+def load_pipeline(path_or_toy: str | Path, role: str, device):
+    """Load a model for verify as the device policy says (float32 on the CPU: reproducible;
+    the checkpoint's half precision on a GPU); bad paths are ``UserError``. An
+    ``export_onnx`` folder (the edited model only) runs on onnxruntime."""
     from compiler.export.onnx_pipeline import OnnxTextToImage, default_providers, is_onnx_folder
-    from compiler.models.load import load_model
+    from compiler.models.load import load_for_generation
 
     if is_onnx_folder(path_or_toy):
         if role == "base":
             raise UserError(f"{path_or_toy}: the base model must be a PyTorch model (diffusers folder, "
                             f"single file or 'toy'): the judge reads its text encoder; pass --base MODEL")
-        providers = default_providers() if device != "cpu" else ("CPUExecutionProvider",)
+        providers = default_providers() if device.device.type != "cpu" else ("CPUExecutionProvider",)
         runner = OnnxTextToImage(path_or_toy, providers=providers)
         return _OnnxModel(runner, Path(path_or_toy)), ModelInfo(role, str(path_or_toy), runner.family,
                                                                  runner.content_hash())
 
-    loaded = load_model(str(path_or_toy), dtype=torch.float32, device=device)
+    loaded = load_for_generation(str(path_or_toy), device=device)
     info = ModelInfo(role, str(loaded.source_path), loaded.family, loaded.model_hash)
     return loaded, info
 
@@ -208,10 +209,6 @@ def base_model_of(edited_dir: Path, recipe: Recipe) -> str:
     return recipe.model
 
 
-def pick_device(device: str | None) -> str:
-    if device:
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def verify_paths(recipe: Recipe, *, edited: str | Path, base: str | Path | None = None,
@@ -221,7 +218,9 @@ def verify_paths(recipe: Recipe, *, edited: str | Path, base: str | Path | None 
     edited_dir = Path(edited)
     if not edited_dir.exists():
         raise UserError(f"{edited}: no such edited model (--edited wants the folder editc compile wrote)")
-    device = pick_device(device)
+    from compiler.device import device_policy
+
+    device = device_policy(device)
     base_spec = base if base is not None else base_model_of(edited_dir, recipe)
     base_loaded, base_info = load_pipeline(base_spec, "base", device)
     edited_loaded, edited_info = load_pipeline(edited_dir, "edited", device)
@@ -229,15 +228,17 @@ def verify_paths(recipe: Recipe, *, edited: str | Path, base: str | Path | None 
     from compiler import resolve
 
     vocabulary = resolve.vocabulary_of(base_loaded, recipe.vocabulary)
-    judge = choose_judge(clip, base_dir, base_loaded.pipeline.text_encoder, vocabulary)
+    judge = choose_judge(clip, base_dir, base_loaded.pipeline.text_encoder, vocabulary, device.device)
     found = neighbours_from_manifest(edited_dir, recipe)
-    return run_verify(recipe, edited_loaded.pipeline, base_loaded.pipeline, judge, progress=progress,
-                      edited_info=edited_info, base_info=base_info, vocabulary=vocabulary,
-                      found_neighbours=found, **options)
+    report = run_verify(recipe, edited_loaded.pipeline, base_loaded.pipeline, judge, progress=progress,
+                        edited_info=edited_info, base_info=base_info, vocabulary=vocabulary,
+                        found_neighbours=found, **options)
+    report.settings["compute"] = device.describe(getattr(base_loaded, "stored_dtype", None))
+    return report
 
 
 def verify_compiled(recipe: Recipe, *, edited_dir: str | Path, base, progress: bool = True,
-                    report_dir: str | Path | None = None) -> dict:
+                    report_dir: str | Path | None = None, device=None) -> dict:
     """Verify a freshly compiled folder and write its reports into ``edited_dir/verify``.
 
     ``base`` is the model compile started from: a path, "toy", or a ``LoadedModel`` (whose
@@ -245,7 +246,7 @@ def verify_compiled(recipe: Recipe, *, edited_dir: str | Path, base, progress: b
     summary for the manifest: ``passed``, ``failed`` (gate names), ``gates``, ``report``.
     """
     base_spec = getattr(base, "source_path", base)
-    report = verify_paths(recipe, edited=edited_dir, base=base_spec, progress=progress)
+    report = verify_paths(recipe, edited=edited_dir, base=base_spec, progress=progress, device=device)
     directory = Path(report_dir) if report_dir is not None else Path(edited_dir) / "verify"
     paths = write_reports(report, directory, force=True)
     return {

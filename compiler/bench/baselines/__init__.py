@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from compiler import resolve
+from compiler.device import synchronize  # noqa: F401 - the baselines time GPU work with it
 from compiler.encode import PromptEncoder
 
 
@@ -161,12 +162,6 @@ def cross_attention_kv_names(registry) -> list[str]:
     for layer in registry.cross_attention:
         names += [f"unet/{layer.to_k}", f"unet/{layer.to_v}"]
     return names
-
-
-def synchronize(device) -> None:
-    """Wait for queued GPU work, so that wall times measure it (no-op on CPU)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def trainable_copy(unet: torch.nn.Module, names: list[str], learning_rate: float):

@@ -210,10 +210,14 @@ def recoveries(judges_presence: bool, clean: Measurement, corrupted: Measurement
 
 def trace_settings(pipe, prompt, subject, seeds, steps, guidance, height, width, noise_scale,
                     noise_samples, noise_seed):
+    from compiler.device import compute_tag
+
     std = token_embedding_std(pipe)
     return {"prompt": prompt, "subject": subject, "seeds": [int(s) for s in seeds], "steps": steps,
             "guidance": guidance, "height": height, "width": width, "noise_scale": noise_scale,
-            "noise_std": std, "noise_samples": noise_samples, "noise_seed": noise_seed}
+            "noise_std": std, "noise_samples": noise_samples, "noise_seed": noise_seed,
+            # where the images are drawn (the cache key): a GPU's half precision is not the CPU's
+            "compute": compute_tag(pipe.unet.device, pipe.unet.dtype)}
 
 
 def measure_label(measure: Measurement, by: str) -> str:
