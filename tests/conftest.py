@@ -13,6 +13,23 @@ import pytest
 # Nothing may ever be downloaded from a model hub, in tests least of all.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Tests say which device they test: every test runs on the CPU (its results are the record's)
+# unless it asks for the GPU itself (``@pytest.mark.gpu`` and ``--device cuda``/``device=``),
+# so that a GPU machine runs the same suite and the GPU tests besides. ``EDITC_TEST_DEVICE``
+# overrides it for a whole run.
+os.environ["EDITC_DEVICE"] = os.environ.get("EDITC_TEST_DEVICE", "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skipped (with the reason) where torch sees none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on a GPU machine: make gpu-check)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session", autouse=True)

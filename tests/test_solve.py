@@ -421,7 +421,7 @@ def test_ablation_without_bias_zeroes_rows():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_matches_cpu():
     generator = torch.Generator().manual_seed(19)
     x_orig, x_target = _rand(generator, 30, 64), _rand(generator, 30, 64)
