@@ -551,7 +551,8 @@ def main(argv=None) -> int:
         recipes[f"{count} styles"] = styles_recipe(recipes_dir / f"styles-{count}.yaml", count, pinned)
 
     only = set(args.only.split(",")) if args.only else {"compile", "generation", "baselines", "suite", "sdxl"}
-    edited = compile_section(run, model, recipes, env, args.scratch, device) if "compile" in only else None
+    edited = (compile_section(run, model, recipes, env, args.scratch, device) if "compile" in only
+              else next((f for f in [args.scratch / "out" / "van_gogh_cold"] if (f / "manifest.json").is_file()), None))
     suite_started = time.perf_counter()
     suite = start_suite(env, args.scratch, device) if "suite" in only and not tiny else None
     if "generation" in only:

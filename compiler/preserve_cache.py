@@ -181,8 +181,17 @@ class PromptStateCache:
             stored = {**stored, **new}
         return torch.stack([stored[k] for k in wanted])
 
+    # The file as last read or written by this process, by path: (size, mtime_ns) and its
+    # entries. A recipe of many edits ranks neighbours once per edit over the same file; parsing
+    # it each time cost 30 ms per edit (100 styles: seconds). A changed file is read again.
+    _memory: dict[Path, tuple[tuple[int, int], dict]] = {}
+
     def _read(self) -> dict[tuple[str, int], torch.Tensor]:
         try:
+            stat = self.path.stat()
+            remembered = self._memory.get(self.path)
+            if remembered is not None and remembered[0] == (stat.st_size, stat.st_mtime_ns):
+                return dict(remembered[1])
             from safetensors import safe_open
 
             with safe_open(str(self.path), "pt") as f:
@@ -191,14 +200,22 @@ class PromptStateCache:
                     return {}
                 index = json.loads(metadata["index"])
                 states = f.get_tensor("states")
-            return {(str(p), int(i)): row for (p, i), row in zip(index, states)}
+            entries = {(str(p), int(i)): row for (p, i), row in zip(index, states)}
+            self._memory[self.path] = ((stat.st_size, stat.st_mtime_ns), entries)
+            return dict(entries)
         except Exception:  # noqa: BLE001 - an unreadable cache is empty
             return {}
 
     def _write(self, entries: dict[tuple[str, int], torch.Tensor]) -> None:
         index = [[p, i] for p, i in entries]
-        _save_atomically(self.path, {"states": torch.stack(list(entries.values())).contiguous()},
-                         {"format": STATES_FORMAT, "index": json.dumps(index)})
+        states = torch.stack(list(entries.values())).contiguous()
+        _save_atomically(self.path, {"states": states}, {"format": STATES_FORMAT, "index": json.dumps(index)})
+        try:
+            stat = self.path.stat()
+            self._memory[self.path] = ((stat.st_size, stat.st_mtime_ns),
+                                       {key: row for key, row in zip(entries, states.cpu())})
+        except OSError:
+            pass
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ checkpoints, the toy world's for the toy model, or the recipe's own file.
 
 from __future__ import annotations
 
+import weakref
+
 import os
 from pathlib import Path
 
@@ -73,8 +75,7 @@ def state_encoder(pipe, capture: torch.nn.Module | None = None, capture_name: st
         return encoder.module_inputs(prompts, rows, capture).cpu()
 
     def encode(prompts: list[str], phrases: list[str]) -> torch.Tensor:
-        positions = [last_token_index(tokenizer, p, ph) for p, ph in zip(prompts, phrases)]
-        return cache.rows(prompts, positions, compute)
+        return cache.rows(prompts, last_token_indices(tokenizer, prompts, phrases), compute)
 
     return encode
 
@@ -103,11 +104,27 @@ def last_token_index(tokenizer, prompt: str, phrase: str) -> int:
     CLIP's BPE splits at whitespace first, so tokenizing the prompt's prefix that ends with the
     phrase gives exactly the prompt's tokens up to the phrase's last one.
     """
-    i = prompt.lower().rfind(phrase.lower())
-    if i < 0:
-        raise ValueError(f"{phrase!r} does not occur in prompt {prompt!r}")
-    prefix_ids = tokenizer(prompt[: i + len(phrase)], add_special_tokens=False).input_ids
-    return len(prefix_ids)  # +1 for BOS, -1 for the last index
+    return last_token_indices(tokenizer, [prompt], [phrase])[0]
+
+
+def last_token_indices(tokenizer, prompts: list[str], phrases: list[str]) -> list[int]:
+    """:func:`last_token_index` of each (prompt, phrase), the prefixes tokenized in one batch."""
+    prefixes = []
+    for prompt, phrase in zip(prompts, phrases):
+        i = prompt.lower().rfind(phrase.lower())
+        if i < 0:
+            raise ValueError(f"{phrase!r} does not occur in prompt {prompt!r}")
+        prefixes.append(prompt[: i + len(phrase)])
+    # Ranking neighbours for each edit of a recipe tokenizes the same vocabulary prompts again:
+    # prefix lengths are remembered per tokenizer.
+    known = _PREFIX_LENGTHS.setdefault(tokenizer, {})
+    todo = list(dict.fromkeys(p for p in prefixes if p not in known))
+    if todo:
+        known.update(zip(todo, map(len, tokenizer(todo, add_special_tokens=False).input_ids)))
+    return [known[p] for p in prefixes]  # the prefix's tokens: +1 for BOS, -1 for the last index
+
+
+_PREFIX_LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def check_prompt_lengths(tokenizer, pairs: list[PromptPair], concept: str) -> None:
