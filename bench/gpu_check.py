@@ -129,33 +129,7 @@ def build_model(size: str, scratch: Path, family: str = "sd1") -> Path:
         if not (folder / "model_index.json").is_file():
             write_tiny(family, "diffusers", folder, dtype=torch.float16)
         return folder
-    return build_full_folder(family, scratch)
-
-
-def build_full_folder(family: str, scratch: Path) -> Path:
-    """A random-weight diffusers folder of the family's full-size configs, float16 (no single
-    file: this run measures compile and generation, not conversion)."""
-    import torch
-
-    from compiler.export.single_file import write_safetensors_streamed
-    from compiler.models.configs import load_shipped_configs, shipped_config_folder
-    from compiler.models.load import MODEL_COMPONENTS, _build_meta
-
-    folder = scratch / f"{family}-diffusers"
-    if (folder / "model_index.json").is_file():
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    shutil.copytree(shipped_config_folder(family), folder, symlinks=False)
-    configs = load_shipped_configs(family)
-    names = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
-             "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
-    for component in (c for c in MODEL_COMPONENTS if c in configs):
-        meta = _build_meta(configs, component)
-        shapes = {n: tuple(t.shape) for n, t in meta.state_dict().items() if not n.endswith("position_ids")}
-        write_safetensors_streamed({n: (torch.float16, s) for n, s in shapes.items()},
-                                   lambda n, shapes=shapes: real_size._random_tensor(n, shapes[n], torch.float16),
-                                   folder / component / names[component], {"format": "pt"})
-    return folder
+    return real_size.build_folder(family, scratch)  # float16, as released
 
 
 def build_judge(size: str, model: Path, scratch: Path) -> Path:
@@ -460,16 +434,16 @@ def write_report(results: dict, out: Path) -> None:
              "timings without Python imports (the targets count those), 'imports' beside them.", ""]
     sections = results["sections"]
     if "compile" in sections:
-        lines += ["| compile | process s | stages s (no imports) | imports s | load / embed / solve / save s | target | met |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["| compile | process s | stages s (no imports) | imports s | load / plan / embed / solve / save s "
+                  "| target | met |", "|---|---|---|---|---|---|---|"]
         for name, row in sections["compile"].items():
             if "wall_s" not in row or name == "compile_to_disk again in-process":
                 continue
             st = row.get("stages_s", {})
-            stage_text = " / ".join(f"{st.get(k, 0):.2f}" for k in ("load", "embed", "solve", "save"))
+            stage_text = " / ".join(f"{st.get(k, 0):.2f}" for k in ("load", "locate", "embed", "solve", "save"))
             lines.append(f"| {name} | {row['wall_s']} | {row.get('stages_without_imports_s', '')} | "
                          f"{st.get('imports', '')} | {stage_text} | {row.get('target_s', '')} | "
-                         f"{_met(row)} |" + ("" if row.get("rc") == 0 else f" rc {row.get('rc')}"))
+                         f"{_met(row)} |" + ("" if row.get("rc") == 0 else f" {_failure(row)}"))
         again = sections["compile"].get("compile_to_disk again in-process")
         if again:
             lines.append(f"| compile_to_disk again in-process | {again.get('seconds', '')} (one call) | | | | "
@@ -485,6 +459,8 @@ def write_report(results: dict, out: Path) -> None:
             seconds = row.get("seconds", (row.get("timings") or {}).get("generate_edited", ""))
             detail = (f"{(row.get('timings') or {}).get('samples', '')} samples" if "locate" in name
                       else f"{row.get('images_per_model', '')} images per model, timings {row.get('timings')}")
+            if row.get("rc") not in (0, 1):
+                detail = _failure(row)
             lines.append(f"| {name} | {seconds} | {row.get('wall_s')} | {row.get('target_s', '')} | {_met(row)} | "
                          f"{detail} |")
     if "baselines" in sections:
@@ -496,12 +472,31 @@ def write_report(results: dict, out: Path) -> None:
                          f"{row.get('total_s', '')} | {ratio} |")
     if "suite" in sections:
         row = sections["suite"]["pytest"]
-        lines += ["", f"Test suite on this machine: {row.get('summary')} (rc {row.get('rc')}, {row.get('wall_s')} s)."]
+        lines += ["", f"Test suite on this machine: {suite_summary(row)}."]
         lines += [f"- {line}" for line in row.get("failed", [])]
     if "sdxl" in sections:
         for name, row in sections["sdxl"].items():
             lines.append(f"\nSD-XL {name}: {json.dumps(_brief(row))}")
+    if results.get("notes"):
+        lines += ["", "Notes:"] + [f"- {note}" for note in results["notes"]]
     (out / "gpu.md").write_text("\n".join(lines) + "\n")
+
+
+def _failure(row: dict) -> str:
+    if row.get("rc") == "timeout":
+        return f"stopped at {row.get('wall_s')} s (the run's time budget)"
+    return f"rc {row.get('rc')}: {(row.get('stderr_tail') or '').strip().splitlines()[-1:] or ''}"
+
+
+def suite_summary(row: dict) -> str:
+    """pytest's last line, or, for a run the budget stopped, what its progress dots say."""
+    if row.get("rc") != "timeout" and row.get("summary"):
+        return f"{row['summary'].strip()} (rc {row.get('rc')}, {row.get('wall_s')} s)"
+    progress = "".join(line.split(" [")[0] for line in (row.get("tail") or "").splitlines()
+                       if line and set(line.split(" [")[0]) <= set(".FsEx"))
+    return (f"stopped by the run's time budget after {row.get('wall_s')} s: {progress.count('.')} passed, "
+            f"{progress.count('F')} failed, {progress.count('E')} errors, {progress.count('s')} skipped so far "
+            "(the failures' names come at the end of a run)")
 
 
 def _met(row: dict) -> str:

@@ -84,17 +84,27 @@ def _random_tensor(name: str, shape, dtype):
 
 def build_checkpoints(family: str, scratch: Path, dtype_name: str = "float16") -> tuple[Path, Path]:
     """A random-weight diffusers folder of the family's full-size configs, and its single file."""
+    from compiler.export.single_file import export_single_file
+
+    single = scratch / f"{family}.safetensors"
+    folder = build_folder(family, scratch, dtype_name)
+    if not single.is_file():
+        export_single_file({}, folder, single, {}, force=True)
+    return folder, single
+
+
+def build_folder(family: str, scratch: Path, dtype_name: str = "float16") -> Path:
+    """A random-weight diffusers folder of the family's full-size configs (built once)."""
     import torch
 
-    from compiler.export.single_file import export_single_file, write_safetensors_streamed
+    from compiler.export.single_file import write_safetensors_streamed
     from compiler.models.configs import load_shipped_configs, shipped_config_folder
     from compiler.models.load import MODEL_COMPONENTS, _build_meta
 
     dtype = getattr(torch, dtype_name)
     folder = scratch / f"{family}-diffusers"
-    single = scratch / f"{family}.safetensors"
-    if (folder / "model_index.json").is_file() and single.is_file():
-        return folder, single
+    if (folder / "model_index.json").is_file():
+        return folder
     shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(shipped_config_folder(family), folder, symlinks=False)
     configs = load_shipped_configs(family)
@@ -104,10 +114,9 @@ def build_checkpoints(family: str, scratch: Path, dtype_name: str = "float16") -
         meta = _build_meta(configs, component)
         shapes = {n: tuple(t.shape) for n, t in meta.state_dict().items() if not n.endswith("position_ids")}
         write_safetensors_streamed({n: (dtype, s) for n, s in shapes.items()},
-                                   lambda n: _random_tensor(n, shapes[n], dtype),
+                                   lambda n, shapes=shapes: _random_tensor(n, shapes[n], dtype),
                                    folder / component / names[component], {"format": "pt"})
-    export_single_file({}, folder, single, {}, force=True)
-    return folder, single
+    return folder
 
 
 # ----------------------------------------------------------------------------- runs

@@ -91,6 +91,7 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
     first = not _IMPORTED
     with timed(timings, "imports"):  # Python imports, so that "load" means reading the model
         policy = device_policy(device)
+        policy.initialize_async()  # the GPU's context comes up while the model is read
         _import_compile_modules()
     if first:  # and what the process imported before (torch, editc): since editc's import began
         import compiler
@@ -207,14 +208,16 @@ def _import_compile_modules() -> None:
     global _IMPORTED
     if _IMPORTED:
         return
+    import diffusers.models
     import safetensors.torch  # noqa: F401
     import transformers
+    from diffusers.models import AutoencoderKL, UNet2DConditionModel  # noqa: F401 - configs are read as these
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
     import compiler.export.diffusers_folder  # noqa: F401
     import compiler.export.formats  # noqa: F401
     import compiler.models.selective  # noqa: F401
-    del transformers
+    del transformers, diffusers
     _IMPORTED = True
 
 

@@ -63,6 +63,15 @@ class DevicePolicy:
         free, _ = torch.cuda.mem_get_info(self.device)
         return int(min(256, max(default, free // 2**30)))
 
+    def initialize_async(self) -> None:
+        """Start the device's context in a background thread (CUDA's takes ~0.5-1 s): work
+        queued on the device later waits for it (torch guards its lazy init with a lock)."""
+        if self.device.type != "cuda" or torch.cuda.is_initialized():
+            return
+        import threading
+
+        threading.Thread(target=torch.cuda.init, name="editc-cuda-init", daemon=True).start()
+
     def describe(self, stored_dtype: torch.dtype | None = None) -> dict:
         """For manifests and reports: device, GPU name and the dtype of each stage."""
         return {
