@@ -108,7 +108,9 @@ class ClipFolderJudge(Judge):
     def __init__(self, model, tokenizer, image_size: int, mean, std, description: str, batch: int = 64,
                  vocabulary=None):
         self.model = model
-        self.device = next(model.parameters()).device  # images and texts go where the model is
+        # images and texts go where the model is
+        first = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+        self.device = first.device if first is not None else torch.device("cpu")
         self.tokenizer = tokenizer
         self.image_size = image_size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
