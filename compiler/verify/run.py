@@ -175,8 +175,11 @@ def load_pipeline(path_or_toy: str | Path, role: str, device):
     """Load a model for verify as the device policy says (float32 on the CPU: reproducible;
     the checkpoint's half precision on a GPU); bad paths are ``UserError``. An
     ``export_onnx`` folder (the edited model only) runs on onnxruntime."""
+    from compiler.device import device_policy
     from compiler.export.onnx_pipeline import OnnxTextToImage, default_providers, is_onnx_folder
     from compiler.models.load import load_for_generation
+
+    device = device_policy(device)
 
     if is_onnx_folder(path_or_toy):
         if role == "base":
