@@ -280,12 +280,43 @@ def _weight_files(folder: Path, variant: str | None) -> list[Path]:
             for index in indexes:
                 if index.is_file():
                     weight_map = _read_json(index, "weight index").get("weight_map", {})
-                    files = [folder / s for s in sorted(set(weight_map.values()))]
+                    if not isinstance(weight_map, dict):
+                        raise UserError(f"{index}: weight_map is not an object mapping tensor names to "
+                                        f"shard file names; the index is corrupt")
+                    files = [folder / _shard_name(index, s) for s in sorted(set(map(str, weight_map.values())))]
                     for f in files:
                         if not f.is_file():
                             raise UserError(f"{f}: shard listed in {index.name} is missing")
                     return files
     return []
+
+
+def _shard_name(index: Path, name: str) -> str:
+    """A shard named in a weight index: a plain file name beside the index (what diffusers and
+    transformers write), never a path that could leave the model folder."""
+    if not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+        raise UserError(f"{index}: shard {name[:80]!r} is not a file name in {index.parent.name}/ "
+                        f"(a shard path may not leave the component folder); fix the weight_map entry")
+    return name
+
+
+_TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                         "added_tokens.json", "vocab.json")
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """The tokenizer's JSON files parse (the tokenizer libraries would fail with a traceback)."""
+    for name in _TOKENIZER_JSON_FILES:
+        path = folder / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+                raise UserError(f"{path}: the tokenizer file is not valid JSON ({err.__class__.__name__}); "
+                                f"restore it from the model's original files") from None
+            if not isinstance(data, dict):
+                raise UserError(f"{path}: the tokenizer file is not a JSON object; restore it from the "
+                                f"model's original files")
 
 
 _VARIANT_FILE = re.compile(r"(?:%s)(?:\.(\w+)\.(?:safetensors|bin)|\.(?:safetensors|bin)\.index\.(\w+)\.json)"
@@ -320,8 +351,8 @@ def _check_folder_tensors(folder: Path, configs: dict, files: dict[str, list[Pat
     encoders at least the layer-0 projection editing reads. (Text-encoder files differ in
     naming across transformers versions and tied weights, so they are not checked tensor by
     tensor; transformers itself checks them on load.)"""
-    for component, component_files in files.items():  # every header: catches truncated files
-        if component not in ("unet", *(t.component for t in FAMILIES[family].text_encoders)):
+    for component, component_files in files.items():  # every header, read or not: truncated
+        if component != "unet":                          # files, overlapping ranges
             _tensor_table(component_files)
     unet_table = _tensor_table(files["unet"])
     unet_shapes = {k: shape for k, (shape, _) in unet_table.items()}
@@ -391,6 +422,7 @@ def _inspect_diffusers(folder: Path) -> ModelSource:
                                                      "tokenizer_config.json")):
                 raise UserError(f"{sub}: no tokenizer files (tokenizer_config.json, vocab.json, "
                                 f"tokenizer.json or spiece.model)")
+            _check_tokenizer_files(sub)
         elif name in MODEL_COMPONENTS:
             configs[name] = _read_json(sub / "config.json", f"{name} config")
             found = (_weight_files(sub, variant) if variant else []) or _weight_files(sub, None)
