@@ -139,6 +139,7 @@ def junit_xml(report: VerifyReport) -> str:
     for name, value in (("recipe", report.recipe_path), ("recipe_sha256", report.recipe_sha256),
                         ("base_model", report.base_model.get("path", "")),
                         ("edited_model", report.edited_model.get("path", "")), ("judge", report.judge),
+                        ("base", report.base_images),
                         ("seeds", str(len(report.settings["seeds"]))), ("steps", str(report.settings["steps"])),
                         ("guidance_scale", str(report.settings["guidance_scale"]))):
         ET.SubElement(properties, "property", {"name": name, "value": str(value)})

@@ -262,7 +262,8 @@ def verify_compiled(recipe: Recipe, *, edited_dir: str | Path, base, progress: b
 
     ``base`` is the model compile started from: a path, "toy", or a ``LoadedModel`` (whose
     source is reloaded, because compile fuses the edit into its pipeline in place). Returns a
-    summary for the manifest: ``passed``, ``failed`` (gate names), ``gates``, ``report``.
+    summary for the manifest: ``passed``, ``failed`` (gate names), ``gates``, ``report``, ``base``
+    (whether the base model's images were cached).
     """
     base_spec = getattr(base, "source_path", base)
     report = verify_paths(recipe, edited=edited_dir, base=base_spec, progress=progress)
@@ -274,4 +275,5 @@ def verify_compiled(recipe: Recipe, *, edited_dir: str | Path, base, progress: b
         "gates": {gate.name: ("skipped" if gate.skipped else "passed" if gate.passed else "failed")
                   for gate in report.gates},
         "report": str(paths["html"]),
+        "base": report.base_images,
     }
