@@ -14,9 +14,6 @@ from click.testing import CliRunner
 
 from compiler.cli import main
 
-TEXT_ENCODER_FILE = Path("text_encoder") / "model.safetensors"
-
-
 def _invoke(*args) -> object:
     return CliRunner().invoke(main, [str(a) for a in args])
 
@@ -80,17 +77,21 @@ def _overlap_two_tensors(path: Path, first: str, second: str) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + blob[8 + length:])
 
 
-def test_overlapping_tensors_are_refused_even_where_compile_reads_nothing(model_copy, tmp_path):
-    # The last layer norm's weight and bias: compile never reads them (layer 0 and the
-    # encoder's output are what editing needs), yet the header is refused as a whole.
-    path = model_copy / TEXT_ENCODER_FILE
-    from compiler.models.checkpoint import read_safetensors_header
+def test_overlapping_tensors_are_refused_in_a_file_compile_never_reads(model_copy, tmp_path):
+    # A safety checker: editc skips the component, but an output folder would carry the file.
+    from safetensors.torch import save_file
 
-    names = list(read_safetensors_header(path)[0])
-    weight = next(n for n in names if n.endswith("final_layer_norm.weight"))
-    _overlap_two_tensors(path, weight, weight.replace(".weight", ".bias"))
-    _assert_refused(_invoke("inspect", model_copy), str(path), "overlap")  # reads no text-encoder tensor
-    _compile_refused(tmp_path, _recipe(tmp_path, model_copy), str(path), "overlap")
+    checker = model_copy / "safety_checker"
+    checker.mkdir()
+    (checker / "config.json").write_text("{}")
+    save_file({"vision.weight": torch.ones(4), "projection.weight": torch.zeros(4)}, checker / "model.safetensors")
+    _overlap_two_tensors(checker / "model.safetensors", "projection.weight", "vision.weight")
+    index = json.loads((model_copy / "model_index.json").read_text())
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    (model_copy / "model_index.json").write_text(json.dumps(index))
+    named = (str(checker / "model.safetensors"), "overlap")
+    _assert_refused(_invoke("inspect", model_copy), *named)
+    _compile_refused(tmp_path, _recipe(tmp_path, model_copy), *named)
 
 
 def test_a_safetensors_file_with_a_hole_is_refused(tmp_path):

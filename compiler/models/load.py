@@ -345,14 +345,23 @@ def _tensor_table(files: list[Path]) -> dict[str, tuple[tuple[int, ...], torch.d
     return table
 
 
+def _check_other_safetensors(folder: Path, checked: set[Path]) -> None:
+    """Every other safetensors file in the folder (a safety checker, an image encoder, another
+    variant's weights): never read, but an output folder links them, so a damaged header
+    (overlapping or unindexed bytes, ranges outside the file) is refused here too."""
+    for path in sorted(folder.rglob("*.safetensors")):
+        if path not in checked and path.is_file():
+            read_safetensors_header(path)
+
+
 def _check_folder_tensors(folder: Path, configs: dict, files: dict[str, list[Path]],
                           family: str) -> torch.dtype | None:
     """The UNet (what editc edits) must hold exactly the tensors its config implies; the text
     encoders at least the layer-0 projection editing reads. (Text-encoder files differ in
     naming across transformers versions and tied weights, so they are not checked tensor by
     tensor; transformers itself checks them on load.)"""
-    for component, component_files in files.items():  # every header, read or not: truncated
-        if component != "unet":                          # files, overlapping ranges
+    for component, component_files in files.items():  # every header: catches truncated files
+        if component not in ("unet", *(t.component for t in FAMILIES[family].text_encoders)):
             _tensor_table(component_files)
     unet_table = _tensor_table(files["unet"])
     unet_shapes = {k: shape for k, (shape, _) in unet_table.items()}
@@ -438,6 +447,7 @@ def _inspect_diffusers(folder: Path) -> ModelSource:
     if family != "if" and "vae" not in files:
         raise UserError(f"{index_path}: the pipeline has no 'vae' component; {family} needs one")
     stored_dtype = _check_folder_tensors(folder, configs, files, family)
+    _check_other_safetensors(folder, {f for component_files in files.values() for f in component_files})
 
     metadata: dict[str, str] = {}
     for component_files in files.values():

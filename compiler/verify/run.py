@@ -16,9 +16,9 @@ from tqdm import tqdm
 
 from compiler.errors import UserError
 from compiler.recipe import Recipe
+from compiler.verify.base_cache import CACHED, GENERATED, NOT_CACHED, BaseImageCache, judge_identity
 from compiler.verify.gates import evaluate_gates
 from compiler.verify.judges import Judge, choose_judge, toy_judge_folder_for
-from compiler.verify.base_cache import CACHED, GENERATED, NOT_CACHED, BaseImageCache, judge_identity
 from compiler.verify.metrics import ModelView, generate_plan_images, score_plan
 from compiler.verify.probes import DEFAULT_NEIGHBOURS_PER_EDIT, DEFAULT_PROMPTS_PER_GROUP, plan_probes
 from compiler.verify.report import VerifyReport, write_reports
