@@ -48,6 +48,7 @@ case $code in
     0) verdict="PASSED: every gate passed" ;;
     1) verdict="FAILED: a verify gate failed (see $out/artifacts/report.html)" ;;
     2) verdict="BAD INPUT: fix the recipe, the model path or the arguments (the line above says which)" ;;
+    126|127) verdict="ERROR: could not run '${editc[*]}': install editc or set EDITC" ;;
     *) verdict="ERROR: editc exited $code, a bug in editc" ;;
 esac
 echo "editc gate: $verdict (exit $code)" >&2
