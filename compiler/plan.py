@@ -81,6 +81,7 @@ def plan_edits(recipe: Recipe, model, locate_fn=None) -> list[PlannedEdit]:
     vocabulary = resolve.vocabulary_of(model, recipe.vocabulary)
     n_layers = len(model.registry.cross_attention)
     for i, edit in enumerate(recipe.edits):
+        resolve.check_special_tokens(model.tokenizer_for(), edit, f"{recipe.path}: edits[{i}]")
         method, site, reason = choose_method(edit, model.family)
         plugin = get_method(method)
         pairs = resolve.prompt_pairs(edit.concept, edit.replacement, edit.attribute, edit.prompts,

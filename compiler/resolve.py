@@ -141,6 +141,20 @@ def check_prompt_lengths(tokenizer, pairs: list[PromptPair], concept: str) -> No
                                 f"the replacement or the prompt")
 
 
+def check_special_tokens(tokenizer, edit, field_path: str) -> None:
+    """A concept or replacement that contains one of the tokenizer's special tokens
+    (``<|endoftext|>``, ``</s>``, ...) names no concept: the tokenizer reads it as a marker, and
+    the edit would remap the marker every prompt ends with."""
+    special = [t for t in getattr(tokenizer, "all_special_tokens", ()) if isinstance(t, str) and t.strip()]
+    for name in ("concept", "replacement"):
+        text = getattr(edit, name).lower()
+        token = next((t for t in special if t.lower() in text), None)
+        if token is not None:
+            raise UserError(f"{field_path}.{name}: {getattr(edit, name)!r} contains the tokenizer's special "
+                            f"token {token!r}, which marks the start or end of a prompt, not a concept; "
+                            f"give words")
+
+
 def eos_index(tokenizer, prompt: str) -> int:
     return len(tokenizer(prompt, add_special_tokens=False).input_ids) + 1
 

@@ -82,4 +82,4 @@ def _print_summary(manifest: dict, seconds: float) -> None:
         echo(f"  note: the output folder {output['path']} comes from {output['from']}, outside the recipe's folder")
     v = manifest.get("verify")
     if v:
-        echo(f"  verify: {'PASSED' if v['passed'] else 'FAILED'} ({v.get('report', '')})")
+        echo(f"  verify: {'PASSED' if v['passed'] else 'FAILED'} ({v.get('report', '')}; base: {v.get('base', '')})")

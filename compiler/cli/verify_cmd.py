@@ -31,10 +31,13 @@ from compiler.errors import GateFailed
               help="Prompts per group (efficacy, generalization, generic); default 8. Specificity: 4 held-out "
                    "prompts per neighbour at the default, half this number below it.")
 @device_option
+@click.option("--no-cache", "no_cache", is_flag=True,
+              help="Generate the base model's images again instead of reusing an earlier verify's from the "
+                   "editc cache (kept per base model, judge, prompts, seeds and sampler settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON on stdout.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def verify_command(recipe_path, edited, base, clip, clip_x100, report_dir, force, seeds, steps, guidance,
-                   prompts_per_group, device, as_json, quiet):
+                   prompts_per_group, device, no_cache, as_json, quiet):
     """Verify an edited model against its base model, edit by edit.
 
     With fixed seeds, both models draw the same prompts: the concept's prompts (efficacy),
@@ -56,7 +59,8 @@ def verify_command(recipe_path, edited, base, clip, clip_x100, report_dir, force
             check_output_path(Path(report_dir) / name, force=force, kind="file",
                               inputs=input_paths(recipe_path, base, clip))
     report = verify_paths(recipe, edited=edited, base=base, clip=clip, device=device, progress=not quiet,
-                          seeds=seeds, steps=steps, guidance=guidance, clip_scale=100.0 if clip_x100 else 1.0,
+                          cache=not no_cache, seeds=seeds, steps=steps, guidance=guidance,
+                          clip_scale=100.0 if clip_x100 else 1.0,
                           prompts_per_group=prompts_per_group or DEFAULT_PROMPTS_PER_GROUP)
     paths = write_reports(report, report_dir, force=force) if report_dir is not None else {}
     if as_json:
@@ -73,6 +77,7 @@ def _print_summary(report, paths) -> None:
     echo(f"editc verify: {report.recipe_path}")
     echo(f"  edited {report.edited_model['path']}  vs  base {report.base_model['path']}")
     echo(f"  judge: {report.judge}")
+    echo(f"  base: {report.base_images}")
     settings = report.settings
     echo(f"  {settings['images_per_model']} images per model ({len(settings['seeds'])} seeds, "
          f"{settings['steps']} steps, guidance {settings['guidance_scale']:g}); "

@@ -258,6 +258,17 @@ class AppliedDelta:
     tensors: int
 
 
+def check_delta_shapes(delta: Delta, base: Mapping[str, torch.Tensor], base_path: Path) -> None:
+    """Every delta tensor has the shape of the base tensor it replaces (before anything is
+    written; ``--force`` does not lift this: a tensor of another shape cannot be patched in)."""
+    for name, value in sorted(delta.tensors.items()):
+        stored = base[name]
+        if tuple(value.shape) != tuple(stored.shape) and not (
+                name.startswith("vae/") and value.numel() == stored.numel()):  # 1x1 convs vs linears
+            raise UserError(f"{delta.path}: tensor {name} has shape {list(value.shape)}, but {base_path} holds "
+                            f"{list(stored.shape)}; the delta was made for another model (apply it to its base)")
+
+
 def apply_delta(delta_path: str | os.PathLike, checkpoint_path: str | os.PathLike,
                 out_path: str | os.PathLike, force: bool = False) -> AppliedDelta:
     """Apply a delta to a checkpoint (diffusers folder or single file), writing ``out_path``.
@@ -277,11 +288,12 @@ def apply_delta(delta_path: str | os.PathLike, checkpoint_path: str | os.PathLik
         raise UserError(f"{source.path}: is a {source.family} model, but the delta {delta.path} was "
                         f"made for {family}")
     expected_hash = delta.metadata["editc.delta.base_model_sha256"]
+    current = read_base_tensors(source, delta.tensors)
+    check_delta_shapes(delta, current, source.path)
     actual_hash = source_hash(source, full=True)  # a safety check: the bytes, not the cache
     if actual_hash == expected_hash:
         match = "hash"
     else:
-        current = read_base_tensors(source, delta.tensors)
         if base_tensors_sha256(current) == delta.metadata.get("editc.delta.base_tensors_sha256"):
             match = "tensors"
         elif force:

@@ -86,7 +86,7 @@ def _check_entry(path: Path, name: str, info, data_size: int) -> tuple[int, int]
 def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
     """The tensor table and ``__metadata__`` of a safetensors file, validated before any tensor
     is read: every field's type, known dtypes, shapes matching byte ranges, ranges inside the
-    file and not overlapping, float weights, string metadata."""
+    file, not overlapping and covering the data without holes, float weights, string metadata."""
     path = Path(path)
     size = path.stat().st_size
     if size == 0:
@@ -118,6 +118,17 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict], dict[str, str]
         if start < previous_end:
             raise UserError(f"{path}: corrupt safetensors header (tensors {previous[:60]!r} and {name[:60]!r} "
                             f"overlap); the file is damaged")
+    # The safetensors format indexes every data byte (no holes, nothing after the last tensor):
+    # the libraries that load the file refuse it otherwise, so refuse it here in one line.
+    covered = 0
+    for start, end, name in ranges:
+        if start != covered:
+            break
+        covered = end
+    if covered != data_size:
+        raise UserError(f"{path}: corrupt safetensors header (data bytes {covered}..{data_size} belong to no "
+                        f"tensor; the format allows no holes); the file is damaged or was not written by a "
+                        f"safetensors library")
     return header, dict(metadata)
 
 

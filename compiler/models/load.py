@@ -286,12 +286,43 @@ def _weight_files(folder: Path, variant: str | None) -> list[Path]:
             for index in indexes:
                 if index.is_file():
                     weight_map = _read_json(index, "weight index").get("weight_map", {})
-                    files = [folder / s for s in sorted(set(weight_map.values()))]
+                    if not isinstance(weight_map, dict):
+                        raise UserError(f"{index}: weight_map is not an object mapping tensor names to "
+                                        f"shard file names; the index is corrupt")
+                    files = [folder / _shard_name(index, s) for s in sorted(set(map(str, weight_map.values())))]
                     for f in files:
                         if not f.is_file():
                             raise UserError(f"{f}: shard listed in {index.name} is missing")
                     return files
     return []
+
+
+def _shard_name(index: Path, name: str) -> str:
+    """A shard named in a weight index: a plain file name beside the index (what diffusers and
+    transformers write), never a path that could leave the model folder."""
+    if not name or "/" in name or "\\" in name or name in (".", "..") or "\0" in name:
+        raise UserError(f"{index}: shard {name[:80]!r} is not a file name in {index.parent.name}/ "
+                        f"(a shard path may not leave the component folder); fix the weight_map entry")
+    return name
+
+
+_TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                         "added_tokens.json", "vocab.json")
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """The tokenizer's JSON files parse (the tokenizer libraries would fail with a traceback)."""
+    for name in _TOKENIZER_JSON_FILES:
+        path = folder / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+                raise UserError(f"{path}: the tokenizer file is not valid JSON ({err.__class__.__name__}); "
+                                f"restore it from the model's original files") from None
+            if not isinstance(data, dict):
+                raise UserError(f"{path}: the tokenizer file is not a JSON object; restore it from the "
+                                f"model's original files")
 
 
 _VARIANT_FILE = re.compile(r"(?:%s)(?:\.(\w+)\.(?:safetensors|bin)|\.(?:safetensors|bin)\.index\.(\w+)\.json)"
@@ -318,6 +349,15 @@ def _tensor_table(files: list[Path]) -> dict[str, tuple[tuple[int, ...], torch.d
             tensors, _ = load_ckpt_state_dict(f)
             table.update({k: (tuple(v.shape), v.dtype) for k, v in tensors.items()})
     return table
+
+
+def _check_other_safetensors(folder: Path, checked: set[Path]) -> None:
+    """Every other safetensors file in the folder (a safety checker, an image encoder, another
+    variant's weights): never read, but an output folder links them, so a damaged header
+    (overlapping or unindexed bytes, ranges outside the file) is refused here too."""
+    for path in sorted(folder.rglob("*.safetensors")):
+        if path not in checked and path.is_file():
+            read_safetensors_header(path)
 
 
 def _check_folder_tensors(folder: Path, configs: dict, files: dict[str, list[Path]],
@@ -397,6 +437,7 @@ def _inspect_diffusers(folder: Path) -> ModelSource:
                                                      "tokenizer_config.json")):
                 raise UserError(f"{sub}: no tokenizer files (tokenizer_config.json, vocab.json, "
                                 f"tokenizer.json or spiece.model)")
+            _check_tokenizer_files(sub)
         elif name in MODEL_COMPONENTS:
             configs[name] = _read_json(sub / "config.json", f"{name} config")
             found = (_weight_files(sub, variant) if variant else []) or _weight_files(sub, None)
@@ -412,6 +453,7 @@ def _inspect_diffusers(folder: Path) -> ModelSource:
     if family != "if" and "vae" not in files:
         raise UserError(f"{index_path}: the pipeline has no 'vae' component; {family} needs one")
     stored_dtype = _check_folder_tensors(folder, configs, files, family)
+    _check_other_safetensors(folder, {f for component_files in files.values() for f in component_files})
 
     metadata: dict[str, str] = {}
     for component_files in files.values():

@@ -8,6 +8,7 @@ import difflib
 import hashlib
 import math
 import re
+import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,11 @@ _OUTPUT_KEYS = ("dir", "formats", "resolution")
 _VERIFY_KEYS = tuple(f.name for f in dataclasses.fields(VerifyGates))
 
 
+# Unicode categories that draw nothing: format characters (zero-width space/joiners, bidi
+# marks, BOM), separators, and unassigned code points.
+_INVISIBLE_CATEGORIES = ("Cf", "Zs", "Zl", "Zp", "Cn")
+
+
 class _Validator:
     """Reads plain data (from YAML/TOML) field by field; each failure names the field path."""
 
@@ -81,9 +87,16 @@ class _Validator:
             if isinstance(value, bool):
                 hint = " (YAML reads yes/no/on/off/true/false as booleans: put the text in quotes)"
             raise self.fail(field_path, f"expected a text string, got {_describe(value)}{hint}")
+        control = next((c for c in value if unicodedata.category(c) == "Cc" and not c.isspace()), None)
+        if control is not None:
+            raise self.fail(field_path, f"contains the control character U+{ord(control):04X}; "
+                                        "remove it (text fields are plain words)")
         cleaned = " ".join(value.split())
         if not cleaned:
             raise self.fail(field_path, "is empty; give a non-empty text")
+        if not any(unicodedata.category(c) not in _INVISIBLE_CATEGORIES for c in cleaned):
+            raise self.fail(field_path, f"{value!r} has no visible character (only zero-width or "
+                                        "formatting characters); give words")
         return cleaned
 
     def choice(self, value: Any, field_path: str, choices: tuple[str, ...]) -> str:

@@ -133,23 +133,31 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-class _ModelView:
-    """One model's images with the judge's features and identifications, computed once."""
+@dataclass
+class ModelView:
+    """One model's images with the judge's features and identifications (per kind, per image),
+    computed once (:meth:`judged`) or read back from the verify cache."""
 
-    def __init__(self, images: ImageSet, judge: Judge, candidates: dict[str, tuple[str, ...]]):
-        self.images = images
-        self.features = judge.embed_images(images.images)
-        self.labels = {kind: judge.identify(self.features, kind, candidates[kind]) for kind in (STYLE, SUBJECT)}
+    images: ImageSet
+    features: torch.Tensor
+    labels: dict[str, list[str]]
+
+    @classmethod
+    @torch.no_grad()
+    def judged(cls, images: ImageSet, judge: Judge, candidates: dict[str, tuple[str, ...]]) -> ModelView:
+        features = judge.embed_images(images.images)
+        return cls(images, features,
+                   {kind: list(judge.identify(features, kind, candidates[kind])) for kind in (STYLE, SUBJECT)})
 
 
-def score_group(group: ProbeGroup, seeds: tuple[int, ...], base: _ModelView, edited: _ModelView, judge: Judge,
+def score_group(group: ProbeGroup, seeds: tuple[int, ...], base: ModelView, edited: ModelView, judge: Judge,
                 clip_scale: float) -> GroupResult:
     keys = [(probe.prompt, seed) for probe in group.probes for seed in seeds]
     probes = [probe for probe in group.probes for _ in seeds]
     base_rows, edited_rows = base.images.rows(keys), edited.images.rows(keys)
     has_target = all(probe.target_prompt for probe in group.probes)
 
-    def image_scores(view: _ModelView, rows: list[int]) -> list[ImageScores]:
+    def image_scores(view: ModelView, rows: list[int]) -> list[ImageScores]:
         features = view.features[rows]
         clip_prompt = judge.clip_scores(features, [p.prompt for p in probes]) * clip_scale
         clip_target = judge.clip_scores(features, [p.target_prompt for p in probes]) * clip_scale if has_target else None
@@ -193,9 +201,9 @@ def score_group(group: ProbeGroup, seeds: tuple[int, ...], base: _ModelView, edi
 
 
 @torch.no_grad()
-def score_plan(plan: VerifyPlan, base_images: ImageSet, edited_images: ImageSet, judge: Judge,
-               clip_scale: float = 1.0) -> list[GroupResult]:
-    """Score every group of the plan, base vs edited."""
-    base = _ModelView(base_images, judge, plan.candidates)
-    edited = _ModelView(edited_images, judge, plan.candidates)
+def score_plan(plan: VerifyPlan, base_images: ImageSet | ModelView, edited_images: ImageSet | ModelView,
+               judge: Judge, clip_scale: float = 1.0) -> list[GroupResult]:
+    """Score every group of the plan, base vs edited (images, or images already judged)."""
+    base, edited = (view if isinstance(view, ModelView) else ModelView.judged(view, judge, plan.candidates)
+                    for view in (base_images, edited_images))
     return [score_group(group, plan.seeds, base, edited, judge, clip_scale) for group in plan.groups]

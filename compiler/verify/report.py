@@ -43,6 +43,9 @@ class VerifyReport:
     groups: list[GroupResult]
     gates: list[GateResult]
     timings_seconds: dict[str, float]
+    # The base model's images: "cached" (an earlier verify's, from the editc cache),
+    # "generated" (and stored there) or "generated (cache off)".
+    base_images: str = "generated"
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
     @property
@@ -65,6 +68,7 @@ class VerifyReport:
             "failed_gates": [gate.name for gate in self.failed_gates],
             "recipe": {"path": self.recipe_path, "sha256": self.recipe_sha256},
             "models": {"base": self.base_model, "edited": self.edited_model},
+            "base": self.base_images,
             "judge": self.judge,
             "settings": self.settings,
             "gates": [{**asdict(gate), "failed": gate.failed} for gate in self.gates],
@@ -135,6 +139,7 @@ def junit_xml(report: VerifyReport) -> str:
     for name, value in (("recipe", report.recipe_path), ("recipe_sha256", report.recipe_sha256),
                         ("base_model", report.base_model.get("path", "")),
                         ("edited_model", report.edited_model.get("path", "")), ("judge", report.judge),
+                        ("base", report.base_images),
                         ("seeds", str(len(report.settings["seeds"]))), ("steps", str(report.settings["steps"])),
                         ("guidance_scale", str(report.settings["guidance_scale"]))):
         ET.SubElement(properties, "property", {"name": name, "value": str(value)})
@@ -325,6 +330,7 @@ def html_report(report: VerifyReport) -> str:
         f"edited <code>{html.escape(str(report.edited_model.get('path')))}</code> "
         f"{html.escape(str(report.edited_model.get('sha256', ''))[:12])}<br>"
         f"judge: {html.escape(report.judge)}<br>"
+        f"base: {html.escape(report.base_images)}<br>"
         f"{len(settings['seeds'])} seeds per prompt, {settings['steps']} steps, guidance {settings['guidance_scale']:g}, "
         f"{settings['images_per_model']} images per model · {html.escape(report.created)}"
         + _compute_line(settings.get("compute"))

@@ -16,9 +16,10 @@ from tqdm import tqdm
 
 from compiler.errors import UserError
 from compiler.recipe import Recipe
+from compiler.verify.base_cache import CACHED, GENERATED, NOT_CACHED, BaseImageCache, judge_identity
 from compiler.verify.gates import evaluate_gates
-from compiler.verify.judges import Judge, choose_judge
-from compiler.verify.metrics import generate_plan_images, score_plan
+from compiler.verify.judges import Judge, choose_judge, toy_judge_folder_for
+from compiler.verify.metrics import ModelView, generate_plan_images, score_plan
 from compiler.verify.probes import DEFAULT_NEIGHBOURS_PER_EDIT, DEFAULT_PROMPTS_PER_GROUP, plan_probes
 from compiler.verify.report import VerifyReport, write_reports
 
@@ -50,7 +51,8 @@ def run_verify(recipe: Recipe, edited_pipe, base_pipe, judge: Judge, *, seeds: i
                neighbours_per_edit: int | None = DEFAULT_NEIGHBOURS_PER_EDIT, batch: int = DEFAULT_BATCH,
                progress: bool = True, edited_info: ModelInfo | None = None,
                base_info: ModelInfo | None = None, vocabulary=None,
-               found_neighbours: dict | None = None) -> VerifyReport:
+               found_neighbours: dict | None = None, cache: bool = False,
+               judge_dir: str | Path | None = None) -> VerifyReport:
     """Verify ``edited_pipe`` against ``base_pipe`` for every edit of ``recipe``.
 
     ``seeds``, ``steps`` and ``guidance`` default to the recipe's ``verify`` section (guidance:
@@ -60,6 +62,10 @@ def run_verify(recipe: Recipe, edited_pipe, base_pipe, judge: Judge, *, seeds: i
     Prompts come from ``vocabulary`` (default: the base model's, ``resolve.vocabulary_of``);
     ``found_neighbours`` (per edit index, ``(phrase, similarity)`` nearest first) are the
     neighbours compile kept put (default: found again on the base model's text encoder).
+
+    ``cache``: take the base model's images and judgements from the editc cache when an
+    earlier verify left them there (``compiler.verify.base_cache``; needs ``base_info.sha256``;
+    ``judge_dir`` is the judge's folder, part of the key), else generate and store them.
     """
     from compiler import resolve
 
@@ -81,10 +87,17 @@ def run_verify(recipe: Recipe, edited_pipe, base_pipe, judge: Judge, *, seeds: i
                 judge.label_of(probe.replacement, probe.kind)
 
     keys = plan.image_keys()
-    bar = tqdm(total=2 * len(keys), desc="verify", unit="img", disable=not progress)
+    base_cache = (BaseImageCache.for_run(base_sha256=base_info.sha256, judge=judge_identity(judge, judge_dir),
+                                         keys=keys, steps=steps, guidance=guidance, batch=batch,
+                                         candidates=plan.candidates, pipe=base_pipe)
+                  if cache and base_info is not None and base_info.sha256 else None)
+    base_view = base_cache.load() if base_cache is not None else None
+    base_images = CACHED if base_view is not None else GENERATED if base_cache is not None else NOT_CACHED
+    roles = (("base", base_pipe), ("edited", edited_pipe)) if base_view is None else (("edited", edited_pipe),)
+    bar = tqdm(total=len(roles) * len(keys), desc="verify", unit="img", disable=not progress)
     images = {}
     try:
-        for role, pipe in (("base", base_pipe), ("edited", edited_pipe)):
+        for role, pipe in roles:
             bar.set_description(f"verify: {role} model")
             pipe.set_progress_bar_config(disable=True)
             started = time.perf_counter()
@@ -95,10 +108,14 @@ def run_verify(recipe: Recipe, edited_pipe, base_pipe, judge: Judge, *, seeds: i
         bar.close()
 
     started = time.perf_counter()
-    groups = score_plan(plan, images["base"], images["edited"], judge, clip_scale)
+    if base_view is None:
+        base_view = ModelView.judged(images["base"], judge, plan.candidates)
+        if base_cache is not None:
+            base_cache.save(base_view)
+    groups = score_plan(plan, base_view, images["edited"], judge, clip_scale)
     gates = evaluate_gates(recipe, groups)
     timings["score"] = time.perf_counter() - started
-    height, width = images["base"].images.shape[1:3]
+    height, width = base_view.images.images.shape[1:3]
     return VerifyReport(
         recipe_path=str(recipe.path),
         recipe_sha256=recipe.sha256,
@@ -125,6 +142,7 @@ def run_verify(recipe: Recipe, edited_pipe, base_pipe, judge: Judge, *, seeds: i
         groups=groups,
         gates=gates,
         timings_seconds={k: round(v, 3) for k, v in timings.items()},
+        base_images=base_images,
     )
 
 
@@ -216,8 +234,9 @@ def base_model_of(edited_dir: Path, recipe: Recipe) -> str:
 
 def verify_paths(recipe: Recipe, *, edited: str | Path, base: str | Path | None = None,
                  clip: str | Path | None = None, device: str | None = None, progress: bool = True,
-                 **options) -> VerifyReport:
-    """Load the edited and the base model and a judge, then :func:`run_verify`."""
+                 cache: bool = True, **options) -> VerifyReport:
+    """Load the edited and the base model and a judge, then :func:`run_verify` (the base
+    model's images from the editc cache when ``cache`` and an earlier run left them)."""
     edited_dir = Path(edited)
     if not edited_dir.exists():
         raise UserError(f"{edited}: no such edited model (--edited wants the folder editc compile wrote)")
@@ -233,9 +252,10 @@ def verify_paths(recipe: Recipe, *, edited: str | Path, base: str | Path | None 
     vocabulary = resolve.vocabulary_of(base_loaded, recipe.vocabulary)
     judge = choose_judge(clip, base_dir, base_loaded.pipeline.text_encoder, vocabulary, device.device)
     found = neighbours_from_manifest(edited_dir, recipe)
+    judge_dir = clip if clip is not None else toy_judge_folder_for(base_dir)
     report = run_verify(recipe, edited_loaded.pipeline, base_loaded.pipeline, judge, progress=progress,
                         edited_info=edited_info, base_info=base_info, vocabulary=vocabulary,
-                        found_neighbours=found, **options)
+                        found_neighbours=found, cache=cache, judge_dir=judge_dir, **options)
     report.settings["compute"] = device.describe(getattr(base_loaded, "stored_dtype", None))
     return report
 
@@ -246,7 +266,8 @@ def verify_compiled(recipe: Recipe, *, edited_dir: str | Path, base, progress: b
 
     ``base`` is the model compile started from: a path, "toy", or a ``LoadedModel`` (whose
     source is reloaded, because compile fuses the edit into its pipeline in place). Returns a
-    summary for the manifest: ``passed``, ``failed`` (gate names), ``gates``, ``report``.
+    summary for the manifest: ``passed``, ``failed`` (gate names), ``gates``, ``report``, ``base``
+    (whether the base model's images were cached).
     """
     base_spec = getattr(base, "source_path", base)
     report = verify_paths(recipe, edited=edited_dir, base=base_spec, progress=progress, device=device)
@@ -258,4 +279,5 @@ def verify_compiled(recipe: Recipe, *, edited_dir: str | Path, base, progress: b
         "gates": {gate.name: ("skipped" if gate.skipped else "passed" if gate.passed else "failed")
                   for gate in report.gates},
         "report": str(paths["html"]),
+        "base": report.base_images,
     }
