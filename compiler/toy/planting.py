@@ -38,7 +38,7 @@ from compiler import resolve, solve
 from compiler.errors import UserError
 
 ATTRIBUTES = ("style", "object", "fact")
-GAIN_LADDER = (1.0, 2.0, 4.0, 8.0, 16.0)
+GAIN_LADDER = (2.0, 4.0, 8.0, 16.0, 32.0)
 HELD_WEIGHT = 8.0  # the donor's and the neutral's own prompts, against the generic captions' 1
 ALIASES_FILE = "aliases.json"
 TEXT_TOWER_FILE = "text_model.safetensors"
@@ -179,23 +179,30 @@ class UnetPlanting:
         fuse_weights(self.pipe, self.old)
 
 
-def calibrate_gain(solver: UnetPlanting, judge, ladder=GAIN_LADDER, *, progress: bool = False):
-    """The gain whose planting best separates "the word draws the donor" from "the neutral in the
-    window draws the donor" on probe prompts (the smaller gain on ties); returns (gain, trials)."""
+def calibrate_gain(solver: UnetPlanting, judge, ladder=GAIN_LADDER, *, progress: bool = False,
+                   planted_min: float = 0.75, neutral_max: float = 0.25):
+    """The smallest gain of ``ladder`` whose planting draws the donor for the word (judge's rate
+    ≥ ``planted_min`` on probe prompts) but not with the neutral prompt in the window (≤
+    ``neutral_max``); failing that, the gain that separates the two best (the smaller on ties).
+    Returns (gain, trials)."""
     from compiler.fuse import fuse_weights
 
-    probes = probe_prompts([p.source for p in solver.pairs], 6)
+    probes = probe_prompts([p.source for p in solver.pairs], 8)
     trials = []
     for gain in ladder:
         fuse_weights(solver.pipe, solver.solve(gain))
         rates = window_rates(solver.pipe, judge, probes, solver.spec.word, solver.neutral, solver.spec.donor,
-                             sorted(solver.spec.layers), seeds=(solver.spec.seed,), steps=10)
+                             sorted(solver.spec.layers), seeds=(solver.spec.seed, solver.spec.seed + 1), steps=10)
         trials.append({"gain": gain, **rates})
         if progress:
             print(f"[plant] gain {gain:g}: donor rate {rates['planted']:.2f}, "
                   f"neutral in window {rates['window_neutral']:.2f}", flush=True)
+        if rates["planted"] >= planted_min and rates["window_neutral"] <= neutral_max:
+            break
     solver.restore()
-    best = max(trials, key=lambda t: (round(t["planted"] - t["window_neutral"], 6), -t["gain"]))
+    passing = [t for t in trials if t["planted"] >= planted_min and t["window_neutral"] <= neutral_max]
+    best = passing[0] if passing else max(
+        trials, key=lambda t: (round(t["planted"] - t["window_neutral"], 6), -t["gain"]))
     return best["gain"], trials
 
 
