@@ -62,6 +62,7 @@ def main(argv=None) -> int:
     parser.add_argument("--planted", type=Path, default=ROOT / "out" / "planted")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--prompts", type=int, default=4, help="verify's prompts per group")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args(argv)
     located = {r["word"]: r for r in json.loads((args.results / "planted.json").read_text())["plantings"]}
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
                 print(done.stderr[-2000:], file=sys.stderr)
                 return 1
             checked = run_cli("verify", str(recipe), "--edited", str(edited), "--report", str(work / f"{name}-report"),
-                              "--force", "--json", "--quiet")
+                              "--force", "--json", "--quiet", "--prompts", str(args.prompts))
             if checked.returncode not in (0, 1):
                 print(checked.stderr[-2000:], file=sys.stderr)
                 return 1
@@ -94,13 +95,13 @@ def main(argv=None) -> int:
                          "report": str(work / f"{name}-report" / "verify.json")})
             print(f"[planted-edit] {word} {variant}: {rows[-1]['groups']}", flush=True)
             path.write_text(json.dumps({"seeds": args.seeds, "steps": args.steps, "rows": rows}, indent=2))
-    write_markdown(rows, args.results / "planted_edit.md", args.seeds, args.steps)
+    write_markdown(rows, args.results / "planted_edit.md", args.seeds, args.steps, args.prompts)
     return 0
 
 
-def write_markdown(rows, path: Path, seeds: int, steps: int) -> None:
+def write_markdown(rows, path: Path, seeds: int, steps: int, prompts: int) -> None:
     lines = [f"Remove the planted word (LocoEdit, replacement: the planting's neutral), verify with {seeds} seeds, "
-             f"{steps} steps: judge's accuracy base -> edited.", "",
+             f"{steps} steps, {prompts} prompts per group: judge's accuracy base -> edited.", "",
              "| planted word -> donor | layers | efficacy | generalization | the donor | other neighbours | generic | verify |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
