@@ -237,11 +237,14 @@ def is_toy_judge_folder(path: str | Path) -> bool:
 
 
 def toy_judge_folder_for(base_dir: str | Path | None) -> Path | None:
-    """A toy-world model is saved as ``weights/pipeline`` beside ``weights/judge``."""
+    """A toy-world model is saved as ``weights/pipeline`` beside ``weights/judge``; a planted
+    toy model (``compiler.toy.planting``) carries its judge inside, as ``judge/``."""
     if base_dir is None:
         return None
-    candidate = Path(base_dir).resolve().parent / "judge"
-    return candidate if is_toy_judge_folder(candidate) else None
+    for candidate in (Path(base_dir).resolve() / "judge", Path(base_dir).resolve().parent / "judge"):
+        if is_toy_judge_folder(candidate):
+            return candidate
+    return None
 
 
 def load_toy_world_judge(judge_dir: Path, base_dir: Path, base_text_encoder=None) -> Judge:

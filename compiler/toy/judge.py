@@ -8,7 +8,7 @@ reliable than single-attribute prompts; each attribute is then read off the winn
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +37,8 @@ class Judge:
     tokenizer: object
     labels: list[world.Scene]
     label_embeds: torch.Tensor  # (labels, dim), unit norm
+    # Planted words (``compiler.toy.planting``): word -> the world's phrase it shows.
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @torch.no_grad()
     def embed_images(self, images: np.ndarray, batch: int = 256) -> torch.Tensor:
@@ -65,12 +67,16 @@ class Judge:
         """Raw cosine between each image and its prompt (the papers' CLIP-score, unscaled)."""
         return (self.embed_images(images) * self.embed_texts(prompts)).sum(-1).numpy()
 
+    def resolve_alias(self, phrase: str) -> str:
+        """A planted word stands for its donor; anything else for itself."""
+        return self.aliases.get(" ".join(phrase.lower().split()), phrase)
+
     def can_tell(self, phrase: str) -> bool:
-        return scene_test(phrase) is not None
+        return scene_test(self.resolve_alias(phrase)) is not None
 
     def presence(self, images: np.ndarray, phrase: str, candidates: Sequence[str] = ()) -> np.ndarray:
         """Per image, does it show ``phrase`` (a style, character, person, title or object)?"""
-        test = scene_test(phrase)
+        test = scene_test(self.resolve_alias(phrase))
         if test is None:
             raise ValueError(f"the toy world knows no {phrase!r}")
         return np.array([float(test(scene)) for scene in self.classify(images)], dtype=np.float64)
@@ -97,13 +103,20 @@ def load_judge(pipeline_dir: Path = PIPELINE_DIR, judge_dir: Path = JUDGE_DIR, t
     """Join the judge's vision tower with the text tower it shares with the pipeline.
 
     ``text_encoder`` lets a caller pass the *base* model's text encoder explicitly; by default
-    it is read from ``pipeline_dir``. The judge must always use the unedited text tower.
+    it is read from ``pipeline_dir``. The judge must always use the unedited text tower: a judge
+    folder that brings its own (``text_model.safetensors``, a planted model's) uses that one.
+    A judge folder's ``aliases.json`` (word -> phrase) names planted words.
     """
+    import json
+
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
     model = CLIPModel(CLIPConfig.from_pretrained(str(judge_dir))).float()
     state = _load_safetensors(judge_dir / "vision.safetensors")
-    if text_encoder is None:
+    own_text = judge_dir / "text_model.safetensors"
+    if own_text.is_file():
+        text_state = _load_safetensors(own_text)
+    elif text_encoder is None:
         text_state = _load_safetensors(pipeline_dir / "text_encoder" / "model.safetensors")
     else:
         text_state = text_encoder.state_dict()
@@ -118,6 +131,9 @@ def load_judge(pipeline_dir: Path = PIPELINE_DIR, judge_dir: Path = JUDGE_DIR, t
     labelled = world.canonical_captions()
     judge = Judge(model, tokenizer, [scene for _, scene in labelled], torch.empty(0))
     judge.label_embeds = judge.embed_texts([text for text, _ in labelled])
+    aliases = judge_dir / "aliases.json"
+    if aliases.is_file():
+        judge.aliases = {" ".join(k.lower().split()): v for k, v in json.loads(aliases.read_text()).items()}
     return judge
 
 
@@ -139,7 +155,7 @@ class ToyWorldJudge(JudgeInterface):
         return self.toy.embed_texts(list(texts)).float()
 
     def kind_of(self, phrase: str) -> str:
-        return STYLE if normalize_phrase(phrase) in world.STYLES else SUBJECT
+        return STYLE if normalize_phrase(self.toy.resolve_alias(phrase)) in world.STYLES else SUBJECT
 
     def can_tell(self, phrase: str) -> bool:
         return self.toy.can_tell(phrase)
@@ -148,7 +164,7 @@ class ToyWorldJudge(JudgeInterface):
         return self.toy.presence(images, phrase)
 
     def label_of(self, phrase: str, kind: str) -> str:
-        text = normalize_phrase(phrase)
+        text = normalize_phrase(self.toy.resolve_alias(phrase))
         if kind == STYLE:
             if text in world.STYLES:
                 return text
