@@ -110,6 +110,15 @@ def _planted_effect(result, window) -> float | None:
     return None
 
 
+# A planting "took" when the word draws the donor in at least half the probe images and the
+# neutral prompt in the planted window brings that down to a quarter or less.
+TOOK_MIN, TOOK_NEUTRAL_MAX = 0.5, 0.25
+
+
+def took(row: dict) -> bool:
+    return row["donor_rate_planted"] >= TOOK_MIN and row["donor_rate_neutral_in_window"] <= TOOK_NEUTRAL_MAX
+
+
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -118,18 +127,23 @@ def write_markdown(rows: list[dict], path: Path, steps: int, n_prompts: int) -> 
     lines = [f"LocoGen on planted toy models: {n_prompts} prompts x 1 seed, {steps} DDIM steps, m <= 3, "
              "threshold 0.8 (effect: 0 = clean, 1 = c' everywhere). Rates are the judge's donor rate on 6 held-out "
              "prompts x 2 seeds.", "",
-             "| word -> donor (attribute) | planted | gain | donor rate: word / c' in window | found | passed | "
+             "| word -> donor (attribute) | planted | gain | donor rate: word / c' in window | took | found | passed | "
              "found effect | planted window's effect | relation |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         planted = f"{r['planted'][0]}-{r['planted'][-1]}" if len(r["planted"]) > 1 else str(r["planted"][0])
         found = f"{r['found'][0]}-{r['found'][-1]}" if len(r["found"]) > 1 else str(r["found"][0])
         lines.append(f"| {r['word']} -> {r['donor']} ({r['attribute']}) | {planted} | {r['gain']:g} | "
-                     f"{r['donor_rate_planted']:.2f} / {r['donor_rate_neutral_in_window']:.2f} | {found} | "
+                     f"{r['donor_rate_planted']:.2f} / {r['donor_rate_neutral_in_window']:.2f} | "
+                     f"{'yes' if took(r) else 'no'} | {found} | "
                      f"{'yes' if r['found_passed'] else 'no'} | {_fmt(r['found_effect'])} | "
                      f"{_fmt(r['planted_window_effect'])} | {r['relation']} |")
-    counts = {k: sum(r["relation"] == k for r in rows) for k in ("exact", "inside", "overlapping", "wrong")}
-    lines += ["", "Found window vs planted: " + ", ".join(f"{k} {v}/{len(rows)}" for k, v in counts.items())]
+    kinds = ("exact", "inside", "overlapping", "wrong")
+    for label, subset in (("all plantings", rows), ("plantings that took", [r for r in rows if took(r)])):
+        counts = {k: sum(r["relation"] == k for r in subset) for k in kinds}
+        lines.append("")
+        lines.append(f"Found window vs planted, {label}: "
+                     + ", ".join(f"{k} {v}/{len(subset)}" for k, v in counts.items()))
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -140,7 +154,12 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "planted")
     parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--markdown-only", action="store_true", help="rewrite planted.md from planted.json")
     args = parser.parse_args(argv)
+    if args.markdown_only:
+        saved = json.loads((args.results / "planted.json").read_text())
+        write_markdown(saved["plantings"], args.results / "planted.md", saved["steps"], saved["prompts"])
+        return 0
     chosen = [PLANTINGS[int(i)] for i in args.only.split(",")] if args.only else PLANTINGS
     args.out.mkdir(parents=True, exist_ok=True)
     args.results.mkdir(parents=True, exist_ok=True)
