@@ -59,7 +59,7 @@ _WORD = re.compile(r"\w+")
 
 
 class _Blocked:
-    """Phrases that a candidate may not equal, contain or be contained in (whole words).
+    r"""Phrases that a candidate may not equal, contain or be contained in (whole words).
 
     A whole-word occurrence of ``b`` in ``p`` makes every ``\w+`` run of ``b`` a run of ``p``,
     so only the blocked phrases sharing a word with a candidate are tested (exactly, with

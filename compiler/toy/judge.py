@@ -154,8 +154,13 @@ class ToyWorldJudge(JudgeInterface):
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         return self.toy.embed_texts(list(texts)).float()
 
+    def _resolved(self, phrase: str) -> str:
+        """A planted word as the concept it stands for (``aliases.json``); a labels-only judge
+        (no toy model) has no aliases."""
+        return phrase if self.toy is None else self.toy.resolve_alias(phrase)
+
     def kind_of(self, phrase: str) -> str:
-        return STYLE if normalize_phrase(self.toy.resolve_alias(phrase)) in world.STYLES else SUBJECT
+        return STYLE if normalize_phrase(self._resolved(phrase)) in world.STYLES else SUBJECT
 
     def can_tell(self, phrase: str) -> bool:
         return self.toy.can_tell(phrase)
@@ -164,7 +169,7 @@ class ToyWorldJudge(JudgeInterface):
         return self.toy.presence(images, phrase)
 
     def label_of(self, phrase: str, kind: str) -> str:
-        text = normalize_phrase(self.toy.resolve_alias(phrase))
+        text = normalize_phrase(self._resolved(phrase))
         if kind == STYLE:
             if text in world.STYLES:
                 return text
