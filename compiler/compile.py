@@ -140,12 +140,13 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
         outputs: dict = {}
         manifest = build_manifest(recipe, loaded, result, timings, outputs)
         manifest["output"] = {"path": str(out), "from": out_from}
-        manifest["compute"] = getattr(loaded, "policy", policy).describe(loaded.stored_dtype)
+        policy = getattr(loaded, "policy", None) or policy  # a model opened elsewhere keeps its own
+        manifest["compute"] = policy.describe(loaded.stored_dtype)
         manifest["peak_rss_mb"] = peak_rss  # the process's peak so far, after each stage
         manifest["model_reads"] = _model_reads(loaded)
         if single_file_out:
             return _write_single_file_only(recipe, loaded, result, out, manifest, timings, t0, force, verify,
-                                           say, progress, resolution)
+                                           say, progress, resolution, policy)
         with claim.staging() as tmp:
             outputs.update(write_formats(formats, ExportJob(loaded, result.new_tensors, tmp, out,
                                                             provenance_for(manifest), resolution)))
@@ -166,7 +167,7 @@ def compile_to_disk(recipe: Recipe, *, model=None, out=None, formats=None, force
 
 
 def _write_single_file_only(recipe, loaded, result, out, manifest, timings, t0, force, verify, say, progress,
-                            resolution):
+                            resolution, policy):
     """``--out X.safetensors --format single-file``: that one file (no manifest folder); the
     verify report goes beside it."""
     from compiler.export.single_file import export_single_file
@@ -181,7 +182,7 @@ def _write_single_file_only(recipe, loaded, result, out, manifest, timings, t0, 
         say("verify")
         manifest["verify"] = verify_compiled(recipe, edited_dir=out, base=loaded, progress=progress,
                                              report_dir=Path(out).with_name(Path(out).stem + "-verify"),
-                                             device=getattr(loaded, "policy", None))
+                                             device=policy.device)
     return manifest
 
 

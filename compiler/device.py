@@ -44,10 +44,6 @@ class DevicePolicy:
     embed_dtype: torch.dtype = torch.float32
     solve_dtype: torch.dtype = torch.float64
 
-    @property
-    def is_cuda(self) -> bool:
-        return self.device.type == "cuda"
-
     def generation_dtype(self, stored_dtype: torch.dtype | None) -> torch.dtype:
         """What images are generated in: the stored half precision on a GPU, else float32."""
         if self.device.type != "cpu" and stored_dtype in HALF_DTYPES:

@@ -54,12 +54,11 @@ def load_generator(path_or_toy: str, device=None):
     installed), anything else loads as a diffusers pipeline as the device policy says
     (``compiler.device``: float32 on the CPU, the stored half precision on a GPU)."""
     from compiler.device import resolve_device
-    from compiler.export.onnx_pipeline import OnnxTextToImage, default_providers, is_onnx_folder
+    from compiler.export.onnx_pipeline import OnnxTextToImage, is_onnx_folder, providers_for
 
     device = resolve_device(device)
     if is_onnx_folder(path_or_toy):
-        return OnnxTextToImage(path_or_toy, providers=default_providers() if device.type == "cuda"
-                               else ("CPUExecutionProvider",))
+        return OnnxTextToImage(path_or_toy, providers=providers_for(device))
     from compiler.models.load import load_for_generation
 
     return load_for_generation(path_or_toy, device=device).pipeline

@@ -84,12 +84,11 @@ def cpu_model() -> str:
 
 
 def same_machine(recorded: dict) -> bool:
-    """Whether this machine is the one that wrote ``recorded`` (a record without a CPU model
-    came from an AMD EPYC, README "Measured results")."""
+    """Whether this machine is the one that wrote ``recorded``: the same torch, kernels and CPU
+    (the record may name the CPU by the start of its model name, e.g. "AMD EPYC")."""
     here = machine()
-    recorded = {"cpu_model": "AMD EPYC", **recorded}
-    return all(here[k] == recorded[k] if k != "cpu_model" else here[k].startswith(recorded[k]) or
-               recorded[k].startswith(here[k]) for k in here)
+    return all(here[k] == recorded.get(k) if k != "cpu_model" else
+               bool(recorded.get(k)) and here[k].startswith(recorded[k]) for k in here)
 
 
 def compare(recorded: dict, now: dict, same_machine: bool) -> list[str]:

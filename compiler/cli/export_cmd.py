@@ -52,14 +52,13 @@ def export_onnx_command(model, out_dir, fp16, exporter, no_check, tolerance, dev
     """
     from compiler.device import resolve_device
     from compiler.export.onnx import export_onnx
-    from compiler.export.onnx_pipeline import default_providers
+    from compiler.export.onnx_pipeline import providers_for
     from compiler.export.provenance import read_provenance
     from compiler.io import claim_output, input_paths
     from compiler.models.load import load_model
 
-    providers = ("CPUExecutionProvider",)
+    providers = providers_for(resolve_device(device))
     if resolve_device(device).type == "cuda":
-        providers = default_providers()
         if "CUDAExecutionProvider" not in providers:
             raise UserError("--device cuda: this onnxruntime has no CUDA execution provider; "
                             "pip install 'editc[gpu]' (onnxruntime-gpu), or use --device cpu")

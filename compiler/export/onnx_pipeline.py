@@ -139,6 +139,14 @@ def default_providers() -> tuple[str, ...]:
     return tuple(p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available)
 
 
+def providers_for(device) -> tuple[str, ...]:
+    """onnxruntime's execution providers for a torch device: the CPU's alone on the CPU, else
+    :func:`default_providers` (CUDA first when onnxruntime-gpu is installed)."""
+    import torch
+
+    return ("CPUExecutionProvider",) if torch.device(device).type == "cpu" else default_providers()
+
+
 class OnnxTextToImage:
     """Generate images from an ``export_onnx`` folder on onnxruntime."""
 

@@ -194,7 +194,7 @@ def load_pipeline(path_or_toy: str | Path, role: str, device):
     the checkpoint's half precision on a GPU); bad paths are ``UserError``. An
     ``export_onnx`` folder (the edited model only) runs on onnxruntime."""
     from compiler.device import device_policy
-    from compiler.export.onnx_pipeline import OnnxTextToImage, default_providers, is_onnx_folder
+    from compiler.export.onnx_pipeline import OnnxTextToImage, is_onnx_folder, providers_for
     from compiler.models.load import load_for_generation
 
     device = device_policy(device)
@@ -203,8 +203,7 @@ def load_pipeline(path_or_toy: str | Path, role: str, device):
         if role == "base":
             raise UserError(f"{path_or_toy}: the base model must be a PyTorch model (diffusers folder, "
                             f"single file or 'toy'): the judge reads its text encoder; pass --base MODEL")
-        providers = default_providers() if device.device.type != "cpu" else ("CPUExecutionProvider",)
-        runner = OnnxTextToImage(path_or_toy, providers=providers)
+        runner = OnnxTextToImage(path_or_toy, providers=providers_for(device.device))
         return _OnnxModel(runner, Path(path_or_toy)), ModelInfo(role, str(path_or_toy), runner.family,
                                                                  runner.content_hash())
 
