@@ -26,7 +26,8 @@ RECIPE = REPO / "recipes" / "van_gogh.yaml"
 
 
 def _python(script: str, *args: str, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # The repository first, then whatever PYTHONPATH already holds (a machine's carried wheels).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)}
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 

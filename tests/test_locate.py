@@ -251,11 +251,32 @@ def test_sharded_samples_merge_to_the_single_process_result(toy):
     assert sorted(sharded[2]) == sorted(single[2]) == [0, 1]
 
 
+def _floats(value) -> list[float]:
+    """Every non-integral float in a JSON value, in order."""
+    if isinstance(value, dict):
+        return [f for k in sorted(value) for f in _floats(value[k])]
+    if isinstance(value, list):
+        return [f for v in value for f in _floats(v)]
+    return [value] if isinstance(value, float) and not value.is_integer() else []
+
+
+def _without_floats(value):
+    """The JSON value with its non-integral floats replaced by a marker: everything else compared exactly."""
+    if isinstance(value, dict):
+        return {k: _without_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_floats(v) for v in value]
+    return "<float>" if isinstance(value, float) and not value.is_integer() else value
+
+
 def test_torchrun_two_processes_locate_what_one_process_locates(quick_toy, tmp_path):
     """A real ``torchrun --nproc-per-node 2`` (gloo, CPU) sweep gives the one-process result.
 
     One sample per pipeline call (``--batch 1``) and one thread per process, so every image is
-    computed exactly as in the single process and the results must be equal, not just close."""
+    computed exactly as in the single process: the images are equal bit for bit. The judge scores
+    each rank's share in one batch, and some CPUs' matrix kernels round differently for another
+    batch size (seen on a 16-core Xeon: 2e-6 in one CLIP score), so scores agree to 1e-5 and every
+    decision (windows, rates, the best window) exactly."""
     import os
     import subprocess
     import sys
@@ -281,7 +302,8 @@ def test_torchrun_two_processes_locate_what_one_process_locates(quick_toy, tmp_p
     one_result = json.loads((tmp_path / "one" / "locate.json").read_text())
     assert (two_result["timings"]["processes"], one_result["timings"]["processes"]) == (2, 1)
     assert two_result["timings"]["samples"] == one_result["timings"]["samples"] == 16 + 2
-    assert {**two_result, "timings": None} == {**one_result, "timings": None}
+    assert _without_floats({**two_result, "timings": None}) == _without_floats({**one_result, "timings": None})
+    assert _floats(two_result["windows"]) == pytest.approx(_floats(one_result["windows"]), rel=1e-5, abs=1e-7)
     assert (tmp_path / "two" / "grid.png").read_bytes() == (tmp_path / "one" / "grid.png").read_bytes()
 
 
