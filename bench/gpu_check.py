@@ -406,11 +406,12 @@ def baseline_section(run: Run, model: Path, env: dict, device: str, tiny: bool) 
         run.record("baselines", "ESD-x" if which == "esd" else "Concept Ablation", row)
 
 
-def start_suite(env: dict, scratch: Path, device: str, shards: int = 0) -> list[tuple[subprocess.Popen, Path]]:
+def start_suite(env: dict, scratch: Path, device: str, shards: int = 0,
+                tests: list[str] | None = None) -> list[tuple[subprocess.Popen, Path]]:
     """The test suite in the background, its files split into ``shards`` pytest processes (no
     pytest-xdist needed), each verbose so that a run the budget cuts short still names what failed.
     Tests run on the CPU unless they are marked gpu; those run on the GPU."""
-    files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py"))
+    files = tests or sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py"))
     shards = shards or max(2, min(8, (os.cpu_count() or 4) // 2))
     groups = [files[i::shards] for i in range(shards)]
     running = []
@@ -567,6 +568,7 @@ def main(argv=None) -> int:
                              "measures no compile")
     parser.add_argument("--styles", default=None, help="comma-separated style counts for the styles section "
                         "(default 100,1000; tiny: 10,20)")
+    parser.add_argument("--suite-tests", default=None, help="comma-separated test files or node ids (default: all)")
     parser.add_argument("--suite-shards", type=int, default=0, help="pytest processes for the suite (0: CPUs / 2)")
     args = parser.parse_args(argv)
     args.size = args.size or ("tiny" if args.device == "cpu" else "full")
@@ -589,7 +591,8 @@ def main(argv=None) -> int:
         parser.error(f"--only: unknown sections {sorted(unknown)}; choose from {sorted(everything)}")
     # The suite runs on the CPUs beside everything else: start it first.
     suite_started = time.perf_counter()
-    suite = start_suite(env, args.scratch, args.device, args.suite_shards) if "suite" in only else None
+    suite = start_suite(env, args.scratch, args.device, args.suite_shards,
+                        args.suite_tests.split(",") if args.suite_tests else None) if "suite" in only else None
     device = str(resolve_device(args.device))
     t0 = time.perf_counter()
     model = build_model(args.size, args.scratch)
