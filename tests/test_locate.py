@@ -275,7 +275,7 @@ def test_torchrun_two_processes_locate_what_one_process_locates(quick_toy, tmp_p
     One sample per pipeline call (``--batch 1``) and one thread per process, so every image is
     computed exactly as in the single process: the images are equal bit for bit. The judge scores
     each rank's share in one batch, and some CPUs' matrix kernels round differently for another
-    batch size (seen on a 16-core Xeon: 2e-6 in one CLIP score), so scores agree to 1e-5 and every
+    batch size (an H200 machine's 16-core CPU: up to 4e-5 relative in a CLIP score), so scores agree to 1e-4 and every
     decision (windows, rates, the best window) exactly."""
     import os
     import subprocess
@@ -303,7 +303,7 @@ def test_torchrun_two_processes_locate_what_one_process_locates(quick_toy, tmp_p
     assert (two_result["timings"]["processes"], one_result["timings"]["processes"]) == (2, 1)
     assert two_result["timings"]["samples"] == one_result["timings"]["samples"] == 16 + 2
     assert _without_floats({**two_result, "timings": None}) == _without_floats({**one_result, "timings": None})
-    assert _floats(two_result["windows"]) == pytest.approx(_floats(one_result["windows"]), rel=1e-5, abs=1e-7)
+    assert _floats(two_result["windows"]) == pytest.approx(_floats(one_result["windows"]), rel=1e-4, abs=1e-6)
     assert (tmp_path / "two" / "grid.png").read_bytes() == (tmp_path / "one" / "grid.png").read_bytes()
 
 
