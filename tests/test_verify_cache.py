@@ -47,8 +47,15 @@ def test_a_second_verify_takes_the_base_images_from_the_cache(setup, monkeypatch
     first = _verify(setup, monkeypatch)
     assert first["base"] == GENERATED and "generate_base" in first["timings_seconds"]
     assert len(list(setup.cache.glob("verify-base/*/*/images.npz"))) == 1
+    import compiler.verify.run as verify_run
+
+    loaded_roles = []
+    real_load = verify_run.load_pipeline
+    monkeypatch.setattr(verify_run, "load_pipeline",
+                        lambda spec, role, device: loaded_roles.append(role) or real_load(spec, role, device))
     second = _verify(setup, monkeypatch, "--report", tmp_path / "report")
     assert second["base"] == CACHED and "generate_base" not in second["timings_seconds"]
+    assert loaded_roles == ["edited"]  # the cached base is never loaded
     assert "base: cached" in (tmp_path / "report" / "report.html").read_text()
     assert json.loads((tmp_path / "report" / "verify.json").read_text())["base"] == CACHED
     # The cached judgements are the very ones the other runs made.
@@ -103,3 +110,21 @@ def test_whatever_decides_the_base_images_is_in_the_key(quick_toy_weights, tmp_p
     folders["dtype"] = BaseImageCache.for_run(**run, pipe=_fake_pipe(dtype=torch.float16)).folder
     assert all(folder != reference for folder in folders.values()), [n for n, f in folders.items() if f == reference]
     assert BaseImageCache.for_run(**run, pipe=_fake_pipe()).folder == reference  # and stable
+
+
+@pytest.mark.parametrize("family", ["toy", "sd1", "sdxl", "sd1-single-file"])
+def test_settings_from_configs_equal_the_loaded_pipelines(family, quick_toy, tiny):
+    """The cache key a verify computes before loading the base equals the loaded pipeline's
+    (else a cached base would be loaded anyway); a single file says None: it is loaded."""
+    from compiler.device import device_policy
+    from compiler.models.load import inspect_source, load_for_generation
+    from compiler.verify.base_cache import pipeline_settings, settings_from_source
+
+    path = {"toy": quick_toy, "sd1": None, "sdxl": None}.get(family) or (
+        tiny("sd1", "single-file") if family == "sd1-single-file" else tiny(family))
+    policy = device_policy("cpu")
+    settings = settings_from_source(inspect_source(str(path)), policy)
+    if family == "sd1-single-file":
+        assert settings is None
+        return
+    assert settings == pipeline_settings(load_for_generation(str(path), device=policy).pipeline)

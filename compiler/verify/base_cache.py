@@ -66,6 +66,37 @@ def pipeline_settings(pipe) -> dict:
             "compute": compute_tag(unet.device, unet.dtype)}  # the GPU model too: kernels differ
 
 
+def settings_from_source(source, policy) -> dict | None:
+    """:func:`pipeline_settings` of the pipeline ``load_for_generation`` would build from
+    ``source`` (a ``ModelSource``) under ``policy``, found from its configs alone, without
+    reading a weight; None where that cannot be told without loading (anything but a diffusers
+    folder with a VAE). Equal to ``pipeline_settings(pipe)`` of the loaded model (tested), so
+    that a second verify finds the base images cached before loading the base."""
+    from compiler.device import compute_tag
+
+    if source.format != "diffusers":
+        return None
+    vae_config = Path(source.path) / "vae" / "config.json"
+    index = source.configs.get("model_index", {})
+    try:
+        import diffusers
+
+        scheduler_class = getattr(diffusers, index["scheduler"][1])
+        scheduler = scheduler_class.from_config(source.configs["scheduler"])
+        vae = json.loads(vae_config.read_text())
+        scale = 2 ** (len(vae["block_out_channels"]) - 1)
+        size = int(source.configs["unet"]["sample_size"]) * scale
+    except (KeyError, TypeError, ValueError, AttributeError, OSError, IndexError):
+        return None
+    dtype = policy.generation_dtype(source.stored_dtype)
+    device = torch.device(policy.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    config = {k: v for k, v in dict(scheduler.config).items() if not k.startswith("_")}
+    return {"scheduler": type(scheduler).__name__, "scheduler_config": config, "resolution": [size, size],
+            "dtype": str(dtype), "device": str(device), "compute": compute_tag(device, dtype)}
+
+
 @dataclass
 class BaseImageCache:
     """One verify's entry: where it lives and the fields its key hashes."""
@@ -75,12 +106,16 @@ class BaseImageCache:
 
     @classmethod
     def for_run(cls, *, base_sha256: str, judge: dict, keys: list[tuple[str, int]], steps: int,
-                guidance: float, batch: int, candidates: dict, pipe) -> BaseImageCache:
+                guidance: float, batch: int, candidates: dict, pipe=None,
+                settings: dict | None = None) -> BaseImageCache:
+        """The entry of one verify: ``pipe`` is the base pipeline, or ``settings`` its
+        :func:`pipeline_settings` found without loading it (:func:`settings_from_source`)."""
+        settings = settings if settings is not None else pipeline_settings(pipe)
         fields = {"cache_version": CACHE_VERSION, "base_sha256": base_sha256, "judge": judge,
                   "images": [[prompt, int(seed)] for prompt, seed in keys], "steps": int(steps),
                   "guidance": float(guidance), "batch": int(batch),
                   "candidates": {kind: list(labels) for kind, labels in sorted(candidates.items())},
-                  "torch": torch.__version__, **pipeline_settings(pipe)}
+                  "torch": torch.__version__, **settings}
         key = hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
         return cls(cache_dir() / "verify-base" / base_sha256[:16] / key[:16], fields)
 

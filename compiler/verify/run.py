@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from compiler.errors import UserError
 from compiler.recipe import Recipe
-from compiler.verify.base_cache import CACHED, GENERATED, NOT_CACHED, BaseImageCache, judge_identity
+from compiler.verify.base_cache import (CACHED, GENERATED, NOT_CACHED, BaseImageCache, judge_identity,
+                                        pipeline_settings)
 from compiler.verify.gates import evaluate_gates
 from compiler.verify.judges import Judge, choose_judge, toy_judge_folder_for
 from compiler.verify.metrics import ModelView, generate_plan_images, score_plan
@@ -39,6 +41,22 @@ class ModelInfo:
 
     def to_dict(self) -> dict:
         return {"path": self.path, "family": self.family, "sha256": self.sha256}
+
+
+@dataclass
+class LazyBase:
+    """The base model of a verify whose images may be cached: its pipeline settings found from
+    its configs (``base_cache.settings_from_source``), the pipeline loaded only if the cache
+    misses. In a release pipeline the second and later candidates never load the base."""
+
+    settings: dict
+    load: Callable[[], object]
+    _pipeline: object = field(default=None, repr=False)
+
+    def pipeline(self):
+        if self._pipeline is None:
+            self._pipeline = self.load()
+        return self._pipeline
 
 
 def default_guidance(judge: Judge) -> float:
@@ -69,6 +87,9 @@ def run_verify(recipe: Recipe, edited_pipe, base_pipe, judge: Judge, *, seeds: i
     """
     from compiler import resolve
 
+    lazy = base_pipe if isinstance(base_pipe, LazyBase) else None
+    if lazy is not None and (vocabulary is None or found_neighbours is None):
+        base_pipe = lazy.pipeline()  # the base's text encoder is needed after all
     vocabulary = vocabulary or resolve.vocabulary_of(base_pipe, recipe.vocabulary)
     if found_neighbours is None:
         found_neighbours = find_neighbours_on(base_pipe, recipe, vocabulary)
@@ -87,12 +108,22 @@ def run_verify(recipe: Recipe, edited_pipe, base_pipe, judge: Judge, *, seeds: i
                 judge.label_of(probe.replacement, probe.kind)
 
     keys = plan.image_keys()
+    base_settings = lazy.settings if lazy is not None and base_pipe is lazy else None
     base_cache = (BaseImageCache.for_run(base_sha256=base_info.sha256, judge=judge_identity(judge, judge_dir),
                                          keys=keys, steps=steps, guidance=guidance, batch=batch,
-                                         candidates=plan.candidates, pipe=base_pipe)
+                                         candidates=plan.candidates,
+                                         settings=(base_settings if base_settings is not None
+                                                   else pipeline_settings(base_pipe)))
                   if cache and base_info is not None and base_info.sha256 else None)
     base_view = base_cache.load() if base_cache is not None else None
     base_images = CACHED if base_view is not None else GENERATED if base_cache is not None else NOT_CACHED
+    if base_view is None and lazy is not None:
+        base_pipe = lazy.pipeline()  # not cached: the base model generates its images
+        if base_cache is not None and base_settings is not None and pipeline_settings(base_pipe) != base_settings:
+            # the configs did not tell the loaded pipeline's settings: key the entry by the real ones
+            base_cache = BaseImageCache.for_run(base_sha256=base_info.sha256, judge=judge_identity(judge, judge_dir),
+                                                keys=keys, steps=steps, guidance=guidance, batch=batch,
+                                                candidates=plan.candidates, pipe=base_pipe)
     roles = (("base", base_pipe), ("edited", edited_pipe)) if base_view is None else (("edited", edited_pipe),)
     bar = tqdm(total=len(roles) * len(keys), desc="verify", unit="img", disable=not progress)
     images = {}
@@ -243,20 +274,46 @@ def verify_paths(recipe: Recipe, *, edited: str | Path, base: str | Path | None 
 
     device = device_policy(device)
     base_spec = base if base is not None else base_model_of(edited_dir, recipe)
-    base_loaded, base_info = load_pipeline(base_spec, "base", device)
+    found = neighbours_from_manifest(edited_dir, recipe)
+    lazy = _lazy_base(base_spec, device) if cache and (found is not None or recipe.neighbours <= 0) else None
+    if lazy is not None:  # its images may be cached: the base is loaded only if they are not
+        base, base_info, stored_dtype = lazy
+        base_text_encoder = None  # a toy judge reads the base's text tower from its folder
+    else:
+        base_loaded, base_info = load_pipeline(base_spec, "base", device)
+        base, stored_dtype = base_loaded.pipeline, getattr(base_loaded, "stored_dtype", None)
+        base_text_encoder = base_loaded.pipeline.text_encoder
     edited_loaded, edited_info = load_pipeline(edited_dir, "edited", device)
     base_dir = Path(base_info.path) if Path(base_info.path).is_dir() else None
     from compiler import resolve
 
-    vocabulary = resolve.vocabulary_of(base_loaded, recipe.vocabulary)
-    judge = choose_judge(clip, base_dir, base_loaded.pipeline.text_encoder, vocabulary, device.device)
-    found = neighbours_from_manifest(edited_dir, recipe)
+    vocabulary = resolve.vocabulary_of(base_dir or base_info.path, recipe.vocabulary)
+    judge = choose_judge(clip, base_dir, base_text_encoder, vocabulary, device.device)
     judge_dir = clip if clip is not None else toy_judge_folder_for(base_dir)
-    report = run_verify(recipe, edited_loaded.pipeline, base_loaded.pipeline, judge, progress=progress,
+    report = run_verify(recipe, edited_loaded.pipeline, base, judge, progress=progress,
                         edited_info=edited_info, base_info=base_info, vocabulary=vocabulary,
-                        found_neighbours=found, cache=cache, judge_dir=judge_dir, **options)
-    report.settings["compute"] = device.describe(getattr(base_loaded, "stored_dtype", None))
+                        found_neighbours=found if found is not None or lazy is None else {},
+                        cache=cache, judge_dir=judge_dir, **options)
+    report.settings["compute"] = device.describe(stored_dtype)
     return report
+
+
+def _lazy_base(base_spec, device) -> tuple[LazyBase, ModelInfo, object] | None:
+    """The base model without its weights (a diffusers folder whose pipeline settings its configs
+    tell; else None: load it): a :class:`LazyBase`, its ``ModelInfo`` (content hash from the
+    hash cache) and its stored dtype."""
+    from compiler.export.onnx_pipeline import is_onnx_folder
+    from compiler.models.load import inspect_source, source_hash
+    from compiler.verify.base_cache import settings_from_source
+
+    if is_onnx_folder(base_spec):
+        return None  # load_pipeline says why an ONNX base cannot be judged
+    source = inspect_source(str(base_spec))
+    settings = settings_from_source(source, device)
+    if settings is None:
+        return None
+    info = ModelInfo("base", str(source.path), source.family, source_hash(source))
+    return LazyBase(settings, lambda: load_pipeline(base_spec, "base", device)[0].pipeline), info, source.stored_dtype
 
 
 def verify_compiled(recipe: Recipe, *, edited_dir: str | Path, base, progress: bool = True,
