@@ -173,7 +173,7 @@ class PromptEncoder:
         parts = []
         for component in self.components:
             encoder = self.model.text_encoder(component)
-            last = _encoder_layers(encoder)[-1]
+            last = encoder_layers(encoder)[-1]
             parts.append(_capture_input(encoder, last, self._ids_tensor(prompts, length, component)).float())
         return torch.cat(parts, dim=-1)
 
@@ -187,7 +187,7 @@ class PromptEncoder:
         return torch.stack([states[p] for p in prompts])
 
 
-def _encoder_layers(encoder: torch.nn.Module) -> torch.nn.ModuleList:
+def encoder_layers(encoder: torch.nn.Module) -> torch.nn.ModuleList:
     """The transformer layers of a CLIP text model (``encoder.layers``, with or without
     transformers' ``text_model.`` level)."""
     for name in ("encoder.layers", "text_model.encoder.layers"):

@@ -59,12 +59,12 @@ def test_reference_size_single_files_get_the_shipped_configs(family):
     """A full-size single file (its names and shapes, built on the meta device from the shipped
     configs) infers exactly the shipped configs, so real SD-1.5/2.1/XL load with the shipped
     folder as is."""
-    from compiler.models.load import _build_meta
+    from compiler.models.load import build_meta
 
     shipped = load_shipped_configs(family)
     shapes = {}
     for component in SINGLE_FILE_COMPONENTS[family]:
-        meta = _build_meta(shipped, component)
+        meta = build_meta(shipped, component)
         config = shipped[component] if component in ("unet", "vae") else {}
         for name, t in component_to_original(family, component, meta.state_dict(), config).items():
             shapes[name] = tuple(t.shape)

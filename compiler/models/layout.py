@@ -19,11 +19,12 @@ the tests check the round trip through diffusers' ``from_single_file``.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from compiler.errors import UserError
 from compiler.models.families import FAMILIES, UNET_PREFIX, VAE_PREFIX
 
 # --------------------------------------------------------------------------------------------
@@ -367,3 +368,52 @@ def pipeline_to_original(family: str, components: Mapping[str, torch.nn.Module])
         config = module.config if component in ("unet", "vae") else {}
         out.update(component_to_original(family, component, module.state_dict(), config))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Qualified diffusers names (``<component>/<parameter>``) and values <-> the original file
+# --------------------------------------------------------------------------------------------
+
+
+def original_name(family: str, qualified: str, configs: Mapping[str, Mapping]) -> str:
+    """The single-file name holding diffusers tensor ``<component>/<parameter>``."""
+    component, _, parameter = qualified.partition("/")
+    config = configs.get(component, {}) if component in ("unet", "vae") else {}
+    try:
+        return component_name_to_original(family, component, parameter, config)
+    except (KeyError, StopIteration) as err:
+        raise UserError(f"{qualified}: no {family} single-file name for this tensor ({err})") from None
+
+
+def original_names(family: str, qualified_names: Iterable[str], configs: Mapping[str, Mapping]) -> dict[str, str]:
+    return {name: original_name(family, name, configs) for name in sorted(qualified_names)}
+
+
+def to_original_value(qualified: str, original: str, value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """The new content of original tensor ``original`` (now ``current``) once diffusers tensor
+    ``qualified`` becomes ``value``, in ``current``'s dtype and shape."""
+    value = value.detach().to("cpu")
+    if original.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
+        which = "qkv".index(_QKV.search(qualified)[1])
+        rows = current.shape[0] // 3
+        patched = current.clone()
+        patched[which * rows:(which + 1) * rows] = value.to(current.dtype)
+        return patched
+    if original.endswith("text_projection") and not original.endswith(".weight"):
+        value = value.t()
+    if value.numel() != current.numel():
+        raise UserError(f"{qualified}: new tensor has shape {list(value.shape)}, but {original} in "
+                        f"the checkpoint is {list(current.shape)}; the edit was made for another model")
+    return value.reshape(current.shape).to(current.dtype).contiguous()
+
+
+def from_original_value(qualified: str, original: str, stored: torch.Tensor) -> torch.Tensor:
+    """The diffusers tensor ``qualified`` read out of original tensor ``stored`` (inverse of
+    :func:`to_original_value`; VAE 1×1 convolutions stay 4-D, compare by values)."""
+    if original.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
+        which = "qkv".index(_QKV.search(qualified)[1])
+        rows = stored.shape[0] // 3
+        return stored[which * rows:(which + 1) * rows]
+    if original.endswith("text_projection") and not original.endswith(".weight"):
+        return stored.t()
+    return stored
