@@ -51,11 +51,10 @@ class PlannedEdit:
 
 def choose_method(edit: Edit, family: str) -> tuple[str, str | None, str]:
     """(method, site or None, why). ``method: auto`` asks the plug-ins in ``AUTO_PREFERENCE``."""
-    if family == "if":
+    reason = FAMILIES[family].no_edit_reason
+    if reason:
         raise UserError(
-            f"edit '{edit.concept}': DeepFloyd IF has no editable location: its T5 encoder is "
-            "bidirectional, so the concept is not concentrated in its last token and LocoEdit fails "
-            "there (Basu et al., ICML 2024); no method applies"
+            f"edit '{edit.concept}': {reason}; no method applies"
             + (f", not even the recipe's {edit.method}" if edit.method != "auto" else "")
         )
     if edit.method != "auto":

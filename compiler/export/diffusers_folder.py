@@ -115,7 +115,7 @@ def write_diffusers_from_single_file(model, new_tensors: dict[str, torch.Tensor]
     import shutil
 
     from compiler.models.configs import config_folder
-    from compiler.models.layout import SINGLE_FILE_COMPONENTS, original_name
+    from compiler.models.layout import single_file_components, original_name
     from compiler.models.load import build_meta, inspect_source
     from compiler.models.safetensors_file import write_safetensors_streamed
     from compiler.models.selective import TensorReader
@@ -134,7 +134,7 @@ def write_diffusers_from_single_file(model, new_tensors: dict[str, torch.Tensor]
                 shutil.copyfile(path, target)  # follows the shipped tokenizer links
     metadata = {"format": "pt", **(extra_metadata or {})}
     replaced: dict[str, list[str]] = {}
-    for component in SINGLE_FILE_COMPONENTS[source.family]:
+    for component in single_file_components(source.family):
         module = build_meta(source.configs, component, str(source.path))
         names = [n for n in module.state_dict() if not n.endswith("position_ids")]
         shapes = {n: tuple(module.state_dict()[n].shape) for n in names}

@@ -250,7 +250,9 @@ def _vae_graphs(pipeline, family: str) -> list[ComponentGraph]:
     config = pipeline.vae.config
     scale = 2 ** (len(config.block_out_channels) - 1)
     spatial = {0: "batch", 2: "height", 3: "width"}
-    keep_fp32 = family == "sdxl"  # SD-XL's VAE overflows in float16
+    from compiler.models.families import FAMILIES
+
+    keep_fp32 = FAMILIES[family].onnx_vae_float32  # SD-XL's VAE overflows in float16
     encoder_cases, decoder_cases = [], []
     for seed, (batch, height, width) in enumerate([(2, 2, 1), (1, 1, 3)]):
         g = _generator(100 + seed)
@@ -318,8 +320,11 @@ def _input_paths(pipeline_or_folder) -> list:
 
 
 def _check_family(family: str) -> None:
-    if family not in ("sd1", "sd2", "sdxl"):
-        raise UserError(f"ONNX export supports sd1, sd2 and sdxl models; this model is {family} "
+    from compiler.models.families import FAMILIES
+
+    if FAMILIES[family].onnx_pipeline_class is None:
+        supported = ", ".join(f.name for f in FAMILIES.values() if f.onnx_pipeline_class)
+        raise UserError(f"ONNX export supports {supported} models; this model is {family} "
                         f"(DeepFloyd IF's cascaded pixel-space pipeline has no ONNX layout here)")
 
 
@@ -487,19 +492,22 @@ def _export_graph(pipeline, graph: ComponentGraph, dtype_name: str, out_folder: 
 # ONNX pipeline class (SD-1/2 only, deprecated upstream) is always named explicitly in its
 # documentation: ``OnnxStableDiffusionPipeline.from_pretrained(folder)`` loads this folder
 # whatever ``_class_name`` says, while ``DiffusionPipeline.from_pretrained(folder)`` does not.
-PIPELINE_CLASS_NAMES = {"sd1": "ORTStableDiffusionPipeline", "sd2": "ORTStableDiffusionPipeline",
-                        "sdxl": "ORTStableDiffusionXLPipeline"}
+# (``Family.onnx_pipeline_class``.)
 
 
 def _model_index(pipeline, family: str) -> dict:
     import diffusers
+
+    from compiler.models.families import FAMILIES
+
+    rules = FAMILIES[family]
 
     def library_of(component) -> list[str]:
         module = type(component).__module__.split(".")[0]
         return [module, type(component).__name__]
 
     index = {
-        "_class_name": PIPELINE_CLASS_NAMES[family],
+        "_class_name": rules.onnx_pipeline_class,
         "_diffusers_version": diffusers.__version__,
         "scheduler": library_of(pipeline.scheduler),
         "text_encoder": ["diffusers", "OnnxRuntimeModel"],
@@ -508,9 +516,11 @@ def _model_index(pipeline, family: str) -> dict:
         "vae_decoder": ["diffusers", "OnnxRuntimeModel"],
         "vae_encoder": ["diffusers", "OnnxRuntimeModel"],
     }
-    if family == "sdxl":
-        index["text_encoder_2"] = ["diffusers", "OnnxRuntimeModel"]
-        index["tokenizer_2"] = library_of(pipeline.tokenizer_2)
+    for spec in rules.text_encoders[1:]:
+        index[spec.component] = ["diffusers", "OnnxRuntimeModel"]
+        tokenizer = spec.component.replace("text_encoder", "tokenizer")
+        index[tokenizer] = library_of(getattr(pipeline, tokenizer))
+    if rules.joins_text_encoders:
         index["force_zeros_for_empty_prompt"] = bool(getattr(pipeline.config, "force_zeros_for_empty_prompt", True))
     else:
         index.update({"feature_extractor": [None, None], "safety_checker": [None, None],
@@ -537,9 +547,11 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
 
 def _save_configs(pipeline, family: str, folder: Path) -> None:
     pipeline.scheduler.save_pretrained(str(folder / "scheduler"))
-    save_tokenizer(pipeline.tokenizer, folder / "tokenizer")
-    if family == "sdxl":
-        save_tokenizer(pipeline.tokenizer_2, folder / "tokenizer_2")
+    from compiler.models.families import FAMILIES
+
+    for spec in FAMILIES[family].text_encoders:
+        tokenizer = spec.component.replace("text_encoder", "tokenizer")
+        save_tokenizer(getattr(pipeline, tokenizer), folder / tokenizer)
     (folder / "model_index.json").write_text(json.dumps(_model_index(pipeline, family), indent=2) + "\n")
 
 

@@ -35,30 +35,17 @@ from compiler.models.layout import original_name, to_original_value
 from compiler.models.safetensors_file import (SAFETENSORS_DTYPES, SafetensorsFile, patch_safetensors_copy,
                                               write_safetensors, write_safetensors_streamed)
 
-# ModelSpec (https://github.com/Stability-AI/ModelSpec) architecture ids per family.
-_MODELSPEC_IMPLEMENTATION = {
-    "sd1": "https://github.com/CompVis/stable-diffusion",
-    "sd2": "https://github.com/Stability-AI/stablediffusion",
-    "sdxl": "https://github.com/Stability-AI/generative-models",
-}
-
-
 def modelspec_architecture(family: str, prediction_type: str | None) -> str:
-    if family == "sd1":
-        return "stable-diffusion-v1"
-    if family == "sd2":
-        return "stable-diffusion-v2-512" if prediction_type == "epsilon" else "stable-diffusion-v2-768-v"
-    if family == "sdxl":
-        return "stable-diffusion-xl-v1-base"
-    raise UserError(f"{family} has no single-file format (valid: sd1, sd2, sdxl)")
+    """The family's ModelSpec architecture id for this prediction type (its ``Family`` table)."""
+    from compiler.models.families import FAMILIES
+
+    return FAMILIES[family].modelspec_architecture(prediction_type)
 
 
 # Keys that hash the source's tensor data (ModelSpec, kohya sd-scripts' sshs_*, A1111's legacy
 # hash): an edit changes the data, so they no longer hold and are dropped. The source's own
 # hash stays known as editc.base_model_sha256.
 _STALE_HASH_KEY = re.compile(r"^(modelspec\.hash_|sshs_)")
-# What a family's files were trained at, when neither the source nor the user says.
-_NATIVE_RESOLUTION = {"sd1": 512, "sdxl": 1024}
 
 
 def modelspec_date() -> str:
@@ -78,10 +65,10 @@ def modelspec_resolution(family: str, configs: Mapping[str, Mapping] | None,
     unet, vae = (configs or {}).get("unet") or {}, (configs or {}).get("vae") or {}
     if unet.get("sample_size") and vae.get("block_out_channels"):
         side = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    elif family == "sd2":
-        side = 768 if prediction_type == "v_prediction" else 512
-    else:
-        side = _NATIVE_RESOLUTION.get(family)
+    else:  # what the family's files were trained at (SD-2: by prediction type)
+        from compiler.models.families import FAMILIES
+
+        side = FAMILIES[family].resolution(prediction_type)
     return f"{side}x{side}" if side else None
 
 
@@ -112,6 +99,8 @@ def modelspec_metadata(source_metadata: Mapping[str, str], family: str, predicti
     - A prediction type that was guessed (an SD-2 file without metadata) is not written as a
       fact: no ``modelspec.prediction_type``, and ``editc.prediction_type_guessed`` says so.
     """
+    from compiler.models.families import FAMILIES
+
     metadata = {k: v for k, v in source_metadata.items()
                 if k.startswith("editc.") or not _STALE_HASH_KEY.search(k)}
     if provenance:
@@ -121,12 +110,14 @@ def modelspec_metadata(source_metadata: Mapping[str, str], family: str, predicti
         metadata.pop("modelspec.prediction_type", None)
         metadata["editc.prediction_type_guessed"] = (
             f"{prediction_type}: the source does not record it; set it with --prediction-type")
-        metadata.setdefault("modelspec.architecture", "stable-diffusion-v2")
+        metadata.setdefault("modelspec.architecture", FAMILIES[family].modelspec_guessed_architecture
+                            or modelspec_architecture(family, prediction_type))
     else:
         metadata.setdefault("modelspec.architecture", modelspec_architecture(family, prediction_type))
         if prediction_type is not None:
             metadata.setdefault("modelspec.prediction_type", "v" if prediction_type == "v_prediction" else "epsilon")
-    metadata.setdefault("modelspec.implementation", _MODELSPEC_IMPLEMENTATION[family])
+    if FAMILIES[family].modelspec_implementation:
+        metadata.setdefault("modelspec.implementation", FAMILIES[family].modelspec_implementation)
     if resolution:
         metadata["modelspec.resolution"] = resolution
     elif not prediction_type_guessed:  # SD-2's size follows its prediction type: a guess too
@@ -268,7 +259,7 @@ def _source_dtypes(folder: Path, component: str) -> dict[str, torch.dtype]:
 def _write_from_diffusers(described: _Source, edited, out_file: Path, metadata: Mapping[str, str]) -> None:
     """A diffusers source: every component converted to the family's original layout, streamed
     tensor by tensor from the source's files (peak memory: one original tensor and its parts)."""
-    from compiler.models.layout import (SINGLE_FILE_COMPONENTS, component_name_to_original, component_to_original,
+    from compiler.models.layout import (single_file_components, component_name_to_original, component_to_original,
                                         sd2_completion_tensor)
     from compiler.models.load import build_meta, inspect_source
     from compiler.models.selective import TensorReader
@@ -282,7 +273,7 @@ def _write_from_diffusers(described: _Source, edited, out_file: Path, metadata: 
     entries: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     parts: dict[str, tuple[str, dict, list[str]]] = {}  # original -> (component, config, diffusers names)
     meta_modules = {}
-    for component in SINGLE_FILE_COMPONENTS[described.family]:
+    for component in single_file_components(described.family):
         module = build_meta(source.configs, component, str(source.path))
         meta_modules[component] = module
         config = source.configs.get(component, {}) if component in ("unet", "vae") else {}

@@ -35,7 +35,7 @@ from compiler.models.configs import (CONFIG_METADATA_KEY, apply_config_metadata,
 from compiler.models.families import (FAMILIES, VAE_PREFIX, FamilyDetection, detect_family,
                                       detect_family_from_diffusers)
 from compiler.models.hashing import file_sha256, folder_sha256
-from compiler.models.layout import SINGLE_FILE_COMPONENTS, component_to_original
+from compiler.models.layout import single_file_components, component_to_original
 from compiler.models.registry import Registry, registry_from_components, text_layer0
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may ever be downloaded from a hub
@@ -189,7 +189,7 @@ def _count(items: list, noun: str) -> str:
 def _check_single_file_tensors(header: SingleFileHeader, family: str, configs: dict) -> None:
     """Every tensor the family's layout needs is in the file, with the right shape."""
     missing, wrong = [], []
-    for component in SINGLE_FILE_COMPONENTS[family]:
+    for component in single_file_components(family):
         meta = build_meta(configs, component, str(header.path))
         config = configs[component] if component in ("unet", "vae") else {}
         expected = component_to_original(family, component, meta.state_dict(), config)
@@ -222,12 +222,13 @@ def _inspect_single_file(path: Path, prediction_type: str | None) -> ModelSource
     # Stability's 512-base release, else 768-v.
     guess = prediction_type or detection.prediction_type
     guessed = False
-    if guess is None and family == "sd2" and not stored_configs:
-        if header.global_step == 875000:
-            guess = "epsilon"
-            notes.append("prediction type: epsilon (SD-2 512-base, from global_step 875000)")
+    rules = FAMILIES[family]
+    if guess is None and rules.prediction_type_ambiguous and not stored_configs:
+        if header.global_step in rules.prediction_type_by_global_step:
+            guess = rules.prediction_type_by_global_step[header.global_step]
+            notes.append(f"prediction type: {guess} (from global_step {header.global_step})")
         else:
-            guess = "v_prediction"
+            guess = rules.prediction_type_guess
             guessed = True
             notes.append("prediction type not recorded in the file: assumed v_prediction "
                          "(SD-2.x 768-v, a guess); pass --prediction-type epsilon for a 512-base model")
@@ -450,7 +451,7 @@ def _inspect_diffusers(folder: Path) -> ModelSource:
     detection = detect_family_from_diffusers(model_index, configs["unet"], text_configs,
                                              source=str(folder))
     family = detection.family
-    if family != "if" and "vae" not in files:
+    if FAMILIES[family].needs_vae and "vae" not in files:
         raise UserError(f"{index_path}: the pipeline has no 'vae' component; {family} needs one")
     stored_dtype = _check_folder_tensors(folder, configs, files, family)
     _check_other_safetensors(folder, {f for component_files in files.values() for f in component_files})
