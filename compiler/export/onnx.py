@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 
@@ -750,7 +751,74 @@ def write_output(job) -> dict:
     """Compile's ``onnx`` format (:mod:`compiler.export.formats`): graphs from the weights as the
     checkpoint stores them, checked against PyTorch."""
     loaded = job.loaded
-    pipeline = loaded.export_pipeline  # float32 on the CPU, whatever the device policy
+    pipeline = job.edited_pipeline()  # float32 on the CPU, whatever the device policy
     with weights_as_stored(pipeline, job.new_tensors, loaded.stored_dtype):
         exported = export_onnx(pipeline, job.folder / "onnx", provenance=job.provenance)
     return {"onnx": str(job.out / "onnx"), "onnx_max_abs_error": exported.max_abs_errors()}
+
+
+# --------------------------------------------------------------------------------------------
+# ``editc export onnx`` (named by this format's registry entry)
+# --------------------------------------------------------------------------------------------
+
+from compiler.cli.options import device_option  # noqa: E402 (the CLI's option, for the command only)
+
+
+def _echo_json(document: dict) -> None:
+    import json
+
+    click.echo(json.dumps(document, indent=2, default=str))
+
+
+@click.command("onnx")
+@click.argument("model", default="toy")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder (text_encoder/, unet/, vae_decoder/, vae_encoder/ ...).")
+@click.option("--fp16", is_flag=True, help="Export float16 graphs (default float32).")
+@click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript",
+              show_default=True, help="torch.onnx exporter; dynamo falls back to torchscript per "
+              "component where it fails.")
+@click.option("--no-check", is_flag=True, help="Skip the onnxruntime parity check.")
+@click.option("--tolerance", type=float, default=None,
+              help="Max abs error allowed relative to max(1, max|output|) (default 1e-3 fp32, 3e-2 fp16).")
+@device_option
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def command(model, out_dir, fp16, exporter, no_check, tolerance, device, force, as_json):
+    """Export MODEL's text encoder(s), UNet and VAE to ONNX, checked with onnxruntime.
+
+    Graphs are traced in float32 on the CPU; --device picks where onnxruntime runs the parity
+    check (cuda: its CUDA execution provider, from onnxruntime-gpu). Exits 1 when an
+    onnxruntime output differs from PyTorch by more than the tolerance (nothing is written then).
+    """
+    from compiler.device import resolve_device
+    from compiler.export.onnx_pipeline import providers_for
+    from compiler.export.provenance import read_provenance
+    from compiler.io import claim_output, input_paths
+    from compiler.models.load import load_model
+
+    providers = providers_for(resolve_device(device))
+    if resolve_device(device).type == "cuda":
+        if "CUDAExecutionProvider" not in providers:
+            raise UserError("--device cuda: this onnxruntime has no CUDA execution provider; "
+                            "pip install 'editc[gpu]' (onnxruntime-gpu), or use --device cpu")
+    started = time.perf_counter()
+    # Claimed (checked, locked) before the minutes a large model takes to load.
+    with claim_output(out_dir, force=force, inputs=input_paths(model), kind="dir"):
+        loaded = load_model(model)
+        provenance = read_provenance(loaded.source_path)
+        result = export_onnx(loaded, out_dir, "fp16" if fp16 else "fp32", force=force, provenance=provenance,
+                             exporter=exporter, check=not no_check, tolerance=tolerance, providers=providers)
+    seconds = time.perf_counter() - started
+    if as_json:
+        _echo_json({"out": str(result.path), "family": result.family, "dtype": result.dtype,
+                    "components": result.components, "parity": result.parity,
+                    "export_seconds": result.seconds, "total_seconds": seconds})
+        return
+    click.echo(f"wrote ONNX ({result.dtype}, {result.family}) to {result.path} in {seconds:.1f} s")
+    for name, info in result.components.items():
+        line = f"  {name:<15} {info['dtype']}  {info['exporter']:<11} {result.seconds[name]:6.1f} s"
+        if name in result.parity:
+            check = result.parity[name]
+            line += f"  max abs error {check['max_abs_error']:.2e} (tolerance {check['tolerance']:.1e})"
+        click.echo(line)

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import torch
 
 from compiler.errors import UserError
@@ -339,3 +341,47 @@ def write_output(job) -> dict:
     path = job.folder / "model.safetensors"
     export_single_file(job.new_tensors, job.loaded, path, job.provenance, resolution=job.resolution)
     return {"single-file": str(job.out / path.name)}
+
+
+# --------------------------------------------------------------------------------------------
+# ``editc export single-file`` (named by this format's registry entry)
+# --------------------------------------------------------------------------------------------
+
+def _echo_json(document: dict) -> None:
+    import json
+
+    click.echo(json.dumps(document, indent=2, default=str))
+
+
+@click.command("single-file")
+@click.argument("model")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Output .safetensors file.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
+              help="SD-2.x files without metadata: 512-base (epsilon) or 768-v (v_prediction); "
+                   "written to modelspec.prediction_type instead of a guess.")
+@click.option("--resolution", default=None, metavar="WxH",
+              help="modelspec.resolution to write (default: the source's, else the UNet's size).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def command(model, out_path, force, prediction_type, resolution, as_json):
+    """Write MODEL in its family's original single-file layout (A1111/ComfyUI).
+
+    A diffusers folder is converted (its editc provenance carried over); a single file is
+    copied with its metadata and ModelSpec keys completed.
+    """
+    from compiler.export.provenance import read_provenance
+    from compiler.io import claim_output, input_paths
+    from compiler.models.load import resolve_model_path
+
+    started = time.perf_counter()
+    with claim_output(out_path, force=force, inputs=input_paths(model), kind="file"):
+        source = resolve_model_path(model)
+        provenance = read_provenance(source)
+        written = export_single_file({}, source, out_path, provenance, force=force,
+                                     prediction_type=prediction_type, resolution=resolution)
+    seconds = time.perf_counter() - started
+    if as_json:
+        _echo_json({"out": str(written), "seconds": seconds, "provenance": sorted(provenance)})
+    else:
+        click.echo(f"wrote {written} in {seconds:.1f} s")
