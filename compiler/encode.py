@@ -2,7 +2,8 @@
 
 Every stage that embeds prompts for an edit (compile's LocoEdit and Diff-QuickFix rows, the
 closed-form baselines, locate's conditioning) asks here, with the prompts and, per prompt, the
-positions it needs. Three rules make that cheap (DESIGN.md, "Where the time goes"):
+positions it needs. Three rules make that cheap (README, "Real size": "One prompt
+encoder"):
 
 - **Identical prompts are encoded once** (their requests are merged).
 - **CLIP is causal**: the state at position p depends only on tokens 0…p, so a prompt is run

@@ -38,7 +38,6 @@ from compiler.models.hashing import file_sha256, folder_sha256
 from compiler.models.layout import single_file_components, component_to_original
 from compiler.models.registry import Registry, registry_from_components, text_layer0
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may ever be downloaded from a hub
 
 TOY_PIPELINE = Path(__file__).resolve().parents[1] / "toy" / "weights" / "pipeline"
 
