@@ -45,7 +45,8 @@ def run_one(recipe_file: str, variant: str, seeds: int, out_root: Path) -> dict:
         eos = edit.eos if method == edit.method else None
         if option == "noeos":  # "+noeos": the subject token only
             eos = False
-        edits.append(dataclasses.replace(edit, method=method, layers=layers, site=site or None, eos=eos))
+        edits.append(dataclasses.replace(edit, method=method, layers=layers, eos=eos,
+                                         options=(("site", site),) if site else ()))
     recipe = dataclasses.replace(recipe, edits=tuple(edits),
                                  verify=dataclasses.replace(recipe.verify, enabled=True, seeds=seeds))
     out = out_root / f"{Path(recipe_file).stem}-{variant_name.replace(':', '-').replace('+', '-')}"

@@ -49,7 +49,7 @@ def main() -> None:
         method = args.method or edit.method
         layers = None if method == "quickfix" else tuple(range(16))
         site = (args.site or edit.site) if method == "quickfix" else None
-        return dataclasses.replace(edit, method=method, layers=layers, site=site,
+        return dataclasses.replace(edit, method=method, layers=layers, options=(("site", site),) if site else (),
                                    eos=False if args.no_eos else True if args.eos else edit.eos)
 
     recipe = dataclasses.replace(recipe, preserve=tuple(recipe.preserve) + tuple(args.preserve),

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import compiler  # noqa: E402,F401  (sets the offline hub variables: compiler.OFFLINE_ENV)
 
 
 def plant_and_measure(spec, out: Path, base: str = "toy", *, seeds=(0, 1), steps: int = 10, force: bool = False,

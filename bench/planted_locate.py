@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import compiler  # noqa: E402,F401  (sets the offline hub variables: compiler.OFFLINE_ENV)
 
 # (word, donor, attribute, window, seed): early, middle and late windows of sizes 1-3.
 PLANTINGS = [

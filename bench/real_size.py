@@ -97,9 +97,9 @@ def build_folder(family: str, scratch: Path, dtype_name: str = "float16") -> Pat
     """A random-weight diffusers folder of the family's full-size configs (built once)."""
     import torch
 
-    from compiler.export.single_file import write_safetensors_streamed
+    from compiler.models.safetensors_file import write_safetensors_streamed
     from compiler.models.configs import load_shipped_configs, shipped_config_folder
-    from compiler.models.load import MODEL_COMPONENTS, _build_meta
+    from compiler.models.load import MODEL_COMPONENTS, build_meta
 
     dtype = getattr(torch, dtype_name)
     folder = scratch / f"{family}-diffusers"
@@ -111,7 +111,7 @@ def build_folder(family: str, scratch: Path, dtype_name: str = "float16") -> Pat
     names = {"unet": "diffusion_pytorch_model.safetensors", "vae": "diffusion_pytorch_model.safetensors",
              "text_encoder": "model.safetensors", "text_encoder_2": "model.safetensors"}
     for component in (c for c in MODEL_COMPONENTS if c in configs):
-        meta = _build_meta(configs, component)
+        meta = build_meta(configs, component)
         shapes = {n: tuple(t.shape) for n, t in meta.state_dict().items() if not n.endswith("position_ids")}
         write_safetensors_streamed({n: (dtype, s) for n, s in shapes.items()},
                                    lambda n, shapes=shapes: _random_tensor(n, shapes[n], dtype),

@@ -14,9 +14,17 @@ The Python API (see the README's "Python API")::
 Names are imported on first use, so ``import compiler`` stays light.
 """
 
+import os as _os
 import time as _time
 
 IMPORT_STARTED = _time.perf_counter()  # compile's manifest counts imports from here
+
+# Nothing may ever be downloaded from a model hub. Set here, the one place, before any module of
+# editc can import huggingface_hub, transformers or diffusers; child processes that editc starts
+# get the same variables (``{**os.environ, **OFFLINE_ENV}``).
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DIFFUSERS_OFFLINE": "1"}
+for _name, _value in OFFLINE_ENV.items():
+    _os.environ.setdefault(_name, _value)
 __version__ = "0.1.0"
 
 _API = {

@@ -11,7 +11,6 @@ Recipes built in code (``Recipe(edits=[Edit(...)])``) are validated by the same 
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,24 +87,10 @@ def apply_recipe(pipe, recipe: Recipe | str | Path, *, progress: bool = False) -
 def _locate_in_memory(model, progress: bool):
     def run(edit):
         from compiler.locate import locate_cached
+        from compiler.locate.cache import weights_fingerprint
 
         if not model.model_hash:  # the LocoGen cache is keyed by content: hash the weights once
-            model.model_hash = _weights_hash(model.pipeline)
+            model.model_hash = weights_fingerprint(model.pipeline)
         return locate_cached(model, edit.concept, edit.replacement, edit.attribute, progress=progress)
 
     return run
-
-
-def _weights_hash(pipe) -> str:
-    """sha256 over the names and bytes of every text-encoder and UNet tensor, in name order."""
-    import torch
-
-    digest = hashlib.sha256()
-    for component in ("text_encoder", "text_encoder_2", "unet"):
-        module = pipe.components.get(component)
-        if module is None:
-            continue
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(f"{component}/{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            digest.update(tensor.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

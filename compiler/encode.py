@@ -2,7 +2,8 @@
 
 Every stage that embeds prompts for an edit (compile's LocoEdit and Diff-QuickFix rows, the
 closed-form baselines, locate's conditioning) asks here, with the prompts and, per prompt, the
-positions it needs. Three rules make that cheap (DESIGN.md, "Where the time goes"):
+positions it needs. Three rules make that cheap (README, "Real size": "One prompt
+encoder"):
 
 - **Identical prompts are encoded once** (their requests are merged).
 - **CLIP is causal**: the state at position p depends only on tokens 0…p, so a prompt is run
@@ -173,7 +174,7 @@ class PromptEncoder:
         parts = []
         for component in self.components:
             encoder = self.model.text_encoder(component)
-            last = _encoder_layers(encoder)[-1]
+            last = encoder_layers(encoder)[-1]
             parts.append(_capture_input(encoder, last, self._ids_tensor(prompts, length, component)).float())
         return torch.cat(parts, dim=-1)
 
@@ -187,7 +188,7 @@ class PromptEncoder:
         return torch.stack([states[p] for p in prompts])
 
 
-def _encoder_layers(encoder: torch.nn.Module) -> torch.nn.ModuleList:
+def encoder_layers(encoder: torch.nn.Module) -> torch.nn.ModuleList:
     """The transformer layers of a CLIP text model (``encoder.layers``, with or without
     transformers' ``text_model.`` level)."""
     for name in ("encoder.layers", "text_model.encoder.layers"):

@@ -51,11 +51,10 @@ class PlannedEdit:
 
 def choose_method(edit: Edit, family: str) -> tuple[str, str | None, str]:
     """(method, site or None, why). ``method: auto`` asks the plug-ins in ``AUTO_PREFERENCE``."""
-    if family == "if":
+    reason = FAMILIES[family].no_edit_reason
+    if reason:
         raise UserError(
-            f"edit '{edit.concept}': DeepFloyd IF has no editable location: its T5 encoder is "
-            "bidirectional, so the concept is not concentrated in its last token and LocoEdit fails "
-            "there (Basu et al., ICML 2024); no method applies"
+            f"edit '{edit.concept}': {reason}; no method applies"
             + (f", not even the recipe's {edit.method}" if edit.method != "auto" else "")
         )
     if edit.method != "auto":
@@ -106,16 +105,12 @@ def plan_edits(recipe: Recipe, model, locate_fn=None) -> list[PlannedEdit]:
 
 
 def find_neighbours(recipe: Recipe, edit: Edit, model, vocabulary, method: str) -> list:
-    """The edit's nearest concepts in the state its method moves: the text encoder's output for
-    a UNet K/V edit, layer 0's ``out_proj`` input for Diff-QuickFix. Edited concepts and
+    """The edit's nearest concepts in the state its method moves (the method's
+    ``capture_point``: the text encoder's output unless it says otherwise). Edited concepts and
     replacements are never neighbours."""
     if recipe.neighbours <= 0:
         return []
-    capture, capture_name = None, ""
-    if method == "quickfix":
-        spec = model.registry.text_layer0[0]
-        capture = model.text_encoder(spec.component).get_submodule(spec.module_name)
-        capture_name = f"{spec.component}.{spec.module_name}"
+    capture, capture_name = get_method(method).capture_point(model) or (None, "")
     avoid = [e.concept for e in recipe.edits] + [e.replacement for e in recipe.edits]
     return resolve.find_neighbours(model, vocabulary, edit.concept, edit.attribute,
                                    k=recipe.neighbours, avoid=avoid, capture=capture, capture_name=capture_name)

@@ -80,7 +80,7 @@ from torch import Tensor
 from compiler.device import synchronize as _synchronize
 from compiler.errors import UserError
 
-DEFAULT_LAMBDA = 0.01  # λ of both papers
+from compiler.defaults import DEFAULT_LAMBDA  # noqa: E402 (λ of both papers, defined once)
 
 
 def _fixed_order(function):

@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 # Nothing may ever be downloaded from a model hub, in tests least of all.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+import compiler  # noqa: E402,F401  (sets the offline hub variables: compiler.OFFLINE_ENV)
 # Tests say which device they test: every test runs on the CPU (its results are the record's)
 # unless it asks for the GPU itself (``@pytest.mark.gpu`` and ``--device cuda``/``device=``),
 # so that a GPU machine runs the same suite and the GPU tests besides. ``EDITC_TEST_DEVICE``

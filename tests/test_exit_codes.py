@@ -13,7 +13,8 @@ from compiler.cli import BAD_INPUT, BUG, main
 
 def _leaf_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
     found = []
-    for name, command in sorted(group.commands.items()):
+    context = click.Context(group)  # list_commands/get_command: groups may be lazy (editc export)
+    for name, command in sorted((n, group.get_command(context, n)) for n in group.list_commands(context)):
         if isinstance(command, click.Group):
             found += _leaf_commands(command, prefix + (name,))
         else:

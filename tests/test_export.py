@@ -22,7 +22,8 @@ from compiler.cli import main
 from compiler.errors import UserError
 from compiler.export.delta import apply_delta, export_delta, read_delta
 from compiler.export.provenance import REQUIRED_KEYS, provenance_metadata, read_provenance
-from compiler.export.single_file import SafetensorsTable, export_single_file
+from compiler.export.single_file import export_single_file
+from compiler.models.safetensors_file import SafetensorsFile
 from compiler.models.load import load_model
 
 
@@ -115,7 +116,7 @@ def test_single_file_is_the_source_patched_tensor_by_tensor(sd2_with_extras, tmp
     out = export_single_file(edited, base, tmp_path / "edited.safetensors", _provenance(base, edited))
     assert _sha256(sd2_with_extras) == source_hash  # the input is never modified
 
-    before, after = SafetensorsTable.read(sd2_with_extras), SafetensorsTable.read(out)
+    before, after = SafetensorsFile.read(sd2_with_extras), SafetensorsFile.read(out)
     assert list(after.entries) == list(before.entries)  # same keys, same order
     assert after.entries == before.entries  # same dtypes, shapes and byte ranges
     assert after.metadata["vendor.note"] == "keep me"
@@ -242,7 +243,7 @@ def test_apply_refuses_a_base_changed_in_place_with_size_and_mtime_kept(sd1_delt
     shutil.copytree(tiny("sd1"), base)
     assert apply_delta(delta, base, tmp_path / "first").base_match == "hash"
     weights = base / "unet" / "diffusion_pytorch_model.safetensors"
-    table = SafetensorsTable.read(weights)
+    table = SafetensorsFile.read(weights)
     name = next(n.split("/", 1)[1] for n in edited if n.startswith("unet/"))
     start, end = table.entries[name]["data_offsets"]
     stat = weights.stat()

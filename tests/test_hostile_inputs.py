@@ -119,7 +119,7 @@ def test_a_special_token_replacement_is_refused(quick_toy, tmp_path):
 
 def test_a_delta_whose_tensor_does_not_fit_the_base_is_refused(quick_toy, tmp_path):
     from compiler.export.delta import FORMAT
-    from compiler.export.single_file import write_safetensors
+    from compiler.models.safetensors_file import write_safetensors
     from compiler.models.load import inspect_source, source_hash
 
     source = inspect_source(quick_toy)

@@ -13,7 +13,7 @@ from compiler.models.checkpoint import read_single_file
 from compiler.models.configs import (config_folder, infer_single_file_configs, load_shipped_configs,
                                      shipped_config_folder)
 from compiler.models.families import FAMILIES, detect_family, known_location
-from compiler.models.layout import (SINGLE_FILE_COMPONENTS, UNetLayout, component_to_original,
+from compiler.models.layout import (single_file_components, UNetLayout, component_to_original,
                                     unet_name_to_original)
 
 EXPECTED_LAYERS = {"sd1": 16, "sd2": 16, "sdxl": 70, "if": 22}  # IF: the tiny IF-I layout
@@ -59,12 +59,12 @@ def test_reference_size_single_files_get_the_shipped_configs(family):
     """A full-size single file (its names and shapes, built on the meta device from the shipped
     configs) infers exactly the shipped configs, so real SD-1.5/2.1/XL load with the shipped
     folder as is."""
-    from compiler.models.load import _build_meta
+    from compiler.models.load import build_meta
 
     shipped = load_shipped_configs(family)
     shapes = {}
-    for component in SINGLE_FILE_COMPONENTS[family]:
-        meta = _build_meta(shipped, component)
+    for component in single_file_components(family):
+        meta = build_meta(shipped, component)
         config = shipped[component] if component in ("unet", "vae") else {}
         for name, t in component_to_original(family, component, meta.state_dict(), config).items():
             shapes[name] = tuple(t.shape)
@@ -203,7 +203,7 @@ def test_single_file_loads_in_diffusers_from_single_file_with_the_same_tensors(t
         loaded = getattr(diffusers, PIPELINES[family]).from_single_file(
             str(path), config=str(folder), local_files_only=True)
     reference = build_tiny_pipeline(family)
-    for component in SINGLE_FILE_COMPONENTS[family]:
+    for component in single_file_components(family):
         ours = getattr(reference, component).state_dict()
         theirs = getattr(loaded, component).state_dict()
         assert set(ours) == set(theirs), component

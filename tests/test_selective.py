@@ -58,8 +58,8 @@ def _no_pipeline(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("compile built the whole pipeline")
 
-    monkeypatch.setattr(load, "_load_pipeline", refuse)
-    monkeypatch.setattr(selective, "_load_pipeline", refuse)
+    monkeypatch.setattr(load, "load_pipeline", refuse)
+    monkeypatch.setattr(selective, "load_pipeline", refuse)
 
 
 @pytest.mark.parametrize("source", ["diffusers", "single-file"])

@@ -62,8 +62,6 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _IN_CHECKOUT = (REPO_ROOT / "bench" / "results").is_dir()
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402

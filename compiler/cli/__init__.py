@@ -6,17 +6,13 @@ stage and prints. User mistakes (``UserError``) become one line on stderr and ex
 
 from __future__ import annotations
 
-import os
 
 import click
 
 from compiler import __version__
 from compiler.errors import GateFailed, UserError
 
-# Nothing may ever be downloaded from a model hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+# Nothing may ever be downloaded from a model hub: ``compiler.OFFLINE_ENV``, set on import.
 
 
 # The exit-code contract (README "Exit codes"): what a release pipeline branches on.

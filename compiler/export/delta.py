@@ -33,9 +33,10 @@ import torch
 from compiler.errors import UserError
 from compiler.io import atomic_output_dir, atomic_output_file
 from compiler.export.provenance import check_provenance
-from compiler.export.single_file import (SAFETENSORS_DTYPES, SafetensorsTable, export_single_file,
-                                        from_original_value, original_names, patch_safetensors_copy,
-                                        write_safetensors)
+from compiler.export.single_file import export_single_file
+from compiler.models.layout import original_names
+from compiler.models.safetensors_file import (SAFETENSORS_DTYPES, SafetensorsFile, patch_safetensors_copy,
+                                              write_safetensors)
 from compiler.fuse import split_name
 
 FORMAT = "editc-delta/1"
@@ -47,10 +48,6 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 # --------------------------------------------------------------------------------------------
 
 
-def _component_files(source, component: str) -> list[Path]:
-    return [f for f in source.weight_files if f.parent.name == component]
-
-
 def read_base_tensors(source, qualified_names: Iterable[str]) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint holds under these diffusers names, as stored (dtype, values).
 
@@ -58,49 +55,15 @@ def read_base_tensors(source, qualified_names: Iterable[str]) -> dict[str, torch
     single-file layout stores differently come back in diffusers form (a slice of OpenCLIP's
     ``in_proj``, the transposed ``text_projection``); VAE attention weights stay 1×1 convs.
     """
-    from safetensors import safe_open
+    from compiler.models.selective import TensorReader
 
-    from compiler.models.checkpoint import load_ckpt_state_dict
-
-    names = sorted(qualified_names)
+    reader = TensorReader(source)
     out: dict[str, torch.Tensor] = {}
-    if source.format == "diffusers":
-        for qualified in names:
-            component, parameter = split_name(qualified)
-            for weights in _component_files(source, component):
-                if weights.suffix != ".safetensors":
-                    state, _ = load_ckpt_state_dict(weights)
-                    keys = state.keys()
-                else:
-                    with safe_open(str(weights), "pt") as f:
-                        keys = set(f.keys())
-                key = next((k for k in (parameter, "text_model." + parameter,
-                                        parameter.removeprefix("text_model.")) if k in keys), None)
-                if key is not None:
-                    if weights.suffix == ".safetensors":
-                        with safe_open(str(weights), "pt") as f:
-                            out[qualified] = f.get_tensor(key)
-                    else:
-                        out[qualified] = state[key]
-                    break
-            else:
-                raise UserError(f"{source.path}: holds no tensor {qualified}; the delta was made "
-                                f"for another model")
-        return out
-    originals = original_names(source.family, names, source.configs)
-    if source.path.suffix.lower() == ".safetensors":
-        table = SafetensorsTable.read(source.path)
-        read = table.tensor
-        present = table.entries
-    else:
-        state, _ = load_ckpt_state_dict(source.path)
-        read = state.__getitem__
-        present = state
-    for qualified, original in originals.items():
-        if original not in present:
-            raise UserError(f"{source.path}: holds no tensor {original} ({qualified}); the delta "
-                            f"was made for another model")
-        out[qualified] = from_original_value(qualified, original, read(original))
+    for qualified in sorted(qualified_names):
+        try:
+            out[qualified] = reader.read(qualified)
+        except UserError as err:
+            raise UserError(f"{err}; the delta was made for another model") from None
     return out
 
 
@@ -193,19 +156,15 @@ class Delta:
 
 
 def read_delta(delta_path: str | os.PathLike) -> Delta:
-    from safetensors import safe_open
-
-    from compiler.models.checkpoint import read_safetensors_header
-
     path = Path(delta_path)
     if not path.is_file():
         raise UserError(f"{path}: no such delta file")
-    _, metadata = read_safetensors_header(path)
+    table = SafetensorsFile.read(path)
+    metadata = table.metadata
     if metadata.get("editc.delta.format") != FORMAT:
         raise UserError(f"{path}: not an editc delta file (metadata editc.delta.format is "
                         f"{metadata.get('editc.delta.format')!r}, expected '{FORMAT}')")
-    with safe_open(str(path), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k: table.get_tensor(k) for k in sorted(table.keys())}
     return Delta(path, tensors, metadata)
 
 
@@ -231,7 +190,7 @@ def patch_diffusers_folder(source: Path, edited: Mapping[str, torch.Tensor], out
         relative = path.relative_to(source)
         edits = by_component.get(relative.parts[0]) if len(relative.parts) > 1 else None
         if edits and path.suffix == ".safetensors":
-            table = SafetensorsTable.read(path)
+            table = SafetensorsFile.read(path)
             replacements = {}
             for parameter, value in edits.items():
                 key = next((k for k in (parameter, "text_model." + parameter,

@@ -14,18 +14,17 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
-from compiler.export.single_file import SAFETENSORS_DTYPES, SafetensorsTable, patch_safetensors_copy
 from compiler.fuse import split_name
 from compiler.io import link_or_copy, write_atomically
+from compiler.models.safetensors_file import SAFETENSORS_DTYPES, SafetensorsFile, patch_safetensors_copy
 
 
 def _patch_safetensors(src: Path, dst: Path, replacements: dict[str, torch.Tensor],
                        extra_metadata: dict[str, str] | None = None) -> list[str]:
     """Copy ``src`` to ``dst`` byte for byte, overwriting only the replaced tensors' ranges and
     adding ``extra_metadata`` to the header (byte-identical output for identical inputs)."""
-    table = SafetensorsTable.read(src)
+    table = SafetensorsFile.read(src)
     casted = {}
     for key, value in replacements.items():
         dtype = SAFETENSORS_DTYPES[table.entries[key]["dtype"]]
@@ -64,8 +63,7 @@ def write_diffusers_folder(source: Path, new_tensors: dict[str, torch.Tensor], t
         component = rel.parts[0] if len(rel.parts) > 1 else None
         edits = by_component.get(component)
         if edits and path.suffix == ".safetensors":
-            with safe_open(str(path), "pt") as f:
-                file_keys = set(f.keys())
+            file_keys = set(SafetensorsFile.read(path).keys())
             mapped = {}
             for param, value in edits.items():
                 key = _file_key(file_keys, param)
@@ -116,10 +114,10 @@ def write_diffusers_from_single_file(model, new_tensors: dict[str, torch.Tensor]
     """
     import shutil
 
-    from compiler.export.single_file import write_safetensors_streamed
     from compiler.models.configs import config_folder
-    from compiler.models.layout import SINGLE_FILE_COMPONENTS
-    from compiler.models.load import _build_meta, inspect_source
+    from compiler.models.layout import single_file_components, original_name
+    from compiler.models.load import build_meta, inspect_source
+    from compiler.models.safetensors_file import write_safetensors_streamed
     from compiler.models.selective import TensorReader
 
     source = getattr(model, "source", None) or inspect_source(model.source_path, model.prediction_type)
@@ -136,18 +134,15 @@ def write_diffusers_from_single_file(model, new_tensors: dict[str, torch.Tensor]
                 shutil.copyfile(path, target)  # follows the shipped tokenizer links
     metadata = {"format": "pt", **(extra_metadata or {})}
     replaced: dict[str, list[str]] = {}
-    for component in SINGLE_FILE_COMPONENTS[source.family]:
-        module = _build_meta(source.configs, component, str(source.path))
+    for component in single_file_components(source.family):
+        module = build_meta(source.configs, component, str(source.path))
         names = [n for n in module.state_dict() if not n.endswith("position_ids")]
         shapes = {n: tuple(module.state_dict()[n].shape) for n in names}
         edits = dict(by_component.pop(component, {}))
         dtypes = {}
         for name in names:  # dtypes from the file's header: nothing read yet
-            from compiler.export.single_file import original_name
-
             original = original_name(source.family, f"{component}/{name}", source.configs)
-            dtypes[name] = SAFETENSORS_DTYPES[reader._handle(source.path).entries[original]["dtype"]] \
-                if source.path.suffix == ".safetensors" else reader._state(source.path)[original].dtype
+            dtypes[name] = reader.stored_dtype(source.path, original)
 
         def produce(name: str, component=component, edits=edits, shapes=shapes, dtypes=dtypes) -> torch.Tensor:
             value = next((edits.pop(k) for k in (name, "text_model." + name, name.removeprefix("text_model."))

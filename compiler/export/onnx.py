@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 
@@ -250,7 +251,9 @@ def _vae_graphs(pipeline, family: str) -> list[ComponentGraph]:
     config = pipeline.vae.config
     scale = 2 ** (len(config.block_out_channels) - 1)
     spatial = {0: "batch", 2: "height", 3: "width"}
-    keep_fp32 = family == "sdxl"  # SD-XL's VAE overflows in float16
+    from compiler.models.families import FAMILIES
+
+    keep_fp32 = FAMILIES[family].onnx_vae_float32  # SD-XL's VAE overflows in float16
     encoder_cases, decoder_cases = [], []
     for seed, (batch, height, width) in enumerate([(2, 2, 1), (1, 1, 3)]):
         g = _generator(100 + seed)
@@ -318,8 +321,11 @@ def _input_paths(pipeline_or_folder) -> list:
 
 
 def _check_family(family: str) -> None:
-    if family not in ("sd1", "sd2", "sdxl"):
-        raise UserError(f"ONNX export supports sd1, sd2 and sdxl models; this model is {family} "
+    from compiler.models.families import FAMILIES
+
+    if FAMILIES[family].onnx_pipeline_class is None:
+        supported = ", ".join(f.name for f in FAMILIES.values() if f.onnx_pipeline_class)
+        raise UserError(f"ONNX export supports {supported} models; this model is {family} "
                         f"(DeepFloyd IF's cascaded pixel-space pipeline has no ONNX layout here)")
 
 
@@ -487,19 +493,22 @@ def _export_graph(pipeline, graph: ComponentGraph, dtype_name: str, out_folder: 
 # ONNX pipeline class (SD-1/2 only, deprecated upstream) is always named explicitly in its
 # documentation: ``OnnxStableDiffusionPipeline.from_pretrained(folder)`` loads this folder
 # whatever ``_class_name`` says, while ``DiffusionPipeline.from_pretrained(folder)`` does not.
-PIPELINE_CLASS_NAMES = {"sd1": "ORTStableDiffusionPipeline", "sd2": "ORTStableDiffusionPipeline",
-                        "sdxl": "ORTStableDiffusionXLPipeline"}
+# (``Family.onnx_pipeline_class``.)
 
 
 def _model_index(pipeline, family: str) -> dict:
     import diffusers
+
+    from compiler.models.families import FAMILIES
+
+    rules = FAMILIES[family]
 
     def library_of(component) -> list[str]:
         module = type(component).__module__.split(".")[0]
         return [module, type(component).__name__]
 
     index = {
-        "_class_name": PIPELINE_CLASS_NAMES[family],
+        "_class_name": rules.onnx_pipeline_class,
         "_diffusers_version": diffusers.__version__,
         "scheduler": library_of(pipeline.scheduler),
         "text_encoder": ["diffusers", "OnnxRuntimeModel"],
@@ -508,9 +517,11 @@ def _model_index(pipeline, family: str) -> dict:
         "vae_decoder": ["diffusers", "OnnxRuntimeModel"],
         "vae_encoder": ["diffusers", "OnnxRuntimeModel"],
     }
-    if family == "sdxl":
-        index["text_encoder_2"] = ["diffusers", "OnnxRuntimeModel"]
-        index["tokenizer_2"] = library_of(pipeline.tokenizer_2)
+    for spec in rules.text_encoders[1:]:
+        index[spec.component] = ["diffusers", "OnnxRuntimeModel"]
+        tokenizer = spec.component.replace("text_encoder", "tokenizer")
+        index[tokenizer] = library_of(getattr(pipeline, tokenizer))
+    if rules.joins_text_encoders:
         index["force_zeros_for_empty_prompt"] = bool(getattr(pipeline.config, "force_zeros_for_empty_prompt", True))
     else:
         index.update({"feature_extractor": [None, None], "safety_checker": [None, None],
@@ -537,9 +548,11 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
 
 def _save_configs(pipeline, family: str, folder: Path) -> None:
     pipeline.scheduler.save_pretrained(str(folder / "scheduler"))
-    save_tokenizer(pipeline.tokenizer, folder / "tokenizer")
-    if family == "sdxl":
-        save_tokenizer(pipeline.tokenizer_2, folder / "tokenizer_2")
+    from compiler.models.families import FAMILIES
+
+    for spec in FAMILIES[family].text_encoders:
+        tokenizer = spec.component.replace("text_encoder", "tokenizer")
+        save_tokenizer(getattr(pipeline, tokenizer), folder / tokenizer)
     (folder / "model_index.json").write_text(json.dumps(_model_index(pipeline, family), indent=2) + "\n")
 
 
@@ -738,7 +751,74 @@ def write_output(job) -> dict:
     """Compile's ``onnx`` format (:mod:`compiler.export.formats`): graphs from the weights as the
     checkpoint stores them, checked against PyTorch."""
     loaded = job.loaded
-    pipeline = loaded.export_pipeline  # float32 on the CPU, whatever the device policy
+    pipeline = job.edited_pipeline()  # float32 on the CPU, whatever the device policy
     with weights_as_stored(pipeline, job.new_tensors, loaded.stored_dtype):
         exported = export_onnx(pipeline, job.folder / "onnx", provenance=job.provenance)
     return {"onnx": str(job.out / "onnx"), "onnx_max_abs_error": exported.max_abs_errors()}
+
+
+# --------------------------------------------------------------------------------------------
+# ``editc export onnx`` (named by this format's registry entry)
+# --------------------------------------------------------------------------------------------
+
+from compiler.cli.options import device_option  # noqa: E402 (the CLI's option, for the command only)
+
+
+def _echo_json(document: dict) -> None:
+    import json
+
+    click.echo(json.dumps(document, indent=2, default=str))
+
+
+@click.command("onnx")
+@click.argument("model", default="toy")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Output folder (text_encoder/, unet/, vae_decoder/, vae_encoder/ ...).")
+@click.option("--fp16", is_flag=True, help="Export float16 graphs (default float32).")
+@click.option("--exporter", type=click.Choice(["torchscript", "dynamo"]), default="torchscript",
+              show_default=True, help="torch.onnx exporter; dynamo falls back to torchscript per "
+              "component where it fails.")
+@click.option("--no-check", is_flag=True, help="Skip the onnxruntime parity check.")
+@click.option("--tolerance", type=float, default=None,
+              help="Max abs error allowed relative to max(1, max|output|) (default 1e-3 fp32, 3e-2 fp16).")
+@device_option
+@click.option("--force", is_flag=True, help="Replace an existing output folder.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def command(model, out_dir, fp16, exporter, no_check, tolerance, device, force, as_json):
+    """Export MODEL's text encoder(s), UNet and VAE to ONNX, checked with onnxruntime.
+
+    Graphs are traced in float32 on the CPU; --device picks where onnxruntime runs the parity
+    check (cuda: its CUDA execution provider, from onnxruntime-gpu). Exits 1 when an
+    onnxruntime output differs from PyTorch by more than the tolerance (nothing is written then).
+    """
+    from compiler.device import resolve_device
+    from compiler.export.onnx_pipeline import providers_for
+    from compiler.export.provenance import read_provenance
+    from compiler.io import claim_output, input_paths
+    from compiler.models.load import load_model
+
+    providers = providers_for(resolve_device(device))
+    if resolve_device(device).type == "cuda":
+        if "CUDAExecutionProvider" not in providers:
+            raise UserError("--device cuda: this onnxruntime has no CUDA execution provider; "
+                            "pip install 'editc[gpu]' (onnxruntime-gpu), or use --device cpu")
+    started = time.perf_counter()
+    # Claimed (checked, locked) before the minutes a large model takes to load.
+    with claim_output(out_dir, force=force, inputs=input_paths(model), kind="dir"):
+        loaded = load_model(model)
+        provenance = read_provenance(loaded.source_path)
+        result = export_onnx(loaded, out_dir, "fp16" if fp16 else "fp32", force=force, provenance=provenance,
+                             exporter=exporter, check=not no_check, tolerance=tolerance, providers=providers)
+    seconds = time.perf_counter() - started
+    if as_json:
+        _echo_json({"out": str(result.path), "family": result.family, "dtype": result.dtype,
+                    "components": result.components, "parity": result.parity,
+                    "export_seconds": result.seconds, "total_seconds": seconds})
+        return
+    click.echo(f"wrote ONNX ({result.dtype}, {result.family}) to {result.path} in {seconds:.1f} s")
+    for name, info in result.components.items():
+        line = f"  {name:<15} {info['dtype']}  {info['exporter']:<11} {result.seconds[name]:6.1f} s"
+        if name in result.parity:
+            check = result.parity[name]
+            line += f"  max abs error {check['max_abs_error']:.2e} (tolerance {check['tolerance']:.1e})"
+        click.echo(line)

@@ -161,11 +161,16 @@ class OnnxTextToImage:
             raise UserError(f"{self.folder}: not an editc ONNX export (no editc_onnx.json)")
         self.description = json.loads(description_file.read_text())
         self.family = self.description["family"]
+        from compiler.models.families import FAMILIES
+
+        if self.family not in FAMILIES:
+            raise UserError(f"{self.folder}: exported from a {self.family} model, a family this editc does not know")
+        self.rules = FAMILIES[self.family]
         scheduler_config = json.loads((self.folder / "scheduler" / "scheduler_config.json").read_text())
         self.schedule = DDIMSchedule.from_config(scheduler_config)
         self.tokenizer = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer"))
         self.text_encoder = _TextEncoder(ort_session(self.folder / "text_encoder" / "model.onnx", providers))
-        if self.family == "sdxl":
+        if self.rules.joins_text_encoders:
             self.tokenizer_2 = CLIPTokenizer.from_pretrained(str(self.folder / "tokenizer_2"))
             self.text_encoder_2 = _TextEncoder(ort_session(self.folder / "text_encoder_2" / "model.onnx", providers))
         self.unet = ort_session(self.folder / "unet" / "model.onnx", providers)
@@ -185,7 +190,7 @@ class OnnxTextToImage:
     def encode_prompts(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """The UNet's context for each prompt and, for SD-XL, the pooled text embedding."""
         ids = _token_ids(self.tokenizer, prompts)
-        if self.family != "sdxl":
+        if not self.rules.joins_text_encoders:
             return self.text_encoder.run(["last_hidden_state"], ids)[0], None
         first = self.text_encoder.run([self.text_encoder.penultimate], ids)[0]
         second_encoder = self.text_encoder_2
@@ -202,7 +207,7 @@ class OnnxTextToImage:
         else:
             empty_context, empty_pooled = self.encode_prompts([""] * n)
         feed = {"encoder_hidden_states": np.concatenate([empty_context, context])}
-        if self.family == "sdxl":
+        if self.rules.pooled_text_embeds:
             feed["text_embeds"] = np.concatenate([empty_pooled, pooled])
             # original size, crop top-left, target size: the diffusers defaults
             feed["time_ids"] = np.tile(np.array([height, width, 0, 0, height, width], np.float32), (2 * n, 1))

@@ -19,53 +19,35 @@ convolutions), a patch rewrites the affected part of the original tensor.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import shutil
-import struct
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import torch
 
 from compiler.errors import UserError
 from compiler.io import atomic_output_file
 from compiler.export.provenance import check_provenance
 from compiler.fuse import split_name
-
-# safetensors dtype names <-> torch dtypes
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-_OPENCLIP_QKV = re.compile(r"self_attn\.(q|k|v)_proj\.(weight|bias)$")
-_COPY_CHUNK = 16 * 1024 * 1024
-
-# ModelSpec (https://github.com/Stability-AI/ModelSpec) architecture ids per family.
-_MODELSPEC_IMPLEMENTATION = {
-    "sd1": "https://github.com/CompVis/stable-diffusion",
-    "sd2": "https://github.com/Stability-AI/stablediffusion",
-    "sdxl": "https://github.com/Stability-AI/generative-models",
-}
-
+from compiler.models.layout import original_name, to_original_value
+from compiler.models.safetensors_file import (SAFETENSORS_DTYPES, SafetensorsFile, patch_safetensors_copy,
+                                              write_safetensors, write_safetensors_streamed)
 
 def modelspec_architecture(family: str, prediction_type: str | None) -> str:
-    if family == "sd1":
-        return "stable-diffusion-v1"
-    if family == "sd2":
-        return "stable-diffusion-v2-512" if prediction_type == "epsilon" else "stable-diffusion-v2-768-v"
-    if family == "sdxl":
-        return "stable-diffusion-xl-v1-base"
-    raise UserError(f"{family} has no single-file format (valid: sd1, sd2, sdxl)")
+    """The family's ModelSpec architecture id for this prediction type (its ``Family`` table)."""
+    from compiler.models.families import FAMILIES
+
+    return FAMILIES[family].modelspec_architecture(prediction_type)
 
 
 # Keys that hash the source's tensor data (ModelSpec, kohya sd-scripts' sshs_*, A1111's legacy
 # hash): an edit changes the data, so they no longer hold and are dropped. The source's own
 # hash stays known as editc.base_model_sha256.
 _STALE_HASH_KEY = re.compile(r"^(modelspec\.hash_|sshs_)")
-# What a family's files were trained at, when neither the source nor the user says.
-_NATIVE_RESOLUTION = {"sd1": 512, "sdxl": 1024}
 
 
 def modelspec_date() -> str:
@@ -85,10 +67,10 @@ def modelspec_resolution(family: str, configs: Mapping[str, Mapping] | None,
     unet, vae = (configs or {}).get("unet") or {}, (configs or {}).get("vae") or {}
     if unet.get("sample_size") and vae.get("block_out_channels"):
         side = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    elif family == "sd2":
-        side = 768 if prediction_type == "v_prediction" else 512
-    else:
-        side = _NATIVE_RESOLUTION.get(family)
+    else:  # what the family's files were trained at (SD-2: by prediction type)
+        from compiler.models.families import FAMILIES
+
+        side = FAMILIES[family].resolution(prediction_type)
     return f"{side}x{side}" if side else None
 
 
@@ -119,6 +101,8 @@ def modelspec_metadata(source_metadata: Mapping[str, str], family: str, predicti
     - A prediction type that was guessed (an SD-2 file without metadata) is not written as a
       fact: no ``modelspec.prediction_type``, and ``editc.prediction_type_guessed`` says so.
     """
+    from compiler.models.families import FAMILIES
+
     metadata = {k: v for k, v in source_metadata.items()
                 if k.startswith("editc.") or not _STALE_HASH_KEY.search(k)}
     if provenance:
@@ -128,12 +112,14 @@ def modelspec_metadata(source_metadata: Mapping[str, str], family: str, predicti
         metadata.pop("modelspec.prediction_type", None)
         metadata["editc.prediction_type_guessed"] = (
             f"{prediction_type}: the source does not record it; set it with --prediction-type")
-        metadata.setdefault("modelspec.architecture", "stable-diffusion-v2")
+        metadata.setdefault("modelspec.architecture", FAMILIES[family].modelspec_guessed_architecture
+                            or modelspec_architecture(family, prediction_type))
     else:
         metadata.setdefault("modelspec.architecture", modelspec_architecture(family, prediction_type))
         if prediction_type is not None:
             metadata.setdefault("modelspec.prediction_type", "v" if prediction_type == "v_prediction" else "epsilon")
-    metadata.setdefault("modelspec.implementation", _MODELSPEC_IMPLEMENTATION[family])
+    if FAMILIES[family].modelspec_implementation:
+        metadata.setdefault("modelspec.implementation", FAMILIES[family].modelspec_implementation)
     if resolution:
         metadata["modelspec.resolution"] = resolution
     elif not prediction_type_guessed:  # SD-2's size follows its prediction type: a guess too
@@ -157,210 +143,8 @@ def modelspec_metadata(source_metadata: Mapping[str, str], family: str, predicti
 
 
 # --------------------------------------------------------------------------------------------
-# Name and value mapping between the layouts
+# Patching original tensors
 # --------------------------------------------------------------------------------------------
-
-
-def original_name(family: str, qualified: str, configs: Mapping[str, Mapping]) -> str:
-    """The single-file name holding diffusers tensor ``<component>/<parameter>``."""
-    from compiler.models.layout import component_name_to_original
-
-    component, parameter = split_name(qualified)
-    config = configs.get(component, {}) if component in ("unet", "vae") else {}
-    try:
-        return component_name_to_original(family, component, parameter, config)
-    except (KeyError, StopIteration) as err:
-        raise UserError(f"{qualified}: no {family} single-file name for this tensor ({err})") from None
-
-
-def original_names(family: str, qualified_names: Iterable[str], configs: Mapping[str, Mapping]) -> dict[str, str]:
-    return {name: original_name(family, name, configs) for name in sorted(qualified_names)}
-
-
-def to_original_value(qualified: str, original: str, value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-    """The new content of original tensor ``original`` (now ``current``) once diffusers tensor
-    ``qualified`` becomes ``value``, in ``current``'s dtype and shape."""
-    value = value.detach().to("cpu")
-    if original.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
-        which = "qkv".index(_OPENCLIP_QKV.search(qualified)[1])
-        rows = current.shape[0] // 3
-        patched = current.clone()
-        patched[which * rows:(which + 1) * rows] = value.to(current.dtype)
-        return patched
-    if original.endswith("text_projection") and not original.endswith(".weight"):
-        value = value.t()
-    if value.numel() != current.numel():
-        raise UserError(f"{qualified}: new tensor has shape {list(value.shape)}, but {original} in "
-                        f"the checkpoint is {list(current.shape)}; the edit was made for another model")
-    return value.reshape(current.shape).to(current.dtype).contiguous()
-
-
-def from_original_value(qualified: str, original: str, stored: torch.Tensor) -> torch.Tensor:
-    """The diffusers tensor ``qualified`` read out of original tensor ``stored`` (inverse of
-    :func:`to_original_value`; VAE 1×1 convolutions stay 4-D, compare by values)."""
-    if original.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
-        which = "qkv".index(_OPENCLIP_QKV.search(qualified)[1])
-        rows = stored.shape[0] // 3
-        return stored[which * rows:(which + 1) * rows]
-    if original.endswith("text_projection") and not original.endswith(".weight"):
-        return stored.t()
-    return stored
-
-
-# --------------------------------------------------------------------------------------------
-# Patching a safetensors file in place of a copy
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SafetensorsTable:
-    path: Path
-    entries: dict[str, dict]  # in file order: name -> {dtype, shape, data_offsets}
-    metadata: dict[str, str]
-    data_start: int  # byte offset of the data section
-
-    @classmethod
-    def read(cls, path: str | os.PathLike) -> SafetensorsTable:
-        from compiler.models.checkpoint import read_safetensors_header
-
-        path = Path(path)
-        entries, metadata = read_safetensors_header(path)  # validated against the file size
-        with path.open("rb") as f:
-            (header_length,) = struct.unpack("<Q", f.read(8))
-        return cls(path, entries, metadata, 8 + header_length)
-
-    def tensor(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
-
-        with safe_open(str(self.path), "pt") as f:
-            return f.get_tensor(name)
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
-
-
-def _header_bytes(entries: Mapping[str, dict], metadata: Mapping[str, str]) -> bytes:
-    header = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
-    header.update(entries)
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # keep the data section 8-byte aligned
-    return struct.pack("<Q", len(raw)) + raw
-
-
-_TORCH_TO_SAFETENSORS = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-
-
-def write_safetensors(tensors: Mapping[str, torch.Tensor], out_file: Path, metadata: Mapping[str, str]) -> None:
-    """Write a safetensors file deterministically: byte-identical for identical inputs.
-
-    (``safetensors.torch.save_file`` keeps metadata in a hash map, whose order varies from run
-    to run.) Tensors are laid out as safetensors orders them, by descending element size, then
-    name, so every tensor stays aligned to its element size.
-    """
-    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
-    entries, offset = {}, 0
-    for name in order:
-        tensor = tensors[name]
-        size = tensor.numel() * tensor.element_size()
-        entries[name] = {"dtype": _TORCH_TO_SAFETENSORS[tensor.dtype], "shape": list(tensor.shape),
-                         "data_offsets": [offset, offset + size]}
-        offset += size
-    with out_file.open("wb") as f:
-        f.write(_header_bytes(entries, metadata))
-        for name in order:
-            f.write(_tensor_bytes(tensors[name]))
-
-
-def write_safetensors_streamed(entries: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], produce,
-                               out_file: Path, metadata: Mapping[str, str]) -> None:
-    """:func:`write_safetensors` one tensor at a time: the header from dtypes and shapes alone,
-    then ``produce(name)`` for each tensor in the same order, written and dropped, so peak
-    memory is one tensor, not the checkpoint. Byte-identical to ``write_safetensors`` of the
-    same tensors."""
-    def size(name: str) -> int:
-        dtype, shape = entries[name]
-        count = 1
-        for n in shape:
-            count *= int(n)
-        return count * torch.empty((), dtype=dtype).element_size()
-
-    order = sorted(entries, key=lambda n: (-torch.empty((), dtype=entries[n][0]).element_size(), n))
-    table, offset = {}, 0
-    for name in order:
-        dtype, shape = entries[name]
-        table[name] = {"dtype": _TORCH_TO_SAFETENSORS[dtype], "shape": [int(n) for n in shape],
-                       "data_offsets": [offset, offset + size(name)]}
-        offset += size(name)
-    with out_file.open("wb") as f:
-        f.write(_header_bytes(table, metadata))
-        for name in order:
-            tensor = produce(name)
-            dtype, shape = entries[name]
-            if tensor.dtype != dtype or list(tensor.shape) != list(shape):
-                raise ValueError(f"{name}: produced {tensor.dtype} {list(tensor.shape)}, announced "
-                                 f"{dtype} {list(shape)}")
-            f.write(_tensor_bytes(tensor))
-
-
-def _copy_rest(src, dst) -> None:
-    """Copy ``src`` from its position to its end onto ``dst``: in the kernel where it can
-    (``copy_file_range``: no bytes through user space, a reflink on filesystems that share
-    blocks), else through a 16 MiB buffer."""
-    copy_range = getattr(os, "copy_file_range", None)
-    if copy_range is not None:
-        dst.flush()
-        remaining = os.fstat(src.fileno()).st_size - src.tell()
-        offset_in, offset_out = src.tell(), dst.tell()
-        try:
-            while remaining > 0:
-                n = copy_range(src.fileno(), dst.fileno(), min(remaining, 1 << 30), offset_in, offset_out)
-                if n == 0:
-                    break
-                offset_in += n
-                offset_out += n
-                remaining -= n
-            if remaining == 0:
-                src.seek(offset_in)
-                dst.seek(offset_out)
-                return
-        except OSError:
-            pass
-        src.seek(offset_in)
-        dst.seek(offset_out)
-    shutil.copyfileobj(src, dst, _COPY_CHUNK)
-
-
-def patch_safetensors_copy(source: SafetensorsTable, out_file: Path,
-                           replacements: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> None:
-    """Write ``source`` to ``out_file`` with the tensors in ``replacements`` overwritten.
-
-    The tensor table is kept as is (each replacement has the stored dtype and shape, hence the
-    same byte range); only the header's metadata changes. ``out_file`` is written, never the
-    source.
-    """
-    patches = []
-    for name, tensor in replacements.items():
-        entry = source.entries.get(name)
-        if entry is None:
-            raise UserError(f"{source.path}: has no tensor '{name}' to patch")
-        if SAFETENSORS_DTYPES.get(entry["dtype"]) != tensor.dtype or list(tensor.shape) != list(entry["shape"]):
-            raise ValueError(f"{name}: patch is {tensor.dtype} {list(tensor.shape)}, the file holds "
-                             f"{entry['dtype']} {entry['shape']}")
-        start, end = entry["data_offsets"]
-        data = _tensor_bytes(tensor)
-        if len(data) != end - start:
-            raise ValueError(f"{name}: patch is {len(data)} bytes, the file's range is {end - start}")
-        patches.append((start, data))
-    with source.path.open("rb") as src, out_file.open("wb") as dst:
-        dst.write(_header_bytes(source.entries, metadata))
-        src.seek(source.data_start)
-        _copy_rest(src, dst)
-        data_start = dst.tell() - (source.path.stat().st_size - source.data_start)
-        for start, data in sorted(patches, key=lambda p: p[0]):
-            dst.seek(data_start + start)
-            dst.write(data)
 
 
 def original_replacements(family: str, edited: Mapping[str, torch.Tensor], configs: Mapping[str, Mapping],
@@ -440,7 +224,7 @@ def export_single_file(edited: Mapping[str, torch.Tensor], source, out_path: str
                                   resolution=resolution, prediction_type_guessed=described.prediction_type_guessed)
     with atomic_output_file(out, force=force, inputs=[described.path]) as temporary:
         if described.format == "single-file" and described.path.suffix.lower() == ".safetensors":
-            table = SafetensorsTable.read(described.path)
+            table = SafetensorsFile.read(described.path)
             replacements = original_replacements(described.family, edited, described.configs, table.tensor)
             patch_safetensors_copy(table, temporary, replacements, metadata)
         elif described.format == "single-file":
@@ -462,7 +246,7 @@ def _write_from_ckpt(described: _Source, edited, out_file: Path, metadata: Mappi
 
 def _source_dtypes(folder: Path, component: str) -> dict[str, torch.dtype]:
     """The stored dtype of each tensor in a diffusers component's safetensors files."""
-    from compiler.models.checkpoint import read_safetensors_header
+    from compiler.models.safetensors_file import read_safetensors_header
 
     dtypes: dict[str, torch.dtype] = {}
     for weights in sorted((folder / component).glob("*.safetensors")):
@@ -477,9 +261,9 @@ def _source_dtypes(folder: Path, component: str) -> dict[str, torch.dtype]:
 def _write_from_diffusers(described: _Source, edited, out_file: Path, metadata: Mapping[str, str]) -> None:
     """A diffusers source: every component converted to the family's original layout, streamed
     tensor by tensor from the source's files (peak memory: one original tensor and its parts)."""
-    from compiler.models.layout import (SINGLE_FILE_COMPONENTS, component_name_to_original, component_to_original,
+    from compiler.models.layout import (single_file_components, component_name_to_original, component_to_original,
                                         sd2_completion_tensor)
-    from compiler.models.load import _build_meta, inspect_source
+    from compiler.models.load import build_meta, inspect_source
     from compiler.models.selective import TensorReader
 
     source = inspect_source(described.path, described.prediction_type)
@@ -491,8 +275,8 @@ def _write_from_diffusers(described: _Source, edited, out_file: Path, metadata: 
     entries: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     parts: dict[str, tuple[str, dict, list[str]]] = {}  # original -> (component, config, diffusers names)
     meta_modules = {}
-    for component in SINGLE_FILE_COMPONENTS[described.family]:
-        module = _build_meta(source.configs, component, str(source.path))
+    for component in single_file_components(described.family):
+        module = build_meta(source.configs, component, str(source.path))
         meta_modules[component] = module
         config = source.configs.get(component, {}) if component in ("unet", "vae") else {}
         state = module.state_dict()
@@ -557,3 +341,47 @@ def write_output(job) -> dict:
     path = job.folder / "model.safetensors"
     export_single_file(job.new_tensors, job.loaded, path, job.provenance, resolution=job.resolution)
     return {"single-file": str(job.out / path.name)}
+
+
+# --------------------------------------------------------------------------------------------
+# ``editc export single-file`` (named by this format's registry entry)
+# --------------------------------------------------------------------------------------------
+
+def _echo_json(document: dict) -> None:
+    import json
+
+    click.echo(json.dumps(document, indent=2, default=str))
+
+
+@click.command("single-file")
+@click.argument("model")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False),
+              help="Output .safetensors file.")
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--prediction-type", type=click.Choice(["epsilon", "v_prediction"]), default=None,
+              help="SD-2.x files without metadata: 512-base (epsilon) or 768-v (v_prediction); "
+                   "written to modelspec.prediction_type instead of a guess.")
+@click.option("--resolution", default=None, metavar="WxH",
+              help="modelspec.resolution to write (default: the source's, else the UNet's size).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def command(model, out_path, force, prediction_type, resolution, as_json):
+    """Write MODEL in its family's original single-file layout (A1111/ComfyUI).
+
+    A diffusers folder is converted (its editc provenance carried over); a single file is
+    copied with its metadata and ModelSpec keys completed.
+    """
+    from compiler.export.provenance import read_provenance
+    from compiler.io import claim_output, input_paths
+    from compiler.models.load import resolve_model_path
+
+    started = time.perf_counter()
+    with claim_output(out_path, force=force, inputs=input_paths(model), kind="file"):
+        source = resolve_model_path(model)
+        provenance = read_provenance(source)
+        written = export_single_file({}, source, out_path, provenance, force=force,
+                                     prediction_type=prediction_type, resolution=resolution)
+    seconds = time.perf_counter() - started
+    if as_json:
+        _echo_json({"out": str(written), "seconds": seconds, "provenance": sorted(provenance)})
+    else:
+        click.echo(f"wrote {written} in {seconds:.1f} s")

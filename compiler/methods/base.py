@@ -81,6 +81,12 @@ class EditMethod:
         """Where the method edits, when it has several places (``None``: one place)."""
         return None
 
+    def capture_point(self, model) -> tuple[object, str] | None:
+        """Where the state this method moves is read, as ``(module, name)``: neighbours of an
+        edit are found in that state (``compiler.resolve.find_neighbours``). ``None``: the text
+        encoder's output, the context of every UNet cross-attention layer."""
+        return None
+
     def default_eos(self, site: str | None) -> bool:
         """Whether an edit remaps the end-of-text token when its recipe does not say. UNet K/V
         and ``out_proj`` edits read states that already summarise the prompt, so EOS (and

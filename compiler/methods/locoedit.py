@@ -15,7 +15,7 @@ class LocoEdit(EditMethod):
     edits_unet_layers = True
 
     def auto_choice(self, edit, family):
-        if family.name == "if":
+        if not family.causal_text_encoder:
             return None  # T5's bidirectional attention spreads the concept over every token
         return AutoChoice(None, "auto: LocoEdit on the located cross-attention K/V (works on every "
                                 "CLIP-conditioned family)")

@@ -24,7 +24,7 @@ class Neurons(EditMethod):
     fields = (MethodField("neurons_top_k", _parse_top_k, DEFAULT_NEURONS_TOP_K, with_auto=True),)
 
     def edit_details(self, edit):
-        top_k = edit.neurons_top_k
+        top_k = edit.option("neurons_top_k", DEFAULT_NEURONS_TOP_K)
         return [f"top-{top_k} neurons"] if top_k != DEFAULT_NEURONS_TOP_K else []
 
     def build_rows(self, context, plans):
@@ -54,11 +54,11 @@ class Neurons(EditMethod):
                     if weight is None:
                         weight = model.read_tensors([qualified])[qualified]
                     w64 = weight.to(device=context.device, dtype=torch.float64)
-                    if plan.edit.neurons_top_k > w64.shape[0]:
-                        raise UserError(f"edit '{plan.edit.concept}': neurons_top_k {plan.edit.neurons_top_k} exceeds "
+                    top_k = plan.edit.option("neurons_top_k", DEFAULT_NEURONS_TOP_K)
+                    if top_k > w64.shape[0]:
+                        raise UserError(f"edit '{plan.edit.concept}': neurons_top_k {top_k} exceeds "
                                         f"the {w64.shape[0]} output neurons of {qualified}; use at most {w64.shape[0]}")
-                    idx = solve.zscore_neurons(with_rows.double() @ w64.T, without_rows.double() @ w64.T,
-                                               plan.edit.neurons_top_k)
+                    idx = solve.zscore_neurons(with_rows.double() @ w64.T, without_rows.double() @ w64.T, top_k)
                     new[qualified] = solve.ablate_neurons(weight, None, idx).weight
                     counts[qualified] = int(idx.numel())
         return [Solved(new, {"method": "neurons", "tensors": sorted(new), "ablated": counts,

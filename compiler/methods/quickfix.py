@@ -81,7 +81,13 @@ class QuickFix(EditMethod):
         return None
 
     def site(self, edit):
-        return edit.site or DEFAULT_SITE
+        return edit.option("site") or DEFAULT_SITE
+
+    def capture_point(self, model):
+        """The input of layer 0's ``out_proj``: the keys this method remaps."""
+        spec = model.registry.text_layer0[0]
+        return (model.text_encoder(spec.component).get_submodule(spec.module_name),
+                f"{spec.component}.{spec.module_name}")
 
     def default_eos(self, site):
         """At layer 0's ``v_proj`` the EOS row is mostly the tokens around the concept (a style,

@@ -33,19 +33,18 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from compiler.errors import UserError
-from compiler.models.families import FAMILIES, UNET_PREFIX, VAE_PREFIX, FamilyDetection
+from compiler.models.families import FAMILIES, UNET_PREFIX, VAE_PREFIX, FamilyDetection, TextEncoderSpec
 
 CONFIG_METADATA_KEY = "editc.diffusers_config"
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "assets" / "configs"
 HEAD_CHANNELS = 64  # channels per attention head in CLIP/OpenCLIP text towers and SD-2/XL UNets
-SD1_UNET_HEADS = 8  # SD-1's UNet has 8 heads at every level (ldm config num_heads: 8)
 
 Shapes = Mapping[str, tuple[int, ...]]
 
 
 def shipped_config_folder(family: str) -> Path:
-    folder = CONFIG_ROOT / family
+    folder = CONFIG_ROOT / FAMILIES[family].shipped_configs
     if not (folder / "model_index.json").is_file():
         raise UserError(f"{folder}: the shipped config folder for {family} is missing; "
                         f"reinstall editc")
@@ -117,15 +116,17 @@ def infer_unet_config(family: str, shapes: Shapes, base: Mapping) -> dict:
     config["up_block_types"] = up_types
     config["cross_attention_dim"] = int(shapes[attn_prefix + "transformer_blocks.0.attn2.to_k.weight"][1])
     config["use_linear_projection"] = len(shapes[attn_prefix + "proj_in.weight"]) == 2
-    if family == "sd1":
-        config["attention_head_dim"] = SD1_UNET_HEADS
+    rules = FAMILIES[family]
+    if rules.unet_heads is not None:
+        config["attention_head_dim"] = rules.unet_heads
     else:
         config["attention_head_dim"] = [_heads(c) for c in block_out_channels]
-    if family == "sdxl" or any(n != 1 for n in transformer_layers):
+    if rules.time_ids or any(n != 1 for n in transformer_layers):
         config["transformer_layers_per_block"] = transformer_layers
-    if family == "sdxl":
+    if rules.time_ids:
         # label_emb input = 6 size/crop numbers × addition_time_embed_dim + pooled text width
-        pooled = int(shapes["conditioner.embedders.1.model.text_projection"][1])
+        pooling = next(spec for spec in rules.text_encoders if spec.with_projection)
+        pooled = int(shapes[pooling.original_prefix + "text_projection"][1])
         label_in = int(shapes[p + "label_emb.0.0.weight"][1])
         config["projection_class_embeddings_input_dim"] = label_in
         config["addition_time_embed_dim"] = (label_in - pooled) // 6
@@ -163,23 +164,24 @@ def infer_clip_config(shapes: Shapes, prefix: str, base: Mapping) -> dict:
     return config
 
 
-def infer_openclip_config(family: str, shapes: Shapes, prefix: str, base: Mapping) -> dict:
+def infer_openclip_config(spec: TextEncoderSpec, shapes: Shapes, base: Mapping) -> dict:
     """An OpenCLIP text encoder (SD-2, SD-XL's second) stored in OpenCLIP layout."""
+    prefix = spec.original_prefix
     config = copy.deepcopy(dict(base))
     vocab, hidden = shapes[prefix + "token_embedding.weight"]
     layers = _indices(shapes, re.escape(prefix) + r"transformer\.resblocks\.(\d+)\.")
     num_layers = len(layers)
-    if family == "sd2" and num_layers == 24:
+    if spec.pass_through_after is not None and num_layers == spec.pass_through_after + 1:
         # SD-2 reads the penultimate layer: its 24th resblock is unused, and diffusers drops it
         # (SD_2_TEXT_ENCODER_KEYS_TO_IGNORE), so the diffusers text encoder has 23 layers.
-        num_layers = 23
+        num_layers = spec.pass_through_after
     config["hidden_size"] = int(hidden)
     config["vocab_size"] = int(vocab)
     config["max_position_embeddings"] = int(shapes[prefix + "positional_embedding"][0])
     config["num_hidden_layers"] = num_layers
     config["intermediate_size"] = int(shapes[prefix + "transformer.resblocks.0.mlp.c_fc.weight"][0])
     config["num_attention_heads"] = _heads(int(hidden))
-    if family == "sdxl":
+    if spec.with_projection:
         # SD-XL's second encoder is a CLIPTextModelWithProjection (pooled embeds); SD-2's
         # CLIPTextModel has no projection, and diffusers drops SD-2's text_projection tensor.
         config["projection_dim"] = int(shapes[prefix + "text_projection"][1])
@@ -199,14 +201,13 @@ def infer_single_file_configs(
             configs[spec.component] = infer_clip_config(shapes, spec.original_prefix,
                                                         configs[spec.component])
         else:
-            configs[spec.component] = infer_openclip_config(family, shapes, spec.original_prefix,
-                                                            configs[spec.component])
-    if family == "sd2" and prediction_type is not None:
-        # 512-base (epsilon) and 768-v (v-prediction) differ in their scheduler and sizes only.
+            configs[spec.component] = infer_openclip_config(spec, shapes, configs[spec.component])
+    rules = FAMILIES[family]
+    if rules.prediction_type_ambiguous and prediction_type is not None:
+        # SD-2: 512-base (epsilon) and 768-v (v-prediction) differ in their scheduler and sizes only.
         configs["scheduler"]["prediction_type"] = prediction_type
-        if prediction_type == "epsilon":
-            configs["unet"]["sample_size"] = 64
-            configs["vae"]["sample_size"] = 512
+        for component, changes in rules.prediction_type_configs.get(prediction_type, {}).items():
+            configs[component].update(changes)
     return configs
 
 

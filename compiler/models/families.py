@@ -9,11 +9,16 @@ whether the paper's known layer locations (measured on the full-size models) may
 
 Detection is done here from keys and shapes, never delegated: diffusers' own single-file
 detection silently falls back to SD-1 ("v1") for anything it does not recognise.
+
+Everything that differs between families is reached through the :class:`Family` object (its
+data and hooks): configs inferred from a single file, key layouts, single-file and ModelSpec
+tables, ONNX graph inputs and outputs, planning rules. No other module compares a family's
+name; a new family is one ``Family(...)`` passed to :func:`register_family`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from compiler.errors import UserError
@@ -33,6 +38,22 @@ class TextEncoderSpec:
     width: int  # hidden size of the reference model
     # Where the encoder lives in the original single file (None: the family has no single file).
     original_prefix: str | None
+    # A CLIPTextModelWithProjection (pooled embeds: SD-XL's second encoder); its single-file
+    # layout stores the projection, whose width the config takes.
+    with_projection: bool = False
+    # The diffusers encoder's layer count at reference size when the original tower has one
+    # more block that nothing reads (SD-2 conditions on the penultimate layer, diffusers drops
+    # the 24th): a single file written back carries that block as a pass-through.
+    pass_through_after: int | None = None
+
+    @property
+    def token_key(self) -> str | None:
+        """The single-file key of its token embedding: what tells the encoder is there."""
+        if self.original_prefix is None:
+            return None
+        if self.kind == "clip":
+            return self.original_prefix + "text_model.embeddings.token_embedding.weight"
+        return self.original_prefix + "token_embedding.weight"
 
 
 @dataclass(frozen=True)
@@ -59,7 +80,6 @@ class Family:
     # "attn2": Transformer2DModel cross-attention (to_k/to_v); "added_kv": DeepFloyd IF's
     # AttnAddedKV attention layers (add_k_proj/add_v_proj).
     cross_attention_kind: str
-    has_single_file_format: bool
     # LocoGen's locations from the ICML 2024 paper, per attribute, at reference size.
     known_locations: Mapping[str, LayerWindow] = field(default_factory=dict)
     notes: str = ""
@@ -71,11 +91,71 @@ class Family:
     pooled_text_embeds: bool = False
     time_ids: bool = False
     causal_text_encoder: bool = True
+    # Why no method can edit it (planning refuses every edit with this), None when editable.
+    no_edit_reason: str | None = None
+    # -- configs --
+    shipped_configs: str = ""  # its folder under compiler/assets/configs ("": its name)
+    needs_vae: bool = True
+    # One head count at every UNet level (SD-1: 8); None: width // 64 per level.
+    unet_heads: int | None = None
+    # -- the original single file (empty: the family has none) --
+    single_file_components: tuple[str, ...] = ()
+    single_file_evidence: str = ""  # one line for `inspect`: where its text encoders sit
+    # ModelSpec architecture ids -> the prediction type each implies (None: any). Written: the
+    # first whose prediction type matches, else the last; read: the family and prediction type.
+    modelspec_architectures: Mapping[str, str | None] = field(default_factory=dict)
+    modelspec_implementation: str | None = None
+    modelspec_guessed_architecture: str | None = None  # written when the prediction type is a guess
+    native_resolution: Mapping[str | None, int] = field(default_factory=dict)  # by prediction type
+    # Variants that share their keys and differ in prediction type (SD-2's 512-base and 768-v):
+    # the type told by a .ckpt's global_step, the guess otherwise, and the config changes of each.
+    prediction_type_ambiguous: bool = False
+    prediction_type_by_global_step: Mapping[int, str] = field(default_factory=dict)
+    prediction_type_guess: str | None = None
+    prediction_type_configs: Mapping[str, Mapping[str, Mapping]] = field(default_factory=dict)
+    # -- ONNX --
+    onnx_pipeline_class: str | None = None  # the ORT pipeline's class name; None: no ONNX export
+    onnx_vae_float32: bool = False  # the VAE overflows in float16 (SD-XL's)
+    # -- detection of a diffusers folder beyond its pipeline class (hook) --
+    # ``(model_index, unet_config, text_configs) -> bool``; the newest registered family whose
+    # pipeline class and hook accept a folder wins, so a variant outranks its parent.
+    claims_diffusers: Callable[[Mapping, Mapping, Mapping], bool] | None = None
+
+    @property
+    def has_single_file_format(self) -> bool:
+        return bool(self.single_file_components)
+
+    def modelspec_architecture(self, prediction_type: str | None) -> str:
+        if not self.modelspec_architectures:
+            raise UserError(f"{self.name} has no single-file format (valid: {', '.join(single_file_families())})")
+        matching = [a for a, p in self.modelspec_architectures.items() if p is not None and p == prediction_type]
+        return matching[0] if matching else list(self.modelspec_architectures)[-1]
+
+    def resolution(self, prediction_type: str | None) -> int | None:
+        return self.native_resolution.get(prediction_type, self.native_resolution.get(None))
+
+    def __post_init__(self) -> None:
+        if not self.shipped_configs:
+            object.__setattr__(self, "shipped_configs", self.name)
+
+    def text_encoder(self, component: str) -> TextEncoderSpec:
+        return next(t for t in self.text_encoders if t.component == component)
 
     @property
     def single_file_prefixes(self) -> dict[str, str]:
         """Where each text encoder lives in the original single file."""
         return {spec.component: spec.original_prefix for spec in self.text_encoders if spec.original_prefix}
+
+
+def _claims_sd2(model_index: Mapping, unet_config: Mapping, text_configs: Mapping) -> bool:
+    """SD-1 and SD-2 share their pipeline class. Reference widths decide directly; a narrower
+    model of the same layout (the toy model, test fixtures) is SD-2-like when its UNet uses
+    linear proj_in/proj_out (SD-2's use_linear_in_transformer), SD-1-like otherwise: that is
+    the single-file layout it would be written in."""
+    context = unet_config.get("cross_attention_dim")
+    if context in (768, 1024):
+        return context == 1024
+    return bool(unet_config.get("use_linear_projection"))
 
 
 FAMILIES: dict[str, Family] = {
@@ -90,7 +170,13 @@ FAMILIES: dict[str, Family] = {
         context_dim=768,
         cross_attention_layers=16,
         cross_attention_kind="attn2",
-        has_single_file_format=True,
+        unet_heads=8,  # ldm config num_heads: 8 at every level
+        single_file_components=("unet", "vae", "text_encoder"),
+        single_file_evidence="OpenAI CLIP text encoder at cond_stage_model.transformer",
+        modelspec_architectures={"stable-diffusion-v1": None},
+        modelspec_implementation="https://github.com/CompVis/stable-diffusion",
+        native_resolution={None: 512},
+        onnx_pipeline_class="ORTStableDiffusionPipeline",
         known_locations={
             "style": LayerWindow(8, 2),
             "object": LayerWindow(6, 2),
@@ -103,12 +189,25 @@ FAMILIES: dict[str, Family] = {
         pipeline_class="StableDiffusionPipeline",
         text_encoders=(
             TextEncoderSpec("text_encoder", "openclip", "OpenCLIP ViT-H/14 text", 1024,
-                            "cond_stage_model.model."),
+                            "cond_stage_model.model.", pass_through_after=23),
         ),
         context_dim=1024,
         cross_attention_layers=16,
         cross_attention_kind="attn2",
-        has_single_file_format=True,
+        single_file_components=("unet", "vae", "text_encoder"),
+        single_file_evidence="OpenCLIP text encoder at cond_stage_model.model",
+        modelspec_architectures={"stable-diffusion-v2-512": "epsilon",
+                                 "stable-diffusion-v2-768-v": "v_prediction"},
+        modelspec_implementation="https://github.com/Stability-AI/stablediffusion",
+        modelspec_guessed_architecture="stable-diffusion-v2",
+        native_resolution={"v_prediction": 768, None: 512},
+        prediction_type_ambiguous=True,
+        prediction_type_by_global_step={875000: "epsilon"},  # Stability's 512-base release
+        prediction_type_guess="v_prediction",
+        claims_diffusers=_claims_sd2,
+        prediction_type_configs={"epsilon": {"unet": {"sample_size": 64}, "vae": {"sample_size": 512}},
+                                 "v_prediction": {}},
+        onnx_pipeline_class="ORTStableDiffusionPipeline",
         known_locations={
             "style": LayerWindow(8, 3),
             "object": LayerWindow(8, 3),
@@ -125,12 +224,18 @@ FAMILIES: dict[str, Family] = {
             TextEncoderSpec("text_encoder", "clip", "CLIP ViT-L/14 text", 768,
                             "conditioner.embedders.0.transformer."),
             TextEncoderSpec("text_encoder_2", "openclip", "OpenCLIP ViT-bigG/14 text", 1280,
-                            "conditioner.embedders.1.model."),
+                            "conditioner.embedders.1.model.", with_projection=True),
         ),
         context_dim=2048,
         cross_attention_layers=70,
         cross_attention_kind="attn2",
-        has_single_file_format=True,
+        single_file_components=("unet", "vae", "text_encoder", "text_encoder_2"),
+        single_file_evidence="CLIP-L + OpenCLIP-bigG text encoders at conditioner.embedders.0/1",
+        modelspec_architectures={"stable-diffusion-xl-v1-base": None},
+        modelspec_implementation="https://github.com/Stability-AI/generative-models",
+        native_resolution={None: 1024},
+        onnx_pipeline_class="ORTStableDiffusionXLPipeline",
+        onnx_vae_float32=True,  # SD-XL's VAE overflows in float16
         known_locations={
             "style": LayerWindow(45, 3),
             "fact": LayerWindow(45, 5),
@@ -148,14 +253,28 @@ FAMILIES: dict[str, Family] = {
         context_dim=4096,
         cross_attention_layers=None,
         cross_attention_kind="added_kv",
-        has_single_file_format=False,
         known_locations={},  # the paper: locations depend on the prompt, not the attribute
         notes="no single-file format; LocoEdit does not work on IF (bidirectional T5 encoder)",
         causal_text_encoder=False,
+        no_edit_reason="DeepFloyd IF has no editable location: its T5 encoder is bidirectional, so the "
+        "concept is not concentrated in its last token and LocoEdit fails there (Basu et al., ICML 2024)",
+        needs_vae=False,
     ),
 }
 
 FAMILY_NAMES = tuple(FAMILIES)
+
+
+def register_family(family: Family) -> Family:
+    """Add (or replace) a family: the one line a new family needs besides its data."""
+    global FAMILY_NAMES
+    FAMILIES[family.name] = family
+    FAMILY_NAMES = tuple(FAMILIES)
+    return family
+
+
+def single_file_families() -> list[str]:
+    return [f.name for f in FAMILIES.values() if f.has_single_file_format]
 
 
 def family_of_pipeline(pipe) -> Family:
@@ -194,27 +313,22 @@ class FamilyDetection:
 # Key names that identify the pieces of an original (LDM/SGM) single-file checkpoint.
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-_CLIP_TOKENS = "transformer.text_model.embeddings.token_embedding.weight"
-_OPENCLIP_TOKENS = "model.token_embedding.weight"
-SD1_TEXT_KEY = "cond_stage_model." + _CLIP_TOKENS
-SD2_TEXT_KEY = "cond_stage_model." + _OPENCLIP_TOKENS
-SDXL_TEXT_KEY_0 = "conditioner.embedders.0." + _CLIP_TOKENS
-SDXL_TEXT_KEY_1 = "conditioner.embedders.1." + _OPENCLIP_TOKENS
-SDXL_REFINER_TEXT_KEY = "conditioner.embedders.0." + _OPENCLIP_TOKENS
+SDXL_REFINER_TEXT_KEY = "conditioner.embedders.0.model.token_embedding.weight"
 
-# ModelSpec (https://github.com/Stability-AI/ModelSpec) architecture ids of full checkpoints.
-_MODELSPEC_ARCHITECTURES = {
-    "stable-diffusion-v1": ("sd1", None),
-    "stable-diffusion-v2-512": ("sd2", "epsilon"),
-    "stable-diffusion-v2-768-v": ("sd2", "v_prediction"),
-    "stable-diffusion-xl-v1-base": ("sdxl", None),
-}
+
+def _modelspec_architectures() -> dict[str, tuple[str, str | None]]:
+    """ModelSpec architecture id -> (family, prediction type), from every family's table."""
+    return {architecture: (family.name, prediction)
+            for family in FAMILIES.values() for architecture, prediction in family.modelspec_architectures.items()}
+
+
 _MODELSPEC_PREDICTION = {"epsilon": "epsilon", "v": "v_prediction", "v_prediction": "v_prediction"}
 
-_VALID_SINGLE_FILES = (
-    "valid: an original single-file checkpoint of Stable Diffusion 1.x, 2.x or XL base "
-    "(.safetensors or .ckpt), or a diffusers folder of sd1, sd2, sdxl or DeepFloyd IF stage I"
-)
+
+
+def _valid_single_files() -> str:
+    return (f"valid: an original single-file checkpoint of {', '.join(single_file_families())} "
+            f"(.safetensors or .ckpt), or a diffusers folder of {', '.join(FAMILIES)}")
 
 
 def _first_cross_attention_key(keys: Mapping[str, tuple[int, ...]]) -> str | None:
@@ -249,57 +363,53 @@ def detect_family(
         k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys
     ):
         raise UserError(f"{source}: this is a LoRA/textual-inversion adapter, not a full model "
-                        f"checkpoint; {_VALID_SINGLE_FILES}")
+                        f"checkpoint; {_valid_single_files()}")
     if not keys:
-        raise UserError(f"{source}: the checkpoint contains no tensors; {_VALID_SINGLE_FILES}")
+        raise UserError(f"{source}: the checkpoint contains no tensors; {_valid_single_files()}")
 
     has_unet = any(k.startswith(UNET_PREFIX) for k in keys)
-    clip_sd1 = SD1_TEXT_KEY in keys
-    openclip_sd2 = SD2_TEXT_KEY in keys
-    sdxl = SDXL_TEXT_KEY_0 in keys and SDXL_TEXT_KEY_1 in keys
+    # A family is there when every one of its text encoders' token embeddings is.
+    found = [f.name for f in FAMILIES.values() if f.has_single_file_format
+             and all(spec.token_key in keys for spec in f.text_encoders)]
+    sdxl_like = any(len(FAMILIES[f].text_encoders) > 1 for f in found)
 
     if not has_unet:
         if any(k.startswith(("down_blocks.", "mid_block.", "up_blocks.")) for k in keys):
             raise UserError(f"{source}: this is a diffusers-layout UNet weight file, not a full "
                             f"single-file checkpoint; point editc at the diffusers folder that "
-                            f"contains it ({_VALID_SINGLE_FILES})")
+                            f"contains it ({_valid_single_files()})")
         raise UserError(f"{source}: no UNet weights (model.diffusion_model.*) — not a Stable "
                         f"Diffusion checkpoint (first keys: {_sample_keys(keys)}); "
-                        f"{_VALID_SINGLE_FILES}")
-    if SDXL_REFINER_TEXT_KEY in keys and not sdxl:
+                        f"{_valid_single_files()}")
+    if SDXL_REFINER_TEXT_KEY in keys and not sdxl_like:
         raise UserError(f"{source}: this is an SD-XL refiner checkpoint, which editc does not "
-                        f"edit (it has no CLIP-L text encoder); {_VALID_SINGLE_FILES}")
+                        f"edit (it has no CLIP-L text encoder); {_valid_single_files()}")
     conv_in = keys.get(UNET_PREFIX + "input_blocks.0.0.weight")
     if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
         raise UserError(f"{source}: the UNet takes {conv_in[1]} input channels (an inpainting or "
                         f"instruct-pix2pix model); editc edits text-to-image models with 4 latent "
-                        f"channels; {_VALID_SINGLE_FILES}")
+                        f"channels; {_valid_single_files()}")
 
-    found = [name for name, present in (("sd1", clip_sd1), ("sd2", openclip_sd2), ("sdxl", sdxl))
-             if present]
+    if len(found) > 1:  # one family's encoders may be part of another's: the fullest match
+        most = max(len(FAMILIES[f].text_encoders) for f in found)
+        found = [f for f in found if len(FAMILIES[f].text_encoders) == most]
     if len(found) != 1:
         what = "no known text encoder" if not found else "text encoders of " + " and ".join(found)
+        expected = ", ".join(f"{'/'.join(spec.original_prefix for spec in f.text_encoders)}* for {f.name}"
+                             for f in FAMILIES.values() if f.has_single_file_format)
         raise UserError(f"{source}: unknown checkpoint layout — UNet present but {what} "
-                        f"(expected cond_stage_model.transformer.* for sd1, "
-                        f"cond_stage_model.model.* for sd2, conditioner.embedders.0/1 for sdxl); "
-                        f"{_VALID_SINGLE_FILES}")
+                        f"(expected {expected}); {_valid_single_files()}")
     family = found[0]
 
     attn_key = _first_cross_attention_key(keys)
     if attn_key is None:
         raise UserError(f"{source}: the UNet has no cross-attention layers (attn2.to_k); "
-                        f"{_VALID_SINGLE_FILES}")
+                        f"{_valid_single_files()}")
     context_dim = int(keys[attn_key][1])
 
-    if family == "sd1":
-        text_widths = (int(keys[SD1_TEXT_KEY][1]),)
-        evidence = "OpenAI CLIP text encoder at cond_stage_model.transformer"
-    elif family == "sd2":
-        text_widths = (int(keys[SD2_TEXT_KEY][1]),)
-        evidence = "OpenCLIP text encoder at cond_stage_model.model"
-    else:
-        text_widths = (int(keys[SDXL_TEXT_KEY_0][1]), int(keys[SDXL_TEXT_KEY_1][1]))
-        evidence = "CLIP-L + OpenCLIP-bigG text encoders at conditioner.embedders.0/1"
+    text_widths = tuple(int(keys[spec.token_key][1]) for spec in FAMILIES[family].text_encoders)
+    evidence = FAMILIES[family].single_file_evidence or "text encoders at " + ", ".join(
+        spec.original_prefix.rstrip(".") for spec in FAMILIES[family].text_encoders)
 
     if sum(text_widths) != context_dim:
         raise UserError(f"{source}: inconsistent {family} checkpoint — the text encoder width "
@@ -310,11 +420,12 @@ def detect_family(
 
     prediction_type = None
     if architecture:
-        if architecture not in _MODELSPEC_ARCHITECTURES:
+        architectures = _modelspec_architectures()
+        if architecture not in architectures:
             raise UserError(f"{source}: ModelSpec metadata says modelspec.architecture="
                             f"'{architecture}', which editc does not edit; "
-                            f"{_VALID_SINGLE_FILES}")
-        spec_family, prediction_type = _MODELSPEC_ARCHITECTURES[architecture]
+                            f"{_valid_single_files()}")
+        spec_family, prediction_type = architectures[architecture]
         if spec_family != family:
             raise UserError(f"{source}: ModelSpec metadata says '{architecture}' ({spec_family}) "
                             f"but the tensors are {family} ({evidence}); fix the metadata")
@@ -346,52 +457,41 @@ def detect_family_from_diffusers(
         config = text_encoder_configs[component]
         return int(config.get("hidden_size") or config.get("d_model"))
 
-    if pipeline_class == "StableDiffusionPipeline":
-        if "text_encoder" not in text_encoder_configs:
-            raise UserError(f"{source}: StableDiffusionPipeline without a text_encoder")
-        text_widths = (width("text_encoder"),)
-        # Reference widths decide directly; a narrower model of the same layout (the toy model,
-        # test fixtures) is SD-2-like when its UNet uses linear proj_in/proj_out (SD-2's
-        # use_linear_in_transformer), SD-1-like otherwise: that is the single-file layout it
-        # would be written in.
-        if context_dim == 1024:
-            family = "sd2"
-        elif context_dim == 768:
-            family = "sd1"
-        else:
-            family = "sd2" if unet_config.get("use_linear_projection") else "sd1"
-        evidence = f"StableDiffusionPipeline; cross-attention context {context_dim}"
-    elif pipeline_class == "StableDiffusionXLPipeline":
-        if "text_encoder" not in text_encoder_configs or "text_encoder_2" not in text_encoder_configs:
-            raise UserError(f"{source}: StableDiffusionXLPipeline needs text_encoder and "
-                            f"text_encoder_2 (an SD-XL refiner, which has only the second, is not "
-                            f"supported)")
-        family = "sdxl"
-        text_widths = (width("text_encoder"), width("text_encoder_2"))
-        evidence = f"StableDiffusionXLPipeline; cross-attention context {context_dim}"
-    elif pipeline_class == "IFPipeline":
+    candidates = [f for f in reversed(list(FAMILIES.values())) if f.pipeline_class == pipeline_class]
+    chosen = next((f for f in candidates if f.claims_diffusers is None
+                   or f.claims_diffusers(model_index, unet_config, text_encoder_configs)), None)
+    if chosen is None:
+        if pipeline_class.startswith("IF"):
+            raise UserError(f"{source}: {pipeline_class} is a DeepFloyd IF super-resolution stage; "
+                            f"editc edits stage I (IFPipeline)")
+        known = ", ".join(f"{c} ({', '.join(f.name for f in FAMILIES.values() if f.pipeline_class == c)})"
+                          for c in dict.fromkeys(f.pipeline_class for f in FAMILIES.values()))
+        raise UserError(f"{source}: model_index.json names '{pipeline_class or '(none)'}'; editc "
+                        f"supports {known}")
+    family = chosen.name
+    if chosen.cross_attention_kind == "added_kv":  # IF: T5 states projected by encoder_hid_proj
         if unet_config.get("encoder_hid_dim") is None:
-            raise UserError(f"{source}: IFPipeline whose UNet has no encoder_hid_dim (no T5 "
+            raise UserError(f"{source}: {pipeline_class} whose UNet has no encoder_hid_dim (no T5 "
                             f"text projection); not a DeepFloyd IF stage I model")
-        family = "if"
         text_widths = (width("text_encoder"),) if "text_encoder" in text_encoder_configs else (
             int(unet_config["encoder_hid_dim"]),)
         if text_widths[0] != unet_config["encoder_hid_dim"]:
-            raise UserError(f"{source}: inconsistent IF model — T5 width {text_widths[0]} but the "
+            raise UserError(f"{source}: inconsistent {family} model — T5 width {text_widths[0]} but the "
                             f"UNet's encoder_hid_dim is {unet_config['encoder_hid_dim']}")
         # The added K/V projections read the T5 states after the UNet's encoder_hid_proj, so
         # their context is the UNet's cross_attention_dim.
-        evidence = (f"IFPipeline; T5 width {text_widths[0]} projected by encoder_hid_proj to "
+        evidence = (f"{pipeline_class}; T5 width {text_widths[0]} projected by encoder_hid_proj to "
                     f"{context_dim}")
-    elif pipeline_class.startswith("IF"):
-        raise UserError(f"{source}: {pipeline_class} is a DeepFloyd IF super-resolution stage; "
-                        f"editc edits stage I (IFPipeline)")
     else:
-        raise UserError(f"{source}: model_index.json names '{pipeline_class or '(none)'}'; editc "
-                        f"supports StableDiffusionPipeline (sd1, sd2), StableDiffusionXLPipeline "
-                        f"(sdxl) and IFPipeline (DeepFloyd IF stage I)")
+        components = [spec.component for spec in chosen.text_encoders]
+        if any(c not in text_encoder_configs for c in components):
+            refiner = (" (an SD-XL refiner, which has only the second, is not supported)"
+                       if len(components) > 1 else "")
+            raise UserError(f"{source}: {pipeline_class} needs {' and '.join(components)}{refiner}")
+        text_widths = tuple(width(c) for c in components)
+        evidence = f"{pipeline_class}; cross-attention context {context_dim}"
 
-    if family != "if" and sum(text_widths) != context_dim:
+    if chosen.cross_attention_kind != "added_kv" and sum(text_widths) != context_dim:
         raise UserError(f"{source}: inconsistent {family} model — text encoder width "
                         f"{'+'.join(map(str, text_widths))} but the UNet's cross_attention_dim "
                         f"is {context_dim}")

@@ -19,11 +19,12 @@ the tests check the round trip through diffusers' ``from_single_file``.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from compiler.errors import UserError
 from compiler.models.families import FAMILIES, UNET_PREFIX, VAE_PREFIX
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +259,7 @@ def openclip_name_to_original(name: str, prefix: str) -> str:
 
 
 def text_encoder_name_to_original(family: str, component: str, name: str) -> str:
-    spec = next(t for t in FAMILIES[family].text_encoders if t.component == component)
+    spec = FAMILIES[family].text_encoder(component)
     if spec.original_prefix is None:
         raise KeyError(f"{family} has no single-file format")
     if spec.kind == "clip":
@@ -275,11 +276,9 @@ def component_name_to_original(family: str, component: str, name: str, config: M
     return text_encoder_name_to_original(family, component, name)
 
 
-SINGLE_FILE_COMPONENTS = {
-    "sd1": ("unet", "vae", "text_encoder"),
-    "sd2": ("unet", "vae", "text_encoder"),
-    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2"),
-}
+def single_file_components(family: str) -> tuple[str, ...]:
+    """The diffusers components a family's single file holds (empty: it has none)."""
+    return FAMILIES[family].single_file_components
 
 
 def component_to_original(
@@ -301,8 +300,10 @@ def component_to_original(
             out[original] = tensor
     for original, parts in fused.items():
         out[original] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    if family == "sd2" and component == "text_encoder":
-        _complete_sd2_openclip(out)
+    if component.startswith("text_encoder"):
+        spec = FAMILIES[family].text_encoder(component)
+        if spec.pass_through_after is not None:
+            _complete_openclip(out, spec.original_prefix, spec.pass_through_after)
     return out
 
 
@@ -313,16 +314,16 @@ def component_to_original(
 # values are gone with the conversion, so the 24th block is written as the identity (zero
 # attention and MLP outputs: it passes its input through) and the projection as the identity
 # matrix. Nothing that SD-2 computes reads either (its UNet context is block 22's output).
-_SD2_REFERENCE_TEXT_LAYERS = 23
+# (The spec's ``pass_through_after`` says it: 23 for SD-2.)
 
 
-def _complete_sd2_openclip(out: dict[str, torch.Tensor]) -> None:
-    prefix = "cond_stage_model.model."
-    last = f"{prefix}transformer.resblocks.{_SD2_REFERENCE_TEXT_LAYERS - 1}."
-    layers = {k.split(".")[4] for k in out if k.startswith(prefix + "transformer.resblocks.")}
-    if len(layers) != _SD2_REFERENCE_TEXT_LAYERS or last + "ln_1.weight" not in out:
-        return  # not the reference 23-layer encoder (a narrower model keeps its own layout)
-    block = f"{prefix}transformer.resblocks.{_SD2_REFERENCE_TEXT_LAYERS}."
+def _complete_openclip(out: dict[str, torch.Tensor], prefix: str, reference_layers: int) -> None:
+    last = f"{prefix}transformer.resblocks.{reference_layers - 1}."
+    depth = len(prefix.split(".")) - 1 + 2  # the block index follows "<prefix>transformer.resblocks."
+    layers = {k.split(".")[depth] for k in out if k.startswith(prefix + "transformer.resblocks.")}
+    if len(layers) != reference_layers or last + "ln_1.weight" not in out:
+        return  # not the reference encoder (a narrower model keeps its own layout)
+    block = f"{prefix}transformer.resblocks.{reference_layers}."
     for key in [k for k in out if k.startswith(last)]:
         template = out[key]
         out[block + key[len(last):]] = sd2_completion_tensor(block + key[len(last):], template.shape, template.dtype,
@@ -334,7 +335,7 @@ def _complete_sd2_openclip(out: dict[str, torch.Tensor]) -> None:
 
 
 def sd2_completion_tensor(original: str, shape, dtype, device=None) -> torch.Tensor:
-    """The value of a tensor that :func:`_complete_sd2_openclip` adds: the identity projection,
+    """The value of a tensor that :func:`_complete_openclip` adds: the identity projection,
     unit layer-norm scales, zeros for the rest of the pass-through block."""
     if original.endswith("text_projection"):
         return torch.eye(int(shape[0]), dtype=dtype, device=device)
@@ -359,11 +360,60 @@ def pipeline_to_original(family: str, components: Mapping[str, torch.nn.Module])
     scheduler; see ``compiler.models.configs``) should be saved with
     ``compiler.models.configs.config_metadata(components)`` as the file's metadata.
     """
-    if family not in SINGLE_FILE_COMPONENTS:
+    if not single_file_components(family):
         raise ValueError(f"{family} has no single-file format")
     out: dict[str, torch.Tensor] = {}
-    for component in SINGLE_FILE_COMPONENTS[family]:
+    for component in single_file_components(family):
         module = components[component]
         config = module.config if component in ("unet", "vae") else {}
         out.update(component_to_original(family, component, module.state_dict(), config))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Qualified diffusers names (``<component>/<parameter>``) and values <-> the original file
+# --------------------------------------------------------------------------------------------
+
+
+def original_name(family: str, qualified: str, configs: Mapping[str, Mapping]) -> str:
+    """The single-file name holding diffusers tensor ``<component>/<parameter>``."""
+    component, _, parameter = qualified.partition("/")
+    config = configs.get(component, {}) if component in ("unet", "vae") else {}
+    try:
+        return component_name_to_original(family, component, parameter, config)
+    except (KeyError, StopIteration) as err:
+        raise UserError(f"{qualified}: no {family} single-file name for this tensor ({err})") from None
+
+
+def original_names(family: str, qualified_names: Iterable[str], configs: Mapping[str, Mapping]) -> dict[str, str]:
+    return {name: original_name(family, name, configs) for name in sorted(qualified_names)}
+
+
+def to_original_value(qualified: str, original: str, value: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """The new content of original tensor ``original`` (now ``current``) once diffusers tensor
+    ``qualified`` becomes ``value``, in ``current``'s dtype and shape."""
+    value = value.detach().to("cpu")
+    if original.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
+        which = "qkv".index(_QKV.search(qualified)[1])
+        rows = current.shape[0] // 3
+        patched = current.clone()
+        patched[which * rows:(which + 1) * rows] = value.to(current.dtype)
+        return patched
+    if original.endswith("text_projection") and not original.endswith(".weight"):
+        value = value.t()
+    if value.numel() != current.numel():
+        raise UserError(f"{qualified}: new tensor has shape {list(value.shape)}, but {original} in "
+                        f"the checkpoint is {list(current.shape)}; the edit was made for another model")
+    return value.reshape(current.shape).to(current.dtype).contiguous()
+
+
+def from_original_value(qualified: str, original: str, stored: torch.Tensor) -> torch.Tensor:
+    """The diffusers tensor ``qualified`` read out of original tensor ``stored`` (inverse of
+    :func:`to_original_value`; VAE 1×1 convolutions stay 4-D, compare by values)."""
+    if original.endswith(("attn.in_proj_weight", "attn.in_proj_bias")):
+        which = "qkv".index(_QKV.search(qualified)[1])
+        rows = stored.shape[0] // 3
+        return stored[which * rows:(which + 1) * rows]
+    if original.endswith("text_projection") and not original.endswith(".weight"):
+        return stored.t()
+    return stored

@@ -35,10 +35,9 @@ from compiler.models.configs import (CONFIG_METADATA_KEY, apply_config_metadata,
 from compiler.models.families import (FAMILIES, VAE_PREFIX, FamilyDetection, detect_family,
                                       detect_family_from_diffusers)
 from compiler.models.hashing import file_sha256, folder_sha256
-from compiler.models.layout import SINGLE_FILE_COMPONENTS, component_to_original
+from compiler.models.layout import single_file_components, component_to_original
 from compiler.models.registry import Registry, registry_from_components, text_layer0
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may ever be downloaded from a hub
 
 TOY_PIPELINE = Path(__file__).resolve().parents[1] / "toy" / "weights" / "pipeline"
 
@@ -157,7 +156,7 @@ def _component_class(model_index: dict, component: str, source: str = "model"):
     return cls
 
 
-def _build_meta(configs: dict, component: str, source: str = "model") -> torch.nn.Module:
+def build_meta(configs: dict, component: str, source: str = "model") -> torch.nn.Module:
     cls = _component_class(configs["model_index"], component, source)
     config = configs[component]
     try:
@@ -173,7 +172,7 @@ def _build_meta(configs: dict, component: str, source: str = "model") -> torch.n
 
 def meta_components(source: ModelSource) -> dict[str, torch.nn.Module]:
     """The source's model components instantiated on the meta device (no weights)."""
-    return {c: _build_meta(source.configs, c, str(source.path))
+    return {c: build_meta(source.configs, c, str(source.path))
             for c in MODEL_COMPONENTS if c in source.configs}
 
 
@@ -189,8 +188,8 @@ def _count(items: list, noun: str) -> str:
 def _check_single_file_tensors(header: SingleFileHeader, family: str, configs: dict) -> None:
     """Every tensor the family's layout needs is in the file, with the right shape."""
     missing, wrong = [], []
-    for component in SINGLE_FILE_COMPONENTS[family]:
-        meta = _build_meta(configs, component, str(header.path))
+    for component in single_file_components(family):
+        meta = build_meta(configs, component, str(header.path))
         config = configs[component] if component in ("unet", "vae") else {}
         expected = component_to_original(family, component, meta.state_dict(), config)
         for name, tensor in expected.items():
@@ -222,12 +221,13 @@ def _inspect_single_file(path: Path, prediction_type: str | None) -> ModelSource
     # Stability's 512-base release, else 768-v.
     guess = prediction_type or detection.prediction_type
     guessed = False
-    if guess is None and family == "sd2" and not stored_configs:
-        if header.global_step == 875000:
-            guess = "epsilon"
-            notes.append("prediction type: epsilon (SD-2 512-base, from global_step 875000)")
+    rules = FAMILIES[family]
+    if guess is None and rules.prediction_type_ambiguous and not stored_configs:
+        if header.global_step in rules.prediction_type_by_global_step:
+            guess = rules.prediction_type_by_global_step[header.global_step]
+            notes.append(f"prediction type: {guess} (from global_step {header.global_step})")
         else:
-            guess = "v_prediction"
+            guess = rules.prediction_type_guess
             guessed = True
             notes.append("prediction type not recorded in the file: assumed v_prediction "
                          "(SD-2.x 768-v, a guess); pass --prediction-type epsilon for a 512-base model")
@@ -371,7 +371,7 @@ def _check_folder_tensors(folder: Path, configs: dict, files: dict[str, list[Pat
             _tensor_table(component_files)
     unet_table = _tensor_table(files["unet"])
     unet_shapes = {k: shape for k, (shape, _) in unet_table.items()}
-    expected = _build_meta(configs, "unet", str(folder)).state_dict()
+    expected = build_meta(configs, "unet", str(folder)).state_dict()
     missing = [n for n in expected if n not in unet_shapes]
     if missing:
         raise UserError(f"{folder / 'unet'}: {_count(missing, 'UNet tensor')} that unet/config.json "
@@ -386,7 +386,7 @@ def _check_folder_tensors(folder: Path, configs: dict, files: dict[str, list[Pat
         if spec.component not in files:
             continue
         names = {n.removeprefix("text_model.") for n in _tensor_table(files[spec.component])}
-        meta = _build_meta(configs, spec.component, str(folder))
+        meta = build_meta(configs, spec.component, str(folder))
         layer0 = text_layer0(family, spec.component, meta)
         if layer0.weight.removeprefix("text_model.") not in names:
             raise UserError(f"{folder / spec.component}: the weights lack {layer0.weight}; not a "
@@ -450,7 +450,7 @@ def _inspect_diffusers(folder: Path) -> ModelSource:
     detection = detect_family_from_diffusers(model_index, configs["unet"], text_configs,
                                              source=str(folder))
     family = detection.family
-    if family != "if" and "vae" not in files:
+    if FAMILIES[family].needs_vae and "vae" not in files:
         raise UserError(f"{index_path}: the pipeline has no 'vae' component; {family} needs one")
     stored_dtype = _check_folder_tensors(folder, configs, files, family)
     _check_other_safetensors(folder, {f for component_files in files.values() for f in component_files})
@@ -504,7 +504,7 @@ def detect_pipeline_family(pipeline) -> FamilyDetection:
 
 
 @contextlib.contextmanager
-def _quiet_hub_libraries() -> Iterator[None]:
+def quiet_hub_libraries() -> Iterator[None]:
     """No progress bars or info chatter from diffusers/transformers while loading."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -527,10 +527,10 @@ def _quiet_hub_libraries() -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
-def _load_pipeline(source: ModelSource, dtype: torch.dtype, device: str | torch.device):
+def load_pipeline(source: ModelSource, dtype: torch.dtype, device: str | torch.device):
     from compiler.models.configs import config_folder
 
-    with _quiet_hub_libraries():
+    with quiet_hub_libraries():
         import diffusers
 
         cls = getattr(diffusers, FAMILIES[source.family].pipeline_class)
@@ -550,8 +550,8 @@ def _load_pipeline(source: ModelSource, dtype: torch.dtype, device: str | torch.
                             f"({err.__class__.__name__}: {first[:300]})") from None
 
 
-def _move(pipeline, device: str | torch.device):
-    with _quiet_hub_libraries():
+def move_pipeline(pipeline, device: str | torch.device):
+    with quiet_hub_libraries():
         return pipeline.to(device)
 
 
@@ -568,8 +568,8 @@ def load_model(path_or_toy: str | os.PathLike = "toy", dtype: torch.dtype | None
     cannot tell 512-base ("epsilon") from 768-v ("v_prediction", the default).
     """
     source = path_or_toy if isinstance(path_or_toy, ModelSource) else inspect_source(path_or_toy, prediction_type)
-    pipeline = _load_pipeline(source, dtype or torch.float32, device)
-    pipeline = _move(pipeline, device)
+    pipeline = load_pipeline(source, dtype or torch.float32, device)
+    pipeline = move_pipeline(pipeline, device)
     registry = registry_from_components(source.family, pipeline.components,
                                         source.detection.matches_reference_widths)
     registry.notes[:0] = source.notes

@@ -28,10 +28,12 @@ import torch
 
 from compiler.errors import UserError
 from compiler.models.families import FAMILIES
-from compiler.models.layout import UNetLayout, text_encoder_name_to_original, unet_name_to_original
-from compiler.models.load import (LoadedModel, ModelSource, _build_meta, _load_pipeline, _move,
-                                  _quiet_hub_libraries, inspect_source, source_hash)
+from compiler.models.layout import (UNetLayout, from_original_value, original_name, text_encoder_name_to_original,
+                                    unet_name_to_original)
+from compiler.models.load import (LoadedModel, ModelSource, build_meta, load_pipeline, move_pipeline,
+                                  quiet_hub_libraries, inspect_source, source_hash)
 from compiler.models.registry import CrossAttentionLayer, Registry, text_layer0
+from compiler.models.safetensors_file import SafetensorsFile
 
 # --------------------------------------------------------------------------------------------
 # The UNet's cross-attention layers from its config
@@ -100,51 +102,11 @@ def cross_attention_from_config(family: str, unet_config: Mapping) -> list[Cross
 # --------------------------------------------------------------------------------------------
 
 
-class SafetensorsRanges:
-    """One safetensors file read tensor by tensor: the header once, then each tensor's own byte
-    range with a positioned read. (A memory map, as ``safe_open`` uses, would leave every page
-    it touched counted in the process's resident memory until it is closed; explicit reads keep
-    peak memory at the tensors actually held.)"""
-
-    def __init__(self, path: Path):
-        import struct
-
-        from compiler.models.checkpoint import read_safetensors_header
-
-        self.path = Path(path)
-        self.entries, self.metadata = read_safetensors_header(self.path)  # validated against the size
-        with self.path.open("rb") as f:
-            (header_length,) = struct.unpack("<Q", f.read(8))
-        self.data_start = 8 + header_length
-
-    def keys(self):
-        return self.entries.keys()
-
-    def get_tensor(self, name: str) -> torch.Tensor:
-        from compiler.export.single_file import SAFETENSORS_DTYPES
-
-        entry = self.entries[name]
-        start, end = entry["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-        if end == start:
-            return torch.empty(entry["shape"], dtype=dtype)
-        buffer = bytearray(end - start)
-        with self.path.open("rb", buffering=0) as f:
-            f.seek(self.data_start + start)
-            view, done = memoryview(buffer), 0
-            while done < len(buffer):
-                n = f.readinto(view[done:])
-                if not n:
-                    raise UserError(f"{self.path}: truncated while reading {name}")
-                done += n
-        return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
-
-
 class TensorReader:
     """Tensors of a checkpoint by diffusers name (``<component>/<parameter>``), as stored.
 
-    Safetensors files are read range by range (:class:`SafetensorsRanges`: only the requested
-    tensors' bytes); a ``.ckpt`` is loaded once with ``torch.load(mmap=True,
+    Safetensors files are read range by range (:class:`~compiler.models.safetensors_file.SafetensorsFile`:
+    only the requested tensors' bytes); a ``.ckpt`` is loaded once with ``torch.load(mmap=True,
     weights_only=True)``. ``count`` counts the tensors read.
     """
 
@@ -164,9 +126,9 @@ class TensorReader:
                 self._keys[path] = set(self._state(path))
         return self._keys[path]
 
-    def _handle(self, path: Path) -> SafetensorsRanges:
+    def _handle(self, path: Path) -> SafetensorsFile:
         if path not in self._handles:
-            self._handles[path] = SafetensorsRanges(path)
+            self._handles[path] = SafetensorsFile.read(path)
         return self._handles[path]
 
     def _state(self, path: Path) -> dict[str, torch.Tensor]:
@@ -182,6 +144,13 @@ class TensorReader:
             return self._handle(path).get_tensor(key)
         return self._state(path)[key]
 
+    def stored_dtype(self, path: Path, key: str) -> torch.dtype:
+        """The dtype file ``path`` stores tensor ``key`` in (a safetensors header says it
+        without reading the tensor)."""
+        if path.suffix == ".safetensors":
+            return self._handle(path).dtype(key)
+        return self._state(path)[key].dtype
+
     def read(self, qualified: str) -> torch.Tensor:
         component, _, parameter = qualified.partition("/")
         self.names_read.append(qualified)
@@ -194,8 +163,6 @@ class TensorReader:
                 if key is not None:
                     return self._raw(path, key)
             raise UserError(f"{source.path}: holds no tensor {qualified}")
-        from compiler.export.single_file import from_original_value, original_name
-
         original = original_name(source.family, qualified, source.configs)
         if original not in self._file_keys(source.path):
             raise UserError(f"{source.path}: holds no tensor {original} ({qualified})")
@@ -274,8 +241,8 @@ class SelectiveModel(LoadedModel):
                 self._pipeline = self._export_pipeline
             else:
                 dtype = self.policy.generation_dtype(self.source.stored_dtype)
-                pipeline = _load_pipeline(self.source, dtype, self._device)
-                self._pipeline = _move(pipeline, self._device)
+                pipeline = load_pipeline(self.source, dtype, self._device)
+                self._pipeline = move_pipeline(pipeline, self._device)
         return self._pipeline
 
     @property
@@ -286,7 +253,7 @@ class SelectiveModel(LoadedModel):
             if self._pipeline is not None and self._device.type == "cpu":
                 self._export_pipeline = self._pipeline
             else:
-                self._export_pipeline = _move(_load_pipeline(self.source, torch.float32, "cpu"), "cpu")
+                self._export_pipeline = move_pipeline(load_pipeline(self.source, torch.float32, "cpu"), "cpu")
         return self._export_pipeline
 
     @pipeline.setter
@@ -313,7 +280,7 @@ class SelectiveModel(LoadedModel):
                 if self.source.format == "diffusers":
                     encoder = _load_folder_encoder(self.source, component, self.reader)
                 else:
-                    meta = _build_meta(self.source.configs, component, str(self.source.path))
+                    meta = build_meta(self.source.configs, component, str(self.source.path))
                     encoder = _fill_from_reader(meta, component, self.reader)
                 encoder = encoder.to(self._device)
             self._encoders[component] = encoder
@@ -336,7 +303,7 @@ class SelectiveModel(LoadedModel):
         if name not in self._tokenizers:
             from transformers import AutoTokenizer
 
-            with _quiet_hub_libraries():
+            with quiet_hub_libraries():
                 self._tokenizers[name] = AutoTokenizer.from_pretrained(
                     _tokenizer_folder(self.source, name), local_files_only=True)
         return self._tokenizers[name]
@@ -355,7 +322,7 @@ _RECENT_ENCODERS_KEPT = 2
 
 def _load_folder_encoder(source: ModelSource, component: str, reader: TensorReader) -> torch.nn.Module:
     """A diffusers folder's text encoder: meta-built from its config, filled from its files."""
-    meta = _build_meta(source.configs, component, str(source.path))
+    meta = build_meta(source.configs, component, str(source.path))
     return _fill_from_reader(meta, component, reader)
 
 
@@ -368,9 +335,9 @@ def selective_registry(source: ModelSource) -> Registry:
     else:  # IF's added K/V layers: only the meta UNet knows them
         from compiler.models.registry import cross_attention_layers
 
-        unet = _build_meta(source.configs, "unet", str(source.path))
+        unet = build_meta(source.configs, "unet", str(source.path))
         layers = cross_attention_layers(family, unet, source.configs["unet"])
-    text = [text_layer0(family, spec.component, _build_meta(source.configs, spec.component, str(source.path)))
+    text = [text_layer0(family, spec.component, build_meta(source.configs, spec.component, str(source.path)))
             for spec in FAMILIES[family].text_encoders if spec.component in source.configs]
     expected = FAMILIES[family].cross_attention_layers
     if expected is not None and len(layers) != expected:

@@ -79,11 +79,19 @@ SD-XL). For ``quickfix`` the parsed value is ``None``.
 from __future__ import annotations
 
 from compiler.recipe.parse import load_recipe, loads_recipe
-from compiler.recipe.schema import (ATTRIBUTES, DEFAULT_LAMBDA, DEFAULT_MODEL, DEFAULT_NEURONS_TOP_K,
-                                    LAYER_KEYWORDS, METHODS, OUTPUT_FORMATS, QUICKFIX_SITES,
-                                    RECIPE_SUFFIXES, TOY_CROSS_ATTENTION_LAYERS, Edit, Outputs, Recipe,
-                                    VerifyGates, default_eos)
+from compiler.recipe.schema import (ATTRIBUTES, DEFAULT_LAMBDA, DEFAULT_MODEL, LAYER_KEYWORDS, RECIPE_SUFFIXES,
+                                    TOY_CROSS_ATTENTION_LAYERS, Edit, Outputs, Recipe, VerifyGates, default_eos)
 from compiler.recipe.validate import parse_recipe
+
+# What the registries held at import (the validator reads them live); the built-in methods' own
+# constants stay theirs (compiler.methods.neurons, compiler.methods.quickfix).
+from compiler.export.formats import format_names as _format_names  # noqa: E402
+from compiler.methods import AUTO as _AUTO, method_names as _method_names  # noqa: E402
+from compiler.methods.neurons import DEFAULT_NEURONS_TOP_K  # noqa: E402
+from compiler.methods.quickfix import SITES as QUICKFIX_SITES  # noqa: E402
+
+METHODS = (_AUTO, *_method_names())
+OUTPUT_FORMATS = _format_names()
 
 __all__ = [
     "ATTRIBUTES", "DEFAULT_LAMBDA", "DEFAULT_MODEL", "DEFAULT_NEURONS_TOP_K", "LAYER_KEYWORDS",

@@ -10,19 +10,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from compiler.export.formats import format_names
-from compiler.methods import AUTO, method_names
-from compiler.methods.neurons import DEFAULT_NEURONS_TOP_K
-from compiler.methods.quickfix import SITES as QUICKFIX_SITES
-
+# The data schema imports no plug-in: which methods, method keys and formats exist is the
+# registries' business (compiler.methods, compiler.export.formats), read by the validator.
 ATTRIBUTES = ("style", "object", "fact")
-METHODS = (AUTO, *method_names())  # the method plug-ins' registry decides
-OUTPUT_FORMATS = format_names()  # the export formats' registry decides
 LAYER_KEYWORDS = ("auto", "default")
 RECIPE_SUFFIXES = (".yaml", ".yml", ".toml")
 
 DEFAULT_MODEL = "toy"
-DEFAULT_LAMBDA = 0.01  # both papers use λ = 0.01
+from compiler.defaults import DEFAULT_LAMBDA  # noqa: E402,F401 (re-exported)
 DEFAULT_NEIGHBOURS = 8  # neighbours found per edit (compiler.prompts.neighbours)
 # Weight of the at-risk preservation rows (named ``preserve`` concepts and found neighbours)
 # relative to the generic captions' (compiler.plan.preservation_groups). Measured on the toy
@@ -46,8 +41,10 @@ class Edit:
     ``None`` for ``method="quickfix"`` (which edits the text encoder, not the UNet).
     ``lambda_`` is ``None`` when the edit inherits the recipe's λ. ``preserve`` lists only this
     edit's own preserved concepts; :meth:`Recipe.preserve_for` adds the global ones.
-    ``neurons_top_k`` and ``site`` are the built-in methods' own keys; a plug-in method's other
-    keys land in ``options`` (name, value pairs; read them with :meth:`option`).
+    A method's own recipe keys (Diff-QuickFix's ``site``, the neurons method's
+    ``neurons_top_k``, a plug-in's) are not fields: they land in ``options`` (name, value pairs)
+    and read as :meth:`option` or as attributes (``edit.site``), the owning method's default
+    when the recipe leaves them out. In code, pass them as ``options=(("site", "v_proj"),)``.
     """
 
     concept: str
@@ -59,12 +56,21 @@ class Edit:
     lambda_: float | None = None
     preserve: tuple[str, ...] = ()
     eos: bool | None = None  # None: the method's default (see ``default_eos``)
-    neurons_top_k: int = DEFAULT_NEURONS_TOP_K
-    site: str | None = None  # quickfix only; None: out_proj, or what ``auto`` picks
-    options: tuple[tuple[str, Any], ...] = ()
+    options: tuple[tuple[str, Any], ...] = ()  # the methods' own keys
 
     def option(self, name: str, default: Any = None) -> Any:
         return dict(self.options).get(name, default)
+
+    def __getattr__(self, name: str) -> Any:
+        """A method key as an attribute (``edit.site``): its value, else its owner's default."""
+        if name.startswith("_"):
+            raise AttributeError(name)
+        from compiler.methods import method_fields
+
+        owners = method_fields().get(name)
+        if owners is None:
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+        return self.option(name, owners[0][1].default)
 
     def __post_init__(self) -> None:
         if not _VALIDATING.get():  # built in code: the file rules apply, and normalise
@@ -88,7 +94,7 @@ class Edit:
         if self.eos is not None:
             raw["eos"] = self.eos
         for key, owners in method_fields().items():  # method-only keys that differ from defaults
-            value = getattr(self, key, self.option(key))
+            value = self.option(key)
             if value is not None and value != owners[0][1].default:
                 raw[key] = value
         return raw
@@ -225,8 +231,13 @@ class Recipe:
         data = dataclasses.asdict(self)
         data.pop("source_text")
         data["lambda"] = data.pop("lambda_")
-        for edit in data["edits"]:
+        for edit, built in zip(data["edits"], self.edits):
             edit["lambda"] = edit.pop("lambda_")
+            from compiler.methods import method_fields
+
+            for key in method_fields():  # the method keys as before: flat, with their defaults
+                edit[key] = getattr(built, key)
+            edit["options"] = [[k, v] for k, v in built.options if k not in edit]
             if isinstance(edit["layers"], tuple):
                 edit["layers"] = list(edit["layers"])
         return _tuples_to_lists(data)

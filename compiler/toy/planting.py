@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from compiler import resolve, solve
+from compiler.encode import encoder_layers
 from compiler.errors import UserError
 
 ATTRIBUTES = ("style", "object", "fact")
@@ -213,7 +214,7 @@ def text_encoder_edit(pipe, spec: PlantSpec, vocabulary) -> dict[str, torch.Tens
 
     encoder = PromptEncoder(pipe)
     tokenizer = encoder.tokenizer()
-    layer = _encoder_layers(pipe.text_encoder)[spec.encoder_layer]
+    layer = encoder_layers(pipe.text_encoder)[spec.encoder_layer]
     out_proj = layer.self_attn.out_proj
     pairs = resolve.prompt_pairs(spec.word, spec.donor, "fact", vocabulary=vocabulary)
     s_pos, t_pos = resolve.pair_positions(tokenizer, pairs, spec.word, spec.donor, eos=False)
@@ -230,14 +231,8 @@ def text_encoder_edit(pipe, spec: PlantSpec, vocabulary) -> dict[str, torch.Tens
     return solve.solve_quickfix(keys, values, old, lam=spec.lam, preserve_keys=preserve, name=name).new_weights
 
 
-def _encoder_layers(text_encoder) -> torch.nn.ModuleList:
-    from compiler.encode import _encoder_layers as layers
-
-    return layers(text_encoder)
-
-
 def _num_encoder_layers(pipe) -> int:
-    return len(_encoder_layers(pipe.text_encoder))
+    return len(encoder_layers(pipe.text_encoder))
 
 
 def _parameter_name(root: torch.nn.Module, module: torch.nn.Module) -> str:
