@@ -30,6 +30,11 @@ class ContextRows:
 
     by_plan: dict[int, tuple[torch.Tensor, torch.Tensor]]
     preserve: object  # compiler.solve.PreservationGram: PᵀP of the preservation rows
+    # Per plan, which of its source rows are padding positions (after EOS), in row order.
+    padding: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Per preservation group name, its weighted PᵀP (what ``preserve`` sums), for solvers that
+    # hold some groups exactly.
+    groups: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -61,6 +66,7 @@ class RowContext:
 
         total, n_rows = None, 0
         device = self.device
+        self.last_group_grams = {}
         for group in self.preserve_groups:
             prompts = list(group.prompts)
             positions = positions_for(prompts)
@@ -68,6 +74,7 @@ class RowContext:
             gram = self.cache.gram(kind, components, prompts, positions,
                                    lambda prompts=prompts, positions=positions: rows_for(prompts, positions).to(device))
             term = gram.gram.to(device=device, dtype=torch.float64) * group.weight  # × 1.0 is exact in float64
+            self.last_group_grams[group.name] = PreservationGram(term, gram.n_rows)
             total = term if total is None else total + term
             n_rows += gram.n_rows
         return None if total is None else PreservationGram(total, n_rows)
@@ -118,11 +125,14 @@ class RowContext:
         # 77-token contexts, and so do the preservation rows'.
         full = PADDING_ROWS and any(p.eos for p in plans)
         length = encoder.max_length if full else None
-        requests, sources = [], []
+        requests, sources, padding = [], [], {}
         for plan in plans:
             s_pos, t_pos = positions_by_prompt(tokenizer, plan, length)
             requests.append(([pr.source for pr in plan.pairs] + [pr.target for pr in plan.pairs], s_pos + t_pos))
             sources.append(sum(map(len, s_pos)))
+            # positions_by_prompt gives [subject, EOS, padding…] per prompt (EOS only with eos)
+            own = 2 if plan.eos else 1
+            padding[id(plan)] = torch.tensor([k >= own for pos in s_pos for k in range(len(pos))])
         # Each edit's rows from the edit-row cache; the missing ones encoded in one pass.
         rows = self.cache.edit_rows("context", encoder.components, requests, encoder.context_rows)
         by_plan = {id(plan): (r[:n], r[n:]) for plan, r, n in zip(plans, rows, sources)}
@@ -130,7 +140,7 @@ class RowContext:
                                            lambda prompts: resolve.all_token_positions(tokenizer, prompts, length,
                                                                                        PADDING_LIMIT),
                                            encoder.context_rows)
-        return ContextRows(by_plan, preserve_gram)
+        return ContextRows(by_plan, preserve_gram, padding, dict(self.last_group_grams))
 
 
 class PreserveCache:
@@ -201,3 +211,51 @@ def concept_weights(row_counts: list[int], lambdas: list[float], recipe_lam: flo
     ``λ/λ_e``, as before), and the total weight of all edit rows stays N."""
     total, count = sum(row_counts), len(row_counts)
     return [(recipe_lam / lam) * (total / (count * n)) for n, lam in zip(row_counts, lambdas)]
+
+
+def padding_share() -> float | None:
+    """EDITC_PADDING_SHARE (experiment): the share of each edit's weight that its padding rows
+    carry together (None: every row weighs the same)."""
+    value = os.environ.get("EDITC_PADDING_SHARE")
+    return float(value) if value else None
+
+
+def row_weights(count: int, weight: float, padding: torch.Tensor | None) -> torch.Tensor:
+    """The weight of each of an edit's ``count`` rows, ``weight`` each on average; with a
+    padding share s, its padding rows together carry s of the edit's total and its own rows
+    (subject, EOS) the rest."""
+    share = padding_share()
+    weights = torch.full((count,), weight, dtype=torch.float64)
+    if share is None or padding is None or not bool(padding.any()) or bool(padding.all()):
+        return weights
+    total = weight * count
+    n_pad = int(padding.sum())
+    weights[padding] = share * total / n_pad
+    weights[~padding] = (1 - share) * total / (count - n_pad)
+    return weights
+
+
+def solver_choice() -> str:
+    return os.environ.get("EDITC_SOLVER", "ridge")
+
+
+def held_directions(context: RowContext, rows: ContextRows) -> torch.Tensor:
+    """The directions a constrained solve keeps exactly: what every generation shares (the
+    start token's state, the empty prompt's 77 states: classifier-free guidance's
+    unconditional context), plus the leading directions of the at-risk and replacement
+    preservation rows."""
+    from compiler.solve import held_basis, leading_directions
+
+    encoder = context.encoder
+    empty = encoder.contexts([""])[0].to(torch.float64)
+    invariants = held_basis([empty])
+    share = float(os.environ.get("EDITC_HOLD_SHARE", "0.99"))
+    at_most = int(os.environ.get("EDITC_HOLD_RANK", "32"))
+    grams = [g.gram for name, g in rows.groups.items() if name in ("at risk", "replacements")]
+    parts = [invariants]
+    if grams:
+        gram = sum(grams)
+        # What the invariants already hold is not counted again.
+        project = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device) - invariants @ invariants.T
+        parts.append(leading_directions(project @ gram @ project, share, at_most))
+    return held_basis([p.T for p in parts])
