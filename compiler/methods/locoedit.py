@@ -13,6 +13,7 @@ class LocoEdit(EditMethod):
     title = "LocoEdit"
     summary = "rewrite the UNet cross-attention K/V of the located layers (closed form)"
     edits_unet_layers = True
+    padding_statistics = True
 
     def auto_choice(self, edit, family):
         if family.name == "if":

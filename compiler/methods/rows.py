@@ -19,6 +19,8 @@ from compiler import resolve
 # fails specificity (generic 100% -> 83%, neighbours 64% -> 56%). EDITC_PADDING_ROWS=0 turns
 # them off (prompts then run only to their EOS: the real-size bench measures both).
 PADDING_ROWS = os.environ.get("EDITC_PADDING_ROWS", "1") != "0"
+# Edits embedded together before their padding rows are compressed (see padding_directions).
+EMBED_CHUNK = 16
 # How many padding positions after EOS are rows (None: all, to 77).
 PADDING_LIMIT = int(os.environ["EDITC_PADDING_LIMIT"]) if os.environ.get("EDITC_PADDING_LIMIT") else None
 
@@ -125,17 +127,31 @@ class RowContext:
         # 77-token contexts, and so do the preservation rows'.
         full = PADDING_ROWS and any(p.eos for p in plans)
         length = encoder.max_length if full else None
-        requests, sources, padding = [], [], {}
-        for plan in plans:
-            s_pos, t_pos = positions_by_prompt(tokenizer, plan, length)
-            requests.append(([pr.source for pr in plan.pairs] + [pr.target for pr in plan.pairs], s_pos + t_pos))
-            sources.append(sum(map(len, s_pos)))
-            # positions_by_prompt gives [subject, EOS, padding…] per prompt (EOS only with eos)
-            own = 2 if plan.eos else 1
-            padding[id(plan)] = torch.tensor([k >= own for pos in s_pos for k in range(len(pos))])
-        # Each edit's rows from the edit-row cache; the missing ones encoded in one pass.
-        rows = self.cache.edit_rows("context", encoder.components, requests, encoder.context_rows)
-        by_plan = {id(plan): (r[:n], r[n:]) for plan, r, n in zip(plans, rows, sources)}
+        directions = padding_directions()
+        by_plan, padding = {}, {}
+        # Edits in chunks: each chunk's rows come from the edit-row cache (the missing ones
+        # encoded in one pass) and, with padding directions, are compressed before the next
+        # chunk is embedded, so a recipe of many concepts never holds all its raw rows.
+        chunk = EMBED_CHUNK if directions else len(plans)
+        for start in range(0, len(plans), max(1, chunk)):
+            part = plans[start : start + max(1, chunk)]
+            requests, layouts = [], []
+            for plan in part:
+                s_pos, t_pos = positions_by_prompt(tokenizer, plan, length)
+                requests.append(([pr.source for pr in plan.pairs] + [pr.target for pr in plan.pairs], s_pos + t_pos))
+                layouts.append(s_pos)
+            rows = self.cache.edit_rows("context", encoder.components, requests, encoder.context_rows)
+            for plan, r, s_pos in zip(part, rows, layouts):
+                n = sum(map(len, s_pos))
+                # positions_by_prompt gives [subject, EOS, padding…] per prompt (EOS only with eos)
+                own = 2 if plan.eos else 1
+                source, target = r[:n], r[n:]
+                if directions and plan.method_plugin.padding_statistics:
+                    source, target, mask = compress_padding(source, target, [len(p) for p in s_pos], own, directions)
+                else:
+                    mask = torch.tensor([k >= own for pos in s_pos for k in range(len(pos))])
+                by_plan[id(plan)] = (source, target)
+                padding[id(plan)] = mask
         preserve_gram = self.preserve_gram("context", encoder.components,
                                            lambda prompts: resolve.all_token_positions(tokenizer, prompts, length,
                                                                                        PADDING_LIMIT),
@@ -259,3 +275,41 @@ def held_directions(context: RowContext, rows: ContextRows) -> torch.Tensor:
         project = torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device) - invariants @ invariants.T
         parts.append(leading_directions(project @ gram @ project, share, at_most))
     return held_basis([p.T for p in parts])
+
+
+def padding_directions() -> int | None:
+    """EDITC_PADDING_DIRECTIONS: each prompt's padding rows enter the solve as this many leading
+    principal directions of its (source) padding states (None or 0: every padding row)."""
+    value = os.environ.get("EDITC_PADDING_DIRECTIONS")
+    return int(value) if value and int(value) > 0 else None
+
+
+def compress_padding(source: torch.Tensor, target: torch.Tensor, per_prompt: list[int], own: int,
+                     directions: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each prompt's padding rows (after its first ``own`` rows) replaced by ``directions`` rows:
+    with ``S = U Σ Vᵀ`` the prompt's source padding rows and ``T`` its target ones, the rows
+    ``U_kᵀS`` and ``U_kᵀT`` (k leading left singular vectors). Their Gram and shift are the full
+    rows' projected on the k directions that carry most of the prompt's padding states (their
+    states drift smoothly after EOS: a few directions hold nearly all of them), so the solve
+    sees nearly the same statistics from ~k instead of ~70 rows per prompt. Returns the new
+    source and target rows and the mask of which are padding."""
+    out_s, out_t, mask = [], [], []
+    offset = 0
+    for count in per_prompt:
+        s, t = source[offset : offset + count], target[offset : offset + count]
+        offset += count
+        out_s.append(s[:own])
+        out_t.append(t[:own])
+        mask += [False] * min(own, count)
+        pad_s, pad_t = s[own:].to(torch.float64), t[own:].to(torch.float64)
+        if len(pad_s) <= directions:
+            out_s.append(s[own:])
+            out_t.append(t[own:])
+            mask += [True] * len(pad_s)
+            continue
+        u, _, _ = torch.linalg.svd(pad_s, full_matrices=False)
+        u = u[:, :directions]
+        out_s.append((u.T @ pad_s).to(source.dtype))
+        out_t.append((u.T @ pad_t).to(target.dtype))
+        mask += [True] * directions
+    return torch.cat(out_s), torch.cat(out_t), torch.tensor(mask)
