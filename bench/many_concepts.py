@@ -151,6 +151,14 @@ def judge(model, recipe, new_tensors) -> dict:
     def kv(states, weights):  # (n, L, d) -> (n, L, Σ d_out) of every layer's K and V
         return torch.cat([states @ weights[n].T for n in names], dim=-1)
 
+    from compiler.prompts.templates import mentions, replace_phrase
+
+    def compose(target, own):
+        for other in recipe.edits:
+            if other.concept != own and mentions(target, other.concept):
+                target = replace_phrase(target, other.concept, other.replacement)
+        return target
+
     gaps = {}
     judged = [e for e in recipe.edits if e.concept in EXAMPLES] + \
              [e for e in recipe.edits if e.concept not in EXAMPLES][:MADE_UP_JUDGED]
@@ -159,6 +167,8 @@ def judge(model, recipe, new_tensors) -> dict:
                                      heldout=True)
         keep = HELDOUT_PER_CONCEPT if edit.concept in EXAMPLES else HELDOUT_PER_MADE_UP
         pairs = pairs[:: max(1, len(pairs) // keep)][:keep]
+        # The goal of a held-out prompt naming two edited concepts has both replaced.
+        pairs = [resolve.PromptPair(p.source, compose(p.target, edit.concept)) for p in pairs]
         src_pos, tgt_pos = resolve.pair_positions(tokenizer, pairs, edit.concept, edit.replacement, True,
                                                   encoder.max_length)
         src = [p.source for p in pairs]
@@ -178,8 +188,6 @@ def judge(model, recipe, new_tensors) -> dict:
         unrelated += prompts[:: max(1, len(prompts) // 8)][:8]
     unrelated += [p for p in resolve.default_preserve_prompts([], vocabulary)][-12:]
     edited_names = {e.concept for e in recipe.edits} | {e.replacement for e in recipe.edits}
-    from compiler.prompts import mentions
-
     unrelated = [p for p in unrelated if not any(mentions(p, c) for c in edited_names)]
     empty_base, empty_edited = contexts([""], False), contexts([""], True)
     empty_old = kv(empty_base, old)[0]

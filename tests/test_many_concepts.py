@@ -1,0 +1,67 @@
+"""Many concepts in one solve (issue 25): the row rules that keep a recipe of many concepts at
+single-concept quality, checked on rows and on the quick toy."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from compiler import resolve
+from compiler.methods import rows as shared
+from compiler.plan import compose_targets
+
+
+def _plan(concept, replacement, pairs):
+    return SimpleNamespace(edit=SimpleNamespace(concept=concept, replacement=replacement),
+                           pairs=[resolve.PromptPair(s, t) for s, t in pairs])
+
+
+def test_targets_name_no_other_edited_concept():
+    """An edit's target that names another edited concept gets that edit's replacement too."""
+    snoopy = _plan("snoopy", "a dog", [("a photo of snoopy in the style of van gogh",
+                                         "a photo of a dog in the style of van gogh"),
+                                        ("a photo of snoopy", "a photo of a dog")])
+    gogh = _plan("van gogh", "a painting", [("a red circle in the style of Van Gogh",
+                                             "a red circle in the style of a painting")])
+    alone = _plan("snoopy", "a dog", [("snoopy, van gogh", "a dog, van gogh")])
+    compose_targets([alone])
+    assert alone.pairs[0].target == "a dog, van gogh"  # one edit: its pairs as they were
+    compose_targets([snoopy, gogh])
+    assert [p.target for p in snoopy.pairs] == ["a photo of a dog in the style of a painting", "a photo of a dog"]
+    assert snoopy.pairs[0].source == "a photo of snoopy in the style of van gogh"
+    assert gogh.pairs[0].target == "a red circle in the style of a painting"
+
+
+def test_padding_directions_keep_the_statistics_the_solve_reads():
+    """Compressing each prompt's padding rows to its leading directions keeps the subject and
+    EOS rows as they are and the padding rows' Gram and shift to the energy left out: exact with
+    as many directions as the width, close with a few on smooth (low-rank) padding states."""
+    g = torch.Generator().manual_seed(0)
+    d, pad = 16, 60
+    # Smooth padding states: a low-rank drift plus a little noise, as CLIP's after EOS are.
+    basis = torch.randn(3, d, generator=g)
+    drift = torch.stack([torch.linspace(0, 1, pad) ** k for k in range(3)], 1)
+    prompts = []
+    for _ in range(4):
+        own = torch.randn(2, d, generator=g)
+        padding = drift @ (basis + 0.1 * torch.randn(3, d, generator=g)) + 0.01 * torch.randn(pad, d, generator=g)
+        prompts.append(torch.cat([own, padding]))
+    source = torch.cat(prompts)
+    target = source + 0.3 * torch.randn(source.shape, generator=g)
+
+    def stats(s, t):
+        s, t = s.double(), t.double()
+        return s.T @ s, s.T @ (t - s)
+
+    full_gram, full_shift = stats(source, target)
+    for k, tol in ((d, 1e-6), (4, 2e-3)):
+        cs, ct, mask = shared.compress_padding(source, target, [2 + pad] * 4, 2, k)
+        assert len(cs) == 4 * (2 + k) and int(mask.sum()) == 4 * k
+        assert torch.equal(cs[:2], source[:2]) and torch.equal(ct[:2], target[:2])
+        gram, shift = stats(cs, ct)
+        assert (gram - full_gram).norm() / full_gram.norm() < tol
+        assert (shift - full_shift).norm() / full_shift.norm() < max(tol, 0.05)
+    cs, _, _ = shared.compress_padding(source, target, [2 + pad] * 4, 2, 1)
+    assert (stats(cs, target[: len(cs)])[0] - full_gram).norm() / full_gram.norm() > 1e-3  # one is too few
