@@ -34,6 +34,13 @@ def test_targets_name_no_other_edited_concept():
     assert gogh.pairs[0].target == "a red circle in the style of a painting"
 
 
+def test_padding_rows_are_compressed_by_default_and_every_row_on_request(monkeypatch):
+    monkeypatch.delenv("EDITC_PADDING_DIRECTIONS", raising=False)
+    assert shared.padding_directions() == shared.PADDING_DIRECTIONS == 8
+    monkeypatch.setenv("EDITC_PADDING_DIRECTIONS", "0")
+    assert shared.padding_directions() is None
+
+
 def test_padding_directions_keep_the_statistics_the_solve_reads():
     """Compressing each prompt's padding rows to its leading directions keeps the subject and
     EOS rows as they are and the padding rows' Gram and shift to the energy left out: exact with
@@ -70,6 +77,7 @@ def test_padding_directions_keep_the_statistics_the_solve_reads():
 RECIPE = """
 model: {model}
 lambda: 0.01
+neighbours: 0
 edits:
 {edits}"""
 EDIT = """  - concept: {concept}
@@ -82,9 +90,10 @@ GOGH = dict(concept="van gogh", replacement="a painting", attribute="style")
 SNOOPY = dict(concept="snoopy", replacement="a dog", attribute="object")
 
 
-def _gap_left(model, recipe_text, tmp_path, concept, replacement, attribute, compose_with=()):
-    """The concept's held-out K/V gap left after the recipe's solve (bench/many_concepts.py's
-    measure, on the edited layers): 0 = mapped onto the replacement, 1 = unmoved."""
+def _gaps_left(model, recipe_text, tmp_path, concepts):
+    """Each concept's held-out K/V gap left after the recipe's solve (bench/many_concepts.py's
+    measure, on the edited layers; targets composed with the recipe's other edits): 0 = mapped
+    onto the replacement, 1 = unmoved. Also the solve's row count."""
     from compiler import compile as compile_stage
     from compiler.encode import PromptEncoder
     from compiler.prompts.templates import mentions, replace_phrase
@@ -95,39 +104,42 @@ def _gap_left(model, recipe_text, tmp_path, concept, replacement, attribute, com
     result = compile_stage.compile_edits(recipe, model, plans)
     encoder = PromptEncoder(model)
     vocabulary = resolve.vocabulary_of(model)
-    pairs = resolve.prompt_pairs(concept, replacement, attribute, vocabulary=vocabulary, heldout=True)[::3]
-    for other, other_replacement in compose_with:
-        pairs = [resolve.PromptPair(p.source, replace_phrase(p.target, other, other_replacement))
-                 if mentions(p.target, other) else p for p in pairs]
-    s_pos, t_pos = resolve.pair_positions(encoder.tokenizer(), pairs, concept, replacement, True,
-                                          encoder.max_length)
-    x_src = encoder.context_rows([p.source for p in pairs], s_pos).double()
-    x_tgt = encoder.context_rows([p.target for p in pairs], t_pos).double()
     names = sorted(result.new_tensors)
     old = model.read_tensors(names)
-    left = sum(float(((x_src @ result.new_tensors[n].double().T - x_tgt @ old[n].double().T) ** 2).sum())
-               for n in names)
-    gap = sum(float(((x_src @ old[n].double().T - x_tgt @ old[n].double().T) ** 2).sum()) for n in names)
-    return (left / gap) ** 0.5
+    gaps = {}
+    for c in concepts:
+        pairs = resolve.prompt_pairs(c["concept"], c["replacement"], c["attribute"], vocabulary=vocabulary,
+                                     heldout=True)[::3]
+        for other in concepts:
+            pairs = [resolve.PromptPair(p.source, replace_phrase(p.target, other["concept"], other["replacement"]))
+                     if other is not c and mentions(p.target, other["concept"]) else p for p in pairs]
+        s_pos, t_pos = resolve.pair_positions(encoder.tokenizer(), pairs, c["concept"], c["replacement"], True,
+                                              encoder.max_length)
+        x_src = encoder.context_rows([p.source for p in pairs], s_pos).double()
+        x_tgt = encoder.context_rows([p.target for p in pairs], t_pos).double()
+        left = sum(float(((x_src @ result.new_tensors[n].double().T - x_tgt @ old[n].double().T) ** 2).sum())
+                   for n in names)
+        gap = sum(float(((x_src @ old[n].double().T - x_tgt @ old[n].double().T) ** 2).sum()) for n in names)
+        gaps[c["concept"]] = (left / gap) ** 0.5
+    return gaps, result.solve_info[0]["rows"]
 
 
-def test_a_second_concept_leaves_the_first_near_its_single_concept_gap(quick_toy, tmp_path, monkeypatch):
-    """snoopy's templates name van gogh ("… snoopy in the style of van gogh"): solved beside
-    van gogh, its targets must not ask to keep van gogh. With the rule, van gogh's and snoopy's
-    held-out gaps stay within 0.1 of each alone; with it off (EDITC_COMPOSE_TARGETS=0, the
-    rows before issue 25) snoopy's targets pull against van gogh's removal."""
+@pytest.mark.slow
+def test_padding_directions_give_every_padding_rows_gaps_from_far_fewer_rows(quick_toy, tmp_path, monkeypatch):
+    """The issue-25 row rule on the quick toy, van gogh and snoopy in one solve: 8 padding
+    directions per prompt give the held-out gaps of every padding row (within 0.05; measured
+    with the found neighbours held: 0.620 / 0.713 against 0.618 / 0.710, without them 0.03
+    apart) from more than 5× fewer rows (1,860 against 12,326). Slow (two cold compiles of
+    186 prompts × 77 tokens, ~70 s under load); the fast tests above check the rule's parts."""
     from compiler.models.selective import open_model
 
     model = open_model(str(quick_toy))
     both = RECIPE.format(model=quick_toy, edits=EDIT.format(**GOGH) + EDIT.format(**SNOOPY))
-    alone = {c["concept"]: _gap_left(model, RECIPE.format(model=quick_toy, edits=EDIT.format(**c)), tmp_path, **c)
-             for c in (GOGH, SNOOPY)}
-    together = {c["concept"]: _gap_left(model, both, tmp_path, **c, compose_with=[("van gogh", "a painting")])
-                for c in (GOGH, SNOOPY)}
-    monkeypatch.setenv("EDITC_COMPOSE_TARGETS", "0")
-    before = {c["concept"]: _gap_left(model, both, tmp_path, **c, compose_with=[("van gogh", "a painting")])
-              for c in (GOGH, SNOOPY)}
-    print("alone", alone, "together", together, "before", before)
-    for concept in alone:
-        assert together[concept] < alone[concept] + 0.1, (concept, alone, together)
-    assert together["snoopy"] < before["snoopy"] - 0.02, (together, before)
+    now, rows = _gaps_left(model, both, tmp_path, [GOGH, SNOOPY])
+    monkeypatch.setenv("EDITC_PADDING_DIRECTIONS", "0")
+    every_row, all_rows = _gaps_left(model, both, tmp_path, [GOGH, SNOOPY])
+    print("now", now, rows, "every padding row", every_row, all_rows)
+    assert all_rows > 5 * rows, (rows, all_rows)
+    for concept in now:
+        assert abs(now[concept] - every_row[concept]) < 0.05, (concept, now, every_row)
+        assert now[concept] < 0.9, now  # the edit moved the concept
