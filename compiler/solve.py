@@ -447,6 +447,87 @@ def solve_ridge(
     )
 
 
+def add_preservation(problem: RidgeProblem, preserve, preserve_weight: float = 1.0) -> RidgeProblem:
+    """``problem`` with preservation rows (or a :class:`PreservationGram`) added to its Gram:
+    exactly what :func:`build_problem` given ``preserve`` forms (the same sum, in that order)."""
+    gram, n_preserve = _preserve_term(preserve, problem.dim, problem.device, "preserve")
+    return RidgeProblem(problem.gram + preserve_weight * gram, problem.shift, problem.lam, problem.n_rows,
+                        problem.n_preserve_rows + n_preserve, problem.edit_rows, problem.edit_residuals)
+
+
+def held_basis(states: Sequence[Tensor], tolerance: float = 1e-9) -> Tensor:
+    """An orthonormal basis (d × h, float64) of the span of the given rows (each M × d): the
+    directions a constrained solve keeps exactly. Directions whose singular value is below
+    ``tolerance`` × the largest are numerically not there and are left out."""
+    rows = torch.cat([torch.as_tensor(s).to(torch.float64).reshape(-1, torch.as_tensor(s).shape[-1]) for s in states])
+    _, singular, vh = torch.linalg.svd(rows, full_matrices=False)
+    keep = singular > tolerance * singular[0]
+    return vh[keep].T.contiguous()
+
+
+def leading_directions(gram: Tensor, share: float, at_most: int) -> Tensor:
+    """The leading eigenvectors (d × r, float64) of a symmetric positive semi-definite Gram
+    matrix: the fewest that hold ``share`` of its trace, at most ``at_most`` of them."""
+    values, vectors = torch.linalg.eigh(gram.to(torch.float64))
+    values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
+    total = float(values.sum())
+    if total <= 0 or at_most <= 0:
+        return vectors[:, :0]
+    cumulative = torch.cumsum(values, 0) / total
+    count = int((cumulative < share).sum()) + 1
+    return vectors[:, : min(count, at_most)].contiguous()
+
+
+@_fixed_order
+def solve_ridge_constrained(
+    problem: RidgeProblem,
+    old_weights: Mapping[str, Tensor],
+    held: Tensor,
+    *,
+    condition: str = "exact",
+) -> SolveResult:
+    """LocoEdit with equality constraints (SPEED, Li et al. 2025; AlphaEdit's null-space
+    projection): every context row in the span of ``held`` (d × h, orthonormal columns) keeps
+    its K and V *exactly* in every layer; the weighted ridge objective of ``problem`` is
+    minimised over what is left. With ``N`` an orthonormal basis of the complement of
+    ``held``, the update of every layer is ``W = Ŵ + Ŵ Dᵀ`` with::
+
+        D = N (Nᵀ A N)⁻¹ Nᵀ shift,   A = gram + λI
+
+    (the unconstrained solve is the case h = 0, N = I): for a held row x, ``x D = 0``, so
+    ``x Wᵀ = x Ŵᵀ``. One factorisation of the (d − h)-square ``NᵀAN`` serves every layer and
+    both K and V."""
+    start = time.perf_counter()
+    _check_problem(problem)
+    _check_weights(old_weights, problem.dim, "context dimension")
+    device = problem.device
+    held = held.to(device=device, dtype=torch.float64)
+    if held.ndim != 2 or held.shape[0] != problem.dim:
+        raise ValueError(f"held must be d × h with d = {problem.dim}, got {tuple(held.shape)}")
+    if held.shape[1] >= problem.dim:
+        raise ValueError(f"held spans all {problem.dim} dimensions: nothing is left to edit")
+    projector = torch.eye(problem.dim, dtype=torch.float64, device=device) - held @ held.T
+    values, vectors = torch.linalg.eigh(_symmetric(projector))
+    free = vectors[:, values > 0.5].contiguous()  # the complement: eigenvalue 1 of the projector
+    reduced = _symmetric(free.T @ problem.normal_matrix() @ free)
+    factorization = factorize(reduced, condition=condition)
+    transfer_t = (free @ factorization.solve(free.T @ problem.shift)).T.contiguous()
+    solved_at = time.perf_counter()
+    new_weights = {}
+    for name, old in old_weights.items():
+        old64 = old.detach().to(device=device, dtype=torch.float64)
+        new_weights[name] = (old64 + old64 @ transfer_t).to(device=old.device, dtype=old.dtype)
+    _synchronize(device)
+    end = time.perf_counter()
+    return SolveResult(
+        new_weights=new_weights, condition_number=factorization.condition_number, seconds=end - start,
+        lam=problem.lam, n_rows=problem.n_rows, n_preserve_rows=problem.n_preserve_rows,
+        timings={"factorize": factorization.seconds, "transfer": solved_at - start - factorization.seconds,
+                 "apply": end - solved_at},
+        path=f"constrained ({held.shape[1]} held)",
+    )
+
+
 @_fixed_order
 def solve_ridge_stacked(problem: RidgeProblem, old_weights: Mapping[str, Tensor]) -> SolveResult:
     """The same solution with every layer's right-hand side ``(cross + λI) Ŵᵀ`` stacked into

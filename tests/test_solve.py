@@ -474,3 +474,40 @@ def test_bench_script_runs_small(tmp_path, capsys):
     assert all(entry["max_abs_difference_float64"] < 1e-9 for entry in report["results"])
     assert all(entry["per_layer_equals_batched"] for entry in report["results"])
     assert "naive/shared" in capsys.readouterr().out
+
+
+def test_constrained_solve_holds_exactly_and_matches_a_projected_lstsq():
+    """SPEED-style equality constraints: rows in the held span keep their outputs to rounding,
+    and the rest is the weighted ridge minimiser over the free directions (checked against
+    numpy's least squares on the reduced problem)."""
+    g = torch.Generator().manual_seed(3)
+    d, n, d_out = 12, 40, 7
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    y = torch.randn(n, d, generator=g, dtype=torch.float64)
+    keep = torch.randn(3, d, generator=g, dtype=torch.float64)
+    old = torch.randn(d_out, d, generator=g, dtype=torch.float64)
+    problem = solve.build_problem(x, y, lam=0.01, preserve=torch.randn(5, d, generator=g, dtype=torch.float64))
+    held = solve.held_basis([keep])
+    assert held.shape == (d, 3)
+    new = solve.solve_ridge_constrained(problem, {"w": old}, held).new_weights["w"]
+    free_result = solve.solve_ridge(problem, {"w": old}).new_weights["w"]
+    # held rows: unchanged (the unconstrained solve moves them)
+    assert torch.allclose(keep @ new.T, keep @ old.T, atol=1e-10)
+    assert not torch.allclose(keep @ free_result.T, keep @ old.T, atol=1e-3)
+    # the rest: ΔWᵀ = N Z with Z minimising ‖X N Z − R Ŵᵀ‖² + ‖P N Z‖² + λ‖Z‖²
+    values, vectors = torch.linalg.eigh(torch.eye(d, dtype=torch.float64) - held @ held.T)
+    free = vectors[:, values > 0.5]
+    z = torch.linalg.solve(free.T @ problem.normal_matrix() @ free, free.T @ problem.shift @ old.T)
+    assert torch.allclose(new, old + (free @ z).T, atol=1e-9)
+    # holding nothing is the weighted ridge
+    nothing = solve.solve_ridge_constrained(problem, {"w": old}, held[:, :0]).new_weights["w"]
+    assert torch.allclose(nothing, free_result, atol=1e-9)
+    with pytest.raises(ValueError):
+        solve.solve_ridge_constrained(problem, {"w": old}, torch.eye(d, dtype=torch.float64))
+
+
+def test_leading_directions_take_the_fewest_that_hold_the_share():
+    gram = torch.diag(torch.tensor([10.0, 5.0, 1.0, 0.0], dtype=torch.float64))
+    assert solve.leading_directions(gram, 0.6, 4).shape[1] == 1
+    assert solve.leading_directions(gram, 0.9, 4).shape[1] == 2
+    assert solve.leading_directions(gram, 0.99, 1).shape[1] == 1

@@ -71,6 +71,10 @@ class EditMethod:
     summary: str = ""
     edits_unet_layers: bool = True
     layers_refusal: str = ""  # why a recipe's ``layers`` is refused (text-encoder methods)
+    # Whether the method reads its UNet context rows only through their Gram statistics (a
+    # ridge solve), so that each prompt's padding rows may come compressed to their leading
+    # directions (compiler.methods.rows.compress_padding); False: the raw rows (neurons' z-scores).
+    padding_statistics: bool = False
     fields: tuple[MethodField, ...] = ()
 
     def auto_choice(self, edit: Edit, family) -> AutoChoice | None:

@@ -55,6 +55,12 @@ def replace_last(text: str, old: str, new: str) -> str:
     return text if i < 0 else text[:i] + new + text[i + len(old):]
 
 
+def replace_phrase(text: str, old: str, new: str) -> str:
+    """``text`` with every whole-word occurrence of ``old`` (any case) replaced by ``new``."""
+    pattern = r"(?<!\w)" + re.escape(old) + r"(?!\w)"
+    return re.sub(pattern, lambda _: new, text, flags=re.IGNORECASE)
+
+
 def mentions(prompt: str, phrase: str) -> bool:
     """Does ``prompt`` contain ``phrase`` as whole words?"""
     pattern = r"(?<!\w)" + re.escape(normalize(phrase)) + r"(?!\w)"
