@@ -119,12 +119,18 @@ def compose_targets(plans: list[PlannedEdit]) -> None:
 
     if len(plans) < 2 or os.environ.get("EDITC_COMPOSE_TARGETS", "1") == "0":  # =0: the measurement's "before"
         return
+    from compiler.prompts.templates import PhraseSet
+
+    every_concept = PhraseSet(p.edit.concept for p in plans)
     for plan in plans:
         others = [(p.edit.concept, p.edit.replacement) for p in plans
                   if p is not plan and p.edit.concept.lower() != plan.edit.concept.lower()]
         composed = []
         for pair in plan.pairs:
             target = pair.target
+            if not every_concept.mentioned_in(target):  # names no edited concept: nothing to compose
+                composed.append(pair)
+                continue
             for concept, replacement in others:
                 if mentions(target, concept):
                     target = replace_phrase(target, concept, replacement)
@@ -197,10 +203,11 @@ def preservation_groups(recipe: Recipe, plans: list[PlannedEdit], vocabulary=Non
     - ``captions``: the vocabulary's generic captions.
 
     No prompt mentions an edited concept."""
-    from compiler.prompts import mentions
+    from compiler.prompts.templates import PhraseSet
 
     vocabulary = vocabulary or resolve.vocabulary_of(None, recipe.vocabulary)
     edited = [p.edit.concept for p in plans]
+    names_edited = PhraseSet(edited)
     avoid = edited + [p.edit.replacement for p in plans]
     named = set(recipe.preserve)
     for plan in plans:
@@ -216,10 +223,10 @@ def preservation_groups(recipe: Recipe, plans: list[PlannedEdit], vocabulary=Non
     at_risk = []
     for name, attribute in kept:
         named_prompts = resolve.template_prompts(name, attribute, vocabulary)
-        named_prompts = [p for p in named_prompts if not any(mentions(p, c) for c in edited)]
+        named_prompts = [p for p in named_prompts if not names_edited.mentioned_in(p)]
         at_risk.extend(named_prompts[:: max(1, len(named_prompts) // NAMED_PRESERVE_PROMPTS)])
     replacements = [pair.target for plan in plans for pair in plan.pairs
-                    if not any(mentions(pair.target, c) for c in edited)]
+                    if not names_edited.mentioned_in(pair.target)]
     captions = resolve.default_preserve_prompts(avoid, vocabulary)
     groups, seen = [], set()
     for name, prompts, weight in (("at risk", at_risk, recipe.neighbour_weight),

@@ -115,30 +115,35 @@ def last_token_indices(tokenizer, prompts: list[str], phrases: list[str]) -> lis
         if i < 0:
             raise ValueError(f"{phrase!r} does not occur in prompt {prompt!r}")
         prefixes.append(prompt[: i + len(phrase)])
-    # Ranking neighbours for each edit of a recipe tokenizes the same vocabulary prompts again:
-    # prefix lengths are remembered per tokenizer.
-    known = _PREFIX_LENGTHS.setdefault(tokenizer, {})
-    todo = list(dict.fromkeys(p for p in prefixes if p not in known))
+    return token_counts(tokenizer, prefixes)  # the prefix's tokens: +1 for BOS, -1 for the last index
+
+
+def token_counts(tokenizer, texts: list[str]) -> list[int]:
+    """How many tokens each text is (no BOS or EOS), the new ones tokenized in one batch.
+    Counts are remembered per tokenizer: ranking neighbours for each edit of a recipe, and a
+    recipe of 100 concepts (16,000 prompts, measured 8.5 s one at a time), ask again."""
+    known = _TOKEN_COUNTS.setdefault(tokenizer, {})
+    todo = list(dict.fromkeys(t for t in texts if t not in known))
     if todo:
-        known.update(zip(todo, map(len, tokenizer(todo, add_special_tokens=False).input_ids)))
-    return [known[p] for p in prefixes]  # the prefix's tokens: +1 for BOS, -1 for the last index
+        known.update(zip(todo, map(len, tokenizer(todo, add_special_tokens=False, verbose=False).input_ids)))
+    return [known[t] for t in texts]
 
 
-_PREFIX_LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_TOKEN_COUNTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def check_prompt_lengths(tokenizer, pairs: list[PromptPair], concept: str) -> None:
     """Every source and target prompt fits the text encoder (BOS and EOS included); else one
     line with the token count, before anything is encoded (the encoder would truncate it)."""
     limit = getattr(tokenizer, "model_max_length", None) or 77
-    for pair in pairs:
-        for prompt in (pair.source, pair.target):
-            tokens = len(tokenizer(prompt, add_special_tokens=False, verbose=False).input_ids) + 2  # BOS, EOS
-            if tokens > limit:
-                shown = concept if len(concept) <= 40 else concept[:40] + "…"
-                raise UserError(f"edit {shown!r}: a prompt is {tokens} tokens long (with BOS and EOS), over "
-                                f"the text encoder's limit of {limit} ({prompt[:60]!r}…); shorten the concept, "
-                                f"the replacement or the prompt")
+    prompts = [prompt for pair in pairs for prompt in (pair.source, pair.target)]
+    for prompt, count in zip(prompts, token_counts(tokenizer, prompts)):
+        tokens = count + 2  # BOS, EOS
+        if tokens > limit:
+            shown = concept if len(concept) <= 40 else concept[:40] + "…"
+            raise UserError(f"edit {shown!r}: a prompt is {tokens} tokens long (with BOS and EOS), over "
+                            f"the text encoder's limit of {limit} ({prompt[:60]!r}…); shorten the concept, "
+                            f"the replacement or the prompt")
 
 
 def check_special_tokens(tokenizer, edit, field_path: str) -> None:
@@ -156,7 +161,7 @@ def check_special_tokens(tokenizer, edit, field_path: str) -> None:
 
 
 def eos_index(tokenizer, prompt: str) -> int:
-    return len(tokenizer(prompt, add_special_tokens=False).input_ids) + 1
+    return token_counts(tokenizer, [prompt])[0] + 1
 
 
 # ----------------------------------------------------------------------------- states
@@ -180,11 +185,14 @@ def pair_positions(tokenizer, pairs: list[PromptPair], concept: str, replacement
     """
     src, tgt = [], []
     check_prompt_lengths(tokenizer, pairs, concept)
-    for pair in pairs:
-        s = [last_token_index(tokenizer, pair.source, concept)]
-        t = [last_token_index(tokenizer, pair.target, replacement)]
+    sources, targets = [p.source for p in pairs], [p.target for p in pairs]
+    s_last = last_token_indices(tokenizer, sources, [concept] * len(pairs))
+    t_last = last_token_indices(tokenizer, targets, [replacement] * len(pairs))
+    s_count, t_count = token_counts(tokenizer, sources), token_counts(tokenizer, targets)
+    for i in range(len(pairs)):
+        s, t = [s_last[i]], [t_last[i]]
         if eos:
-            s_eos, t_eos = eos_index(tokenizer, pair.source), eos_index(tokenizer, pair.target)
+            s_eos, t_eos = s_count[i] + 1, t_count[i] + 1
             trailing = 1 if trailing_to is None else trailing_to - max(s_eos, t_eos)
             if padding is not None:
                 trailing = min(trailing, 1 + padding)
@@ -200,11 +208,12 @@ def all_token_positions(tokenizer, prompts: list[str], length: int | None = None
     """The states preservation rows keep in place: BOS through EOS of each prompt, or all
     ``length`` positions (padding included) when the edit also maps the trailing tokens (BOS
     through EOS and the first ``padding`` positions after it, when that is given)."""
-    if length is not None and padding is not None:
-        return [list(range(min(length, eos_index(tokenizer, p) + 1 + padding))) for p in prompts]
-    if length is not None:
+    if length is not None and padding is None:
         return [list(range(length)) for _ in prompts]
-    return [list(range(eos_index(tokenizer, p) + 1)) for p in prompts]
+    eos = [count + 1 for count in token_counts(tokenizer, prompts)]
+    if length is not None:
+        return [list(range(min(length, e + 1 + padding))) for e in eos]
+    return [list(range(e + 1)) for e in eos]
 
 
 # ----------------------------------------------------------------------------- neighbours

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from compiler.judges import STYLE, SUBJECT, normalize_phrase
 from compiler.prompts import Vocabulary, generic_probes as vocabulary_generic_probes
 from compiler.prompts import mentions as _mentions
+from compiler.prompts.templates import PhraseSet
 from compiler.recipe import Edit, Recipe
 from compiler.resolve import prompt_pairs, template_prompts
 
@@ -162,7 +163,7 @@ def _edit_probes(edit: Edit, vocabulary: Vocabulary, heldout: bool, count: int, 
 
 def _neighbour_probes(recipe: Recipe, edit: Edit, index: int, count: int, neighbours: list[str],
                       vocabulary: Vocabulary) -> tuple[Probe, ...]:
-    edited = [e.concept for e in recipe.edits]
+    edited = PhraseSet(e.concept for e in recipe.edits)
     # ``count`` prompts at least; ``NEIGHBOUR_PROMPTS`` per neighbour at the default 8 prompts
     # per group, half of ``count`` when fewer are asked for (quick runs), one at least.
     per_neighbour = max(1, min(NEIGHBOUR_PROMPTS, count // 2), -(-count // max(1, len(neighbours))))
@@ -171,7 +172,7 @@ def _neighbour_probes(recipe: Recipe, edit: Edit, index: int, count: int, neighb
         kind = kind_of_phrase(neighbour, kind_of_edit(edit), vocabulary)
         attribute = "style" if kind == STYLE else (edit.attribute if edit.attribute != "style" else "object")
         prompts = template_prompts(neighbour, attribute, vocabulary, heldout=True)
-        prompts = [p for p in prompts if not any(mentions(p, concept) for concept in edited)]
+        prompts = [p for p in prompts if not edited.mentioned_in(p)]
         label = f"editc verify specificity {index} {normalize_phrase(neighbour)}"
         probes.extend(Probe(prompt, neighbour, kind) for prompt in _draw(prompts, per_neighbour, label))
     return tuple(probes)
@@ -179,9 +180,9 @@ def _neighbour_probes(recipe: Recipe, edit: Edit, index: int, count: int, neighb
 
 def generic_probes(recipe: Recipe, count: int, vocabulary: Vocabulary) -> tuple[Probe, ...]:
     """Plain object prompts ("a photo of a red house") that mention no edited concept."""
-    edited = [e.concept for e in recipe.edits]
+    edited = PhraseSet(e.concept for e in recipe.edits)
     candidates = [Probe(prompt, subject, SUBJECT) for prompt, subject in vocabulary_generic_probes(vocabulary)
-                  if not any(mentions(prompt, concept) for concept in edited)]
+                  if not edited.mentioned_in(prompt)]
     return tuple(_draw(candidates, count, "editc verify generic"))
 
 
