@@ -73,9 +73,9 @@ def made_up_names(count: int) -> list[str]:
     return out[:count]
 
 
-def recipe_text(count: int, single: str | None) -> str:
-    """The recipe of ``count`` concepts (``single``: that example concept alone)."""
-    lines = ["model: toy", "lambda: 0.01"]
+def recipe_text(count: int, single: str | None, model: str = "toy") -> str:
+    """The recipe of ``count`` concepts (``single``: that example concept alone) for ``model``."""
+    lines = [f"model: {json.dumps(model)}", "lambda: 0.01"]
     preserve = sorted({p for c in ([single] if single else EXAMPLES) for p in EXAMPLES[c][2]})
     if preserve:
         lines.append(f"preserve: {json.dumps(preserve)}")
@@ -95,7 +95,7 @@ def recipe_text(count: int, single: str | None) -> str:
 
 
 # ----------------------------------------------------------------------------- child
-def child(count: int, single: str | None) -> dict:
+def child(count: int, single: str | None, model_path: str = "toy") -> dict:
     import torch
 
     torch.set_num_threads(2)
@@ -104,16 +104,18 @@ def child(count: int, single: str | None) -> dict:
     from compiler.recipe import loads_recipe
 
     started = time.perf_counter()
-    model = open_model("toy")
-    recipe = loads_recipe(recipe_text(count, single), f"many-{count}.yaml")
+    model = open_model(model_path)
+    recipe = loads_recipe(recipe_text(count, single, model_path), f"many-{count}.yaml")
     plans = plan_edits(recipe, model)
     result = compile_edits(recipe, model, plans)
     seconds = time.perf_counter() - started
+    cpu_seconds = time.process_time()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     solves = [{k: s.get(k) for k in ("method", "site", "rows", "preserve_rows", "solve_seconds", "solver",
                                        "held_exactly")} for s in result.solve_info]
     judged = judge(model, recipe, result.new_tensors)
-    return {"concepts": count, "single": single, "compile_seconds": seconds, "peak_rss_mb": peak,
+    return {"concepts": count, "single": single, "model": model_path, "compile_seconds": seconds,
+            "compile_cpu_seconds": cpu_seconds, "peak_rss_mb": peak,
             "timings": result.timings, "solves": solves, **judged}
 
 
@@ -206,7 +208,7 @@ def judge(model, recipe, new_tensors) -> dict:
 
 
 # ----------------------------------------------------------------------------- parent
-def run_child(count: int, single: str | None, variant: dict[str, str]) -> dict:
+def run_child(count: int, single: str | None, variant: dict[str, str], model: str = "toy") -> dict:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -215,7 +217,7 @@ def run_child(count: int, single: str | None, variant: dict[str, str]) -> dict:
     with tempfile.TemporaryDirectory(prefix="editc-many-") as tmp:
         env["EDITC_CACHE_DIR"] = tmp  # cold: every prompt embedded, every Gram formed
         out = Path(tmp) / "result.json"
-        command = [sys.executable, __file__, "--child", str(count), "--json", str(out)]
+        command = [sys.executable, __file__, "--child", str(count), "--json", str(out), "--model", model]
         if single:
             command += ["--single", single]
         subprocess.run(command, env=env, check=True)
@@ -259,20 +261,25 @@ def main(argv=None) -> int:
     parser.add_argument("--variant", action="append", default=[], help="KEY=VALUE: EDITC_KEY in the children")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "many_concepts"))
     parser.add_argument("--append", action="store_true", help="add to the existing results instead of replacing")
+    parser.add_argument("--model", default="toy",
+                        help="the model (default: the toy world); e.g. a full-size random SD-1.5 folder built by "
+                             "bench/real_size.py, to measure at CLIP-L's 768 dimensions")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--single", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child is not None:
-        Path(args.json).write_text(json.dumps(child(args.child, args.single)))
+        Path(args.json).write_text(json.dumps(child(args.child, args.single, args.model)))
         return 0
     variant = parse_variant(args.variant)
     label = ", ".join(f"{k}={v}" for k, v in variant.items()) or "default"
+    if args.model != "toy":
+        label = f"{Path(args.model).name}: {label}"
     out = Path(args.out)
     rows = json.loads(out.with_suffix(".json").read_text())["rows"] if args.append and out.with_suffix(".json").exists() else []
     for count in (int(c) for c in args.counts.split(",")):
         for single in (list(EXAMPLES) if count == 1 else [None]):
-            row = run_child(count, single, variant)
+            row = run_child(count, single, variant, args.model)
             row["variant"], row["variant_label"] = variant, label
             rows.append(row)
             print(markdown([row]).splitlines()[-1], flush=True)
