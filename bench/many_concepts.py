@@ -73,9 +73,11 @@ def made_up_names(count: int) -> list[str]:
     return out[:count]
 
 
-def recipe_text(count: int, single: str | None, model: str = "toy") -> str:
-    """The recipe of ``count`` concepts (``single``: that example concept alone) for ``model``."""
+def recipe_text(count: int, single: str | None, model: str = "toy", extra: dict | None = None) -> str:
+    """The recipe of ``count`` concepts (``single``: that example concept alone) for ``model``;
+    ``extra`` are top-level recipe keys (e.g. ``neighbour_weight``), as YAML values."""
     lines = [f"model: {json.dumps(model)}", "lambda: 0.01"]
+    lines += [f"{key}: {value}" for key, value in (extra or {}).items()]
     preserve = sorted({p for c in ([single] if single else EXAMPLES) for p in EXAMPLES[c][2]})
     if preserve:
         lines.append(f"preserve: {json.dumps(preserve)}")
@@ -95,7 +97,7 @@ def recipe_text(count: int, single: str | None, model: str = "toy") -> str:
 
 
 # ----------------------------------------------------------------------------- child
-def child(count: int, single: str | None, model_path: str = "toy") -> dict:
+def child(count: int, single: str | None, model_path: str = "toy", fields: dict | None = None) -> dict:
     import torch
 
     torch.set_num_threads(2)
@@ -105,7 +107,7 @@ def child(count: int, single: str | None, model_path: str = "toy") -> dict:
 
     started = time.perf_counter()
     model = open_model(model_path)
-    recipe = loads_recipe(recipe_text(count, single, model_path), f"many-{count}.yaml")
+    recipe = loads_recipe(recipe_text(count, single, model_path, fields), f"many-{count}.yaml")
     plans = plan_edits(recipe, model)
     result = compile_edits(recipe, model, plans)
     seconds = time.perf_counter() - started
@@ -208,7 +210,8 @@ def judge(model, recipe, new_tensors) -> dict:
 
 
 # ----------------------------------------------------------------------------- parent
-def run_child(count: int, single: str | None, variant: dict[str, str], model: str = "toy") -> dict:
+def run_child(count: int, single: str | None, variant: dict[str, str], model: str = "toy",
+              fields: dict | None = None) -> dict:
     env = dict(os.environ)
     env.setdefault("HF_HUB_OFFLINE", "1")
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -220,6 +223,8 @@ def run_child(count: int, single: str | None, variant: dict[str, str], model: st
         command = [sys.executable, __file__, "--child", str(count), "--json", str(out), "--model", model]
         if single:
             command += ["--single", single]
+        for key, value in (fields or {}).items():
+            command += ["--recipe", f"{key}={value}"]
         subprocess.run(command, env=env, check=True)
         return json.loads(out.read_text())
 
@@ -264,23 +269,27 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="toy",
                         help="the model (default: the toy world); e.g. a full-size random SD-1.5 folder built by "
                              "bench/real_size.py, to measure at CLIP-L's 768 dimensions")
+    parser.add_argument("--recipe", action="append", default=[],
+                        help="KEY=VALUE: a top-level recipe key of every recipe (e.g. neighbour_weight=2)")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--single", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    fields = dict(item.split("=", 1) for item in args.recipe)
     if args.child is not None:
-        Path(args.json).write_text(json.dumps(child(args.child, args.single, args.model)))
+        Path(args.json).write_text(json.dumps(child(args.child, args.single, args.model, fields)))
         return 0
     variant = parse_variant(args.variant)
-    label = ", ".join(f"{k}={v}" for k, v in variant.items()) or "default"
+    label = ", ".join([f"{k}={v}" for k, v in variant.items()] + [f"recipe {k}: {v}" for k, v in fields.items()]) \
+        or "default"
     if args.model != "toy":
         label = f"{Path(args.model).name}: {label}"
     out = Path(args.out)
     rows = json.loads(out.with_suffix(".json").read_text())["rows"] if args.append and out.with_suffix(".json").exists() else []
     for count in (int(c) for c in args.counts.split(",")):
         for single in (list(EXAMPLES) if count == 1 else [None]):
-            row = run_child(count, single, variant, args.model)
-            row["variant"], row["variant_label"] = variant, label
+            row = run_child(count, single, variant, args.model, fields)
+            row["variant"], row["variant_label"], row["recipe_fields"] = variant, label, fields
             rows.append(row)
             print(markdown([row]).splitlines()[-1], flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)

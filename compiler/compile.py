@@ -52,23 +52,56 @@ def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], preserve_cach
     groups = preservation_groups(recipe, plans, resolve.vocabulary_of(model, recipe.vocabulary))
     context = RowContext(model, plans, groups, recipe.lambda_, preserve_cache=preserve_cache)
     preserve = context.preserve
+    contexts = [context]
     new_tensors: dict[str, torch.Tensor] = {}
     solve_info: list[dict] = []
-    for method in REGISTRY.values():
+    # Text-encoder edits first; the UNet edits are then solved on the contexts that the *edited*
+    # text encoder produces, i.e. on what the UNet will see. Solved on the base encoder's, a
+    # fact's Diff-QuickFix edit beside a style's LocoEdit shifted the style's contexts under the
+    # UNet edit (van gogh beside the british monarch kept 0.27 of its K/V gap instead of 0.14:
+    # README "Many concepts in one solve").
+    for method in sorted(REGISTRY.values(), key=lambda m: m.edits_unet_layers):
         group = [p for p in plans if p.method == method.name]
         if not group:
             continue
-        with timed(context.timings, "embed"):
-            rows = method.build_rows(context, group)
-        with timed(context.timings, "solve"):
-            for solved in method.solve(context, group, rows):
-                new_tensors.update(solved.new_tensors)
-                solve_info.append(solved.info)
-    if solve_info and context._cache is not None:
-        solve_info[0]["preserve_cache"] = context.cache.stats.to_dict()
-        if context.cache.row_stats.hits or context.cache.row_stats.misses:
-            solve_info[0]["edit_rows_cache"] = context.cache.row_stats.to_dict()
+        text_edits = {n: t for n, t in new_tensors.items() if not n.startswith("unet/")}
+        if method.edits_unet_layers and text_edits and not context.text_edits:
+            context = RowContext(model, plans, groups + text_edited_group(recipe, plans), recipe.lambda_,
+                                 preserve_cache=preserve_cache, timings=context.timings, text_edits=text_edits)
+            contexts.append(context)
+        with context.text_encoders_edited():
+            with timed(context.timings, "embed"):
+                rows = method.build_rows(context, group)
+            with timed(context.timings, "solve"):
+                for solved in method.solve(context, group, rows):
+                    new_tensors.update(solved.new_tensors)
+                    solve_info.append(solved.info)
+    caches = [cache for c in contexts for cache in (c._cache, c._base_cache) if cache is not None]
+    if solve_info and caches:
+        from compiler.preserve_cache import CacheStats
+
+        stats, row_stats = CacheStats(), CacheStats()
+        for cache in caches:
+            stats.add(cache.stats)
+            row_stats.add(cache.row_stats)
+        solve_info[0]["preserve_cache"] = stats.to_dict()
+        if row_stats.hits or row_stats.misses:
+            solve_info[0]["edit_rows_cache"] = row_stats.to_dict()
     return CompileResult(new_tensors, plans, context.timings, solve_info, preserve, groups)
+
+
+def text_edited_group(recipe: Recipe, plans: list[PlannedEdit]) -> list:
+    """For the UNet solve after the text-encoder edits: the text-edited concepts' own prompts,
+    held where the edited text encoder puts them (weighted like the concepts at risk), so the
+    UNet edits keep what the text edits made (the british monarch, now king charles, beside 100
+    styles). Prompts naming a concept the UNet edits are left out."""
+    from compiler.plan import PreserveGroup
+    from compiler.prompts.templates import PhraseSet
+
+    unet_concepts = PhraseSet([p.edit.concept for p in plans if p.method_plugin.edits_unet_layers])
+    prompts = tuple(dict.fromkeys(pair.source for p in plans if not p.method_plugin.edits_unet_layers
+                                  for pair in p.pairs if not unet_concepts.mentioned_in(pair.source)))
+    return [PreserveGroup("text-edited", prompts, float(recipe.neighbour_weight))] if prompts else []
 
 
 def apply_to_pipeline(pipe, new_tensors: dict[str, torch.Tensor]) -> None:

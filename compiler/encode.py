@@ -132,6 +132,8 @@ class PromptEncoder:
         need: dict[str, int] = {}
         for prompt, pos in zip(prompts, positions):
             if len(pos):
+                if min(pos) < 0:
+                    raise ValueError(f"negative position {min(pos)} for {prompt!r}")
                 need[prompt] = max(need.get(prompt, 0), max(pos) + 1)
         full = self.max_length
         for prompt, n in need.items():
@@ -140,19 +142,19 @@ class PromptEncoder:
         by_length: dict[int, list[str]] = defaultdict(list)
         for prompt, n in need.items():
             by_length[n].append(prompt)
-        states: dict[str, torch.Tensor] = {}
+        # Each batch's states flattened to (B·length, …); a prompt is (batch, its first row).
+        batches: list[torch.Tensor] = []
+        where: dict[str, tuple[int, int]] = {}
         for length in sorted(by_length):
             group = by_length[length]
             step = max(1, min(MAX_BATCH, TOKEN_BUDGET // length))
             for i in range(0, len(group), step):
                 chunk = group[i : i + step]
-                out = run(chunk, length)
-                for prompt, state in zip(chunk, out.to(dtype)):  # stays on the encoder's device
-                    states[prompt] = state
-        rows = [states[p][list(pos)] for p, pos in zip(prompts, positions) if len(pos)]
-        if not rows:
-            return torch.empty(0, dtype=dtype, device=self.device)
-        return torch.cat(rows)
+                out = run(chunk, length).to(dtype)  # stays on the encoder's device
+                for j, prompt in enumerate(chunk):
+                    where[prompt] = (len(batches), j * length)
+                batches.append(out.reshape(out.shape[0] * length, *out.shape[2:]))
+        return _gather_rows(batches, where, prompts, positions, dtype, self.device)
 
     @property
     def device(self) -> torch.device:
@@ -217,6 +219,30 @@ def _capture_input(encoder: torch.nn.Module, module: torch.nn.Module, ids: torch
     if not seen:
         raise RuntimeError(f"{type(module).__name__} was not called by {type(encoder).__name__}")
     return seen[0]
+
+
+def _gather_rows(batches: list[torch.Tensor], where: dict[str, tuple[int, int]], prompts, positions,
+                 dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The requested rows in request order, copied with one ``index_select`` per batch: indexing
+    each prompt's states with a Python list cost ~0.5 ms a prompt (a 100-concept recipe's
+    16 k prompts spent more time there than in the encoder)."""
+    source: dict[int, list[int]] = defaultdict(list)
+    dest: dict[int, list[int]] = defaultdict(list)
+    cursor = 0
+    for prompt, pos in zip(prompts, positions):
+        if not len(pos):
+            continue
+        batch, first = where[prompt]
+        source[batch].extend(first + int(q) for q in pos)
+        dest[batch].extend(range(cursor, cursor + len(pos)))
+        cursor += len(pos)
+    if not cursor:
+        return torch.empty(0, dtype=dtype, device=device)
+    rows = torch.empty((cursor, *batches[0].shape[1:]), dtype=dtype, device=batches[0].device)
+    for batch, src in source.items():
+        index = torch.tensor(src, dtype=torch.long, device=rows.device)
+        rows[torch.tensor(dest[batch], dtype=torch.long, device=rows.device)] = batches[batch].index_select(0, index)
+    return rows
 
 
 def _gather(states: torch.Tensor, positions) -> torch.Tensor:

@@ -46,6 +46,11 @@ class CacheStats:
     def to_dict(self) -> dict:
         return {"hits": self.hits, "misses": self.misses}
 
+    def add(self, other: "CacheStats") -> None:
+        self.hits += other.hits
+        self.misses += other.misses
+        self.keys += other.keys
+
 
 def enabled_by_environment() -> bool:
     return os.environ.get("EDITC_NO_PRESERVE_CACHE", "") not in ("1", "true", "yes")

@@ -112,20 +112,21 @@ def test_preservation_cache_hit_on_second_compile_invalidated_by_a_new_text_enco
     shutil.copytree(tiny("sd1"), model)
     first = _compile(model, tmp_path / "a", ("delta",), tmp_path)
     second = _compile(model, tmp_path / "b", ("delta",), tmp_path)
-    # UNet contexts and layer-0 inputs, each for three preservation groups (the found
-    # neighbours, the replacement's prompts, the generic captions): all computed, then all found.
-    assert _cache_counts(first) == (0, 6)
-    assert _cache_counts(second) == (6, 0)
-    # The style edit's own rows (its prompt pairs through the text encoder) too.
-    assert first["solves"][0]["edit_rows_cache"] == {"hits": 0, "misses": 1}
-    assert second["solves"][0]["edit_rows_cache"] == {"hits": 1, "misses": 0}
+    # Layer-0 inputs for three preservation groups (the found neighbours, the replacement's
+    # prompts, the generic captions), then the UNet contexts by the encoder holding the fact's
+    # edit for those three and the fact's own prompts: all computed, then all found.
+    assert _cache_counts(first) == (0, 7)
+    assert _cache_counts(second) == (7, 0)
+    # The style edit's own rows too: its sources by the edited encoder, its targets by the base.
+    assert first["solves"][0]["edit_rows_cache"] == {"hits": 0, "misses": 2}
+    assert second["solves"][0]["edit_rows_cache"] == {"hits": 2, "misses": 0}
     assert list((tmp_path / "cache" / "edit-rows").glob("*.safetensors"))
     assert list((tmp_path / "cache" / "preserve-gram").glob("*.safetensors"))
 
     # The same edited tensors, bit for bit, with the cache, from the cache, and without it.
     monkeypatch.setenv("EDITC_NO_PRESERVE_CACHE", "1")
     uncached = _compile(model, tmp_path / "c", ("delta",), tmp_path)
-    assert _cache_counts(uncached) == (0, 6)
+    assert _cache_counts(uncached) == (0, 7)
     a, b, c = (_delta_tensors(tmp_path / d) for d in "abc")
     assert a.keys() == b.keys() == c.keys() and len(a) == 5
     assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
@@ -143,7 +144,7 @@ def test_preservation_cache_hit_on_second_compile_invalidated_by_a_new_text_enco
     os.unlink(weights)  # a new file (the old one may be hard-linked into outputs)
     save_file(tensors, str(weights), metadata=metadata)
     changed = _compile(model, tmp_path / "d", ("delta",), tmp_path)
-    assert _cache_counts(changed) == (0, 6)
+    assert _cache_counts(changed) == (0, 7)
 
 
 def test_another_recipe_on_the_same_model_finds_the_generic_captions_cached(tiny, tmp_path, monkeypatch):
@@ -159,10 +160,12 @@ def test_another_recipe_on_the_same_model_finds_the_generic_captions_cached(tiny
     other.write_text(RECIPE.format(model=model).replace("van gogh", "claude monet"))
     manifest = compile_to_disk(loads_recipe(other.read_text(), str(other)), out=tmp_path / "b",
                                formats=("delta",), force=True, verify=False, progress=False)
-    # Per site (UNet contexts, layer-0 inputs): captions and replacements' prompts found, the
-    # new concept's neighbours computed.
-    assert _cache_counts(manifest) == (4, 2)
-    assert manifest["solves"][0]["edit_rows_cache"] == {"hits": 0, "misses": 1}  # a new concept's rows
+    # Layer-0 inputs: captions and replacements' prompts found, the new concept's neighbours
+    # computed. The UNet contexts come from the encoder holding this recipe's fact edit, which
+    # differs from the first recipe's (its solve held other neighbours): all four computed.
+    assert _cache_counts(manifest) == (2, 5)
+    # A new concept's source rows computed; its targets ("… a painting") found.
+    assert manifest["solves"][0]["edit_rows_cache"] == {"hits": 1, "misses": 1}
 
 
 def test_neighbour_states_are_encoded_once_per_text_encoder(tiny, tmp_path, monkeypatch):

@@ -5,8 +5,10 @@ method that reads them."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -51,6 +53,11 @@ class RowContext:
     lam: float
     timings: dict[str, float] = field(default_factory=dict)
     preserve_cache: bool | None = None  # None: on unless EDITC_NO_PRESERVE_CACHE=1
+    # Text-encoder tensors (qualified names) solved earlier in this compile: this context's
+    # prompts are embedded by the encoder holding them (``text_encoders_edited``).
+    text_edits: dict[str, torch.Tensor] = field(default_factory=dict)
+    _saved: list = field(default_factory=list)
+    _base_cache: object = None
     _context_rows: ContextRows | None = None
     _encoder: object = None
     _cache: object = None
@@ -81,6 +88,40 @@ class RowContext:
             n_rows += gram.n_rows
         return None if total is None else PreservationGram(total, n_rows)
 
+    @contextmanager
+    def text_encoders_edited(self):
+        """While open, the model's text encoder(s) hold ``text_edits`` (as the edited checkpoint
+        stores them, cast to the encoder's dtype); restored bit for bit on exit."""
+        saved = self._saved = []
+        try:
+            with torch.no_grad():
+                for qualified, tensor in self.text_edits.items():
+                    component, name = qualified.split("/", 1)
+                    param = self.model.text_encoder(component).get_parameter(name)
+                    edited = tensor.to(device=param.device, dtype=param.dtype)
+                    saved.append((param, param.detach().clone(), edited))
+                    param.copy_(edited)
+            yield self
+        finally:
+            with torch.no_grad():
+                for param, old, _ in reversed(saved):
+                    param.copy_(old)
+            self._saved = []
+
+    @contextmanager
+    def _base_text_encoders(self):
+        """Inside ``text_encoders_edited``: the base weights back for a while (the replacement
+        prompts' rows are what the *unedited* model gives them, LocoEdit's targets)."""
+        with torch.no_grad():
+            for param, old, _ in self._saved:
+                param.copy_(old)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, _, edited in self._saved:
+                    param.copy_(edited)
+
     @property
     def device(self) -> torch.device:
         """Where rows, Grams and solves live: the text encoder's device (the policy's, for a
@@ -109,7 +150,7 @@ class RowContext:
     @property
     def cache(self) -> PreserveCache:
         if self._cache is None:
-            self._cache = PreserveCache(self.model, self.preserve_cache, self.device)
+            self._cache = PreserveCache(self.model, self.preserve_cache, self.device, self.text_edits)
         return self._cache
 
     def context_rows(self) -> ContextRows:
@@ -139,8 +180,12 @@ class RowContext:
             for plan in part:
                 s_pos, t_pos = positions_by_prompt(tokenizer, plan, length)
                 requests.append(([pr.source for pr in plan.pairs] + [pr.target for pr in plan.pairs], s_pos + t_pos))
-                layouts.append(s_pos)
-            rows = self.cache.edit_rows("context", encoder.components, requests, encoder.context_rows)
+                layouts.append((s_pos, t_pos))
+            if self.text_edits:
+                rows = self._edited_source_base_target_rows(part, layouts)
+            else:
+                rows = self.cache.edit_rows("context", encoder.components, requests, encoder.context_rows)
+            layouts = [s_pos for s_pos, _ in layouts]
             for plan, r, s_pos in zip(part, rows, layouts):
                 n = sum(map(len, s_pos))
                 # positions_by_prompt gives [subject, EOS, padding…] per prompt (EOS only with eos)
@@ -158,17 +203,32 @@ class RowContext:
                                            encoder.context_rows)
         return ContextRows(by_plan, preserve_gram, padding, dict(self.last_group_grams))
 
+    def _edited_source_base_target_rows(self, plans, layouts) -> list[torch.Tensor]:
+        """Per plan, its source rows by the text encoder holding ``text_edits`` (what the UNet
+        will see) followed by its target rows by the base encoder (what the unedited model
+        gives the replacement), each through the edit-row cache of its own encoder."""
+        encoder = self.encoder
+        sources = [([pr.source for pr in plan.pairs], s_pos) for plan, (s_pos, _) in zip(plans, layouts)]
+        targets = [([pr.target for pr in plan.pairs], t_pos) for plan, (_, t_pos) in zip(plans, layouts)]
+        source_rows = self.cache.edit_rows("context", encoder.components, sources, encoder.context_rows)
+        if self._base_cache is None:
+            self._base_cache = PreserveCache(self.model, self.preserve_cache, self.device)
+        with self._base_text_encoders():
+            target_rows = self._base_cache.edit_rows("context", encoder.components, targets, encoder.context_rows)
+        return [torch.cat([s.to(self.device), t.to(self.device)]) for s, t in zip(source_rows, target_rows)]
+
 
 class PreserveCache:
     """The preservation Gram cache for one compile, keyed by the content hash of the text
     encoder(s) involved; ``stats`` (hits, misses) goes into the manifest."""
 
-    def __init__(self, model, enabled: bool | None, device: torch.device):
+    def __init__(self, model, enabled: bool | None, device: torch.device, text_edits: dict | None = None):
         from compiler.preserve_cache import CacheStats
 
         self.model, self.enabled, self.stats, self.device = model, enabled, CacheStats(), device
         self.row_stats = CacheStats()  # the edit-row cache's
         self._hashes: dict[str, str] = {}
+        self.text_edits = text_edits or {}
 
     def _encoder_hash(self, components) -> tuple[str, bool | None]:
         """The encoders' content hashes and where their states were computed (a GPU's rows and
@@ -178,7 +238,10 @@ class PreserveCache:
 
         for component in components:
             if component not in self._hashes:
-                self._hashes[component] = text_encoder_hash(self.model, component)
+                base = text_encoder_hash(self.model, component)
+                edits = {n: t for n, t in self.text_edits.items() if n.split("/", 1)[0] == component}
+                # An encoder holding this compile's text edits is another encoder.
+                self._hashes[component] = base and (base + tensors_digest(edits) if edits else base)
         # An in-memory pipeline has no content hash: nothing to key a cache entry by.
         enabled = False if not all(self._hashes[c] for c in components) else self.enabled
         return "+".join(self._hashes[c] for c in components) + "@" + compute_tag(self.device), enabled
@@ -195,6 +258,16 @@ class PreserveCache:
 
         encoder_hash, enabled = self._encoder_hash(components)
         return cached_edit_rows(encoder_hash, kind, requests, compute, enabled=enabled, stats=self.row_stats)
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """``+edit:<sha256>`` of the named tensors' names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return "+edit:" + digest.hexdigest()
 
 
 def positions_by_prompt(tokenizer, plan, trailing_to: int | None = None):
