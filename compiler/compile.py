@@ -44,13 +44,17 @@ class CompileResult:
     preserve_groups: list = field(default_factory=list)  # compiler.plan.PreserveGroup
 
 
-def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], preserve_cache: bool | None = None) -> CompileResult:
+def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], preserve_cache: bool | None = None,
+                  concept_weighting: str = "concept") -> CompileResult:
     """Rows and solve for every method the plans use (in registry order); the model is not
     modified here. Prompts go through the one prompt encoder; the preservation rows' ``PᵀP``
     comes from the on-disk cache (``preserve_cache=False`` bypasses it); old weights come from
-    ``model.read_tensors`` (a lazily read model reads just those)."""
+    ``model.read_tensors`` (a lazily read model reads just those). ``concept_weighting``: how the
+    edits' rows weigh in one solve (``compiler.methods.rows.concept_weights``; "row" only for the
+    benchmark's comparison)."""
     groups = preservation_groups(recipe, plans, resolve.vocabulary_of(model, recipe.vocabulary))
-    context = RowContext(model, plans, groups, recipe.lambda_, preserve_cache=preserve_cache)
+    context = RowContext(model, plans, groups, recipe.lambda_, preserve_cache=preserve_cache,
+                         concept_weighting=concept_weighting)
     preserve = context.preserve
     new_tensors: dict[str, torch.Tensor] = {}
     solve_info: list[dict] = []
