@@ -45,6 +45,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from compiler import OFFLINE_ENV  # noqa: E402 - light: only sets the offline hub variables
 PYTHON = sys.executable
 _spec = importlib.util.spec_from_file_location("real_size", ROOT / "bench" / "real_size.py")
 real_size = importlib.util.module_from_spec(_spec)
@@ -574,8 +576,8 @@ def main(argv=None) -> int:
     args.size = args.size or ("tiny" if args.device == "cpu" else "full")
     tiny = args.size == "tiny"
     args.scratch.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     run = Run(args.out, args)
     run.reference = (json.loads(args.reference.read_text()).get("sections", {})
                      if args.reference and args.reference.is_file() and not tiny else {})

@@ -21,6 +21,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from compiler import OFFLINE_ENV  # noqa: E402 - light: only sets the offline hub variables
 ALL_LAYERS = list(range(16))
 
 
@@ -36,7 +38,7 @@ def recipe_for(folder: Path, word: str, neutral: str, attribute: str, donor: str
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "compiler.cli", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True)
 

@@ -11,7 +11,7 @@ and a GPU. Nothing is downloaded: every path is given on the command line.
 ``--model NAME=PATH`` (repeatable): a diffusers folder or an original single file of SD-1.x,
 SD-2.x or SD-XL (the family is detected from the weights). ``--clip``: a local transformers
 ``CLIPModel`` folder that judges the images (verify's CLIP-folder judge). For each model this
-runs the same harness as ``editc bench`` (``bench/run_bench.py``) with the papers' settings:
+runs the same harness as ``editc bench`` (``compiler.bench.harness``) with the papers' settings:
 
 - ESD-x: 1000 steps, batch 1, Adam lr 1e-5, x_t from 50-step DDIM with guidance 3;
 - Concept Ablation: 400 steps, batch 8, Adam lr 1e-5, 200 anchor images (50 DDIM steps, guidance 6);
@@ -32,12 +32,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `bench` is not an installed package
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's compiler, installed or not
 
 from compiler.bench.baselines.concept_ablation import ConceptAblationConfig  # noqa: E402
 from compiler.bench.baselines.esd import ESDConfig  # noqa: E402
-from bench.run_bench import (METHODS, RESULTS_DIR, TASKS, BenchSettings, markdown, parse_layers,  # noqa: E402
-                             run_bench, write_report)
+from compiler.bench.harness import run_bench  # noqa: E402
+from compiler.bench.report import markdown, write_report  # noqa: E402
+from compiler.bench.settings import METHODS, RESULTS_DIR, TASKS, BenchSettings, parse_layers  # noqa: E402
 from compiler.errors import UserError  # noqa: E402
 
 

@@ -40,6 +40,8 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from compiler import OFFLINE_ENV  # noqa: E402 - light: only sets the offline hub variables
 RESULTS = ROOT / "bench" / "results"
 PYTHON = sys.executable
 TARGETS = {  # issue 13, item 5 (2 CPU threads, idle machine)
@@ -309,7 +311,7 @@ def main(argv=None) -> int:
     args.scratch.mkdir(parents=True, exist_ok=True)
     cache = args.scratch / "cache"
     shutil.rmtree(cache, ignore_errors=True)  # the first compile of each model finds no cache
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": str(ROOT),
            "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads), "EDITC_CACHE_DIR": str(cache)}
     if args.device != "cpu":
         env["EDITC_DEVICE"] = args.device

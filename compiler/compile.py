@@ -44,13 +44,17 @@ class CompileResult:
     preserve_groups: list = field(default_factory=list)  # compiler.plan.PreserveGroup
 
 
-def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], preserve_cache: bool | None = None) -> CompileResult:
-    """Rows and solve for every method the plans use (in registry order); the model is not
+def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], preserve_cache: bool | None = None,
+                  concept_weighting: str = "concept") -> CompileResult:
+    """Rows and solve for every method the plans use (text-encoder methods first); the model is not
     modified here. Prompts go through the one prompt encoder; the preservation rows' ``PᵀP``
     comes from the on-disk cache (``preserve_cache=False`` bypasses it); old weights come from
-    ``model.read_tensors`` (a lazily read model reads just those)."""
+    ``model.read_tensors`` (a lazily read model reads just those). ``concept_weighting``: how the
+    edits' rows weigh in one solve (``compiler.methods.rows.concept_weights``; "row" only for the
+    benchmark's comparison)."""
     groups = preservation_groups(recipe, plans, resolve.vocabulary_of(model, recipe.vocabulary))
-    context = RowContext(model, plans, groups, recipe.lambda_, preserve_cache=preserve_cache)
+    context = RowContext(model, plans, groups, recipe.lambda_, preserve_cache=preserve_cache,
+                         concept_weighting=concept_weighting)
     preserve = context.preserve
     contexts = [context]
     new_tensors: dict[str, torch.Tensor] = {}
@@ -67,7 +71,8 @@ def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], preserve_cach
         text_edits = {n: t for n, t in new_tensors.items() if not n.startswith("unet/")}
         if method.edits_unet_layers and text_edits and not context.text_edits:
             context = RowContext(model, plans, groups + text_edited_group(recipe, plans), recipe.lambda_,
-                                 preserve_cache=preserve_cache, timings=context.timings, text_edits=text_edits)
+                                 preserve_cache=preserve_cache, timings=context.timings, text_edits=text_edits,
+                                 concept_weighting=concept_weighting)
             contexts.append(context)
         with context.text_encoders_edited():
             with timed(context.timings, "embed"):

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # bench/ is not an installed package
     sys.path.insert(0, str(REPO))
 
-from bench import run_bench  # noqa: E402
+from compiler.bench import edits as bench_edits, scaling, timing  # noqa: E402
 from compiler.bench.baselines import (EditTask, aligned_token_rows, all_token_rows, closed_form_kv_update,  # noqa: E402
                              cross_attention_kv_names)
 from compiler.bench.baselines.concept_ablation import ConceptAblationConfig, train_concept_ablation  # noqa: E402
@@ -126,7 +126,7 @@ def test_uce_and_time_rows_align_concept_and_replacement_tokens(toy):
 def test_edited_weights_are_restored(toy):
     result = time_edit(toy, OBJECT)
     before = _state(toy.pipeline)
-    with run_bench.edited_weights(toy.pipeline, result.new_tensors):
+    with bench_edits.edited_weights(toy.pipeline, result.new_tensors):
         name = next(iter(result.new_tensors))
         assert torch.equal(toy.pipeline.unet.get_parameter(name.split("/", 1)[1]), result.new_tensors[name])
     after = _state(toy.pipeline)
@@ -135,8 +135,8 @@ def test_edited_weights_are_restored(toy):
 
 @pytest.mark.parametrize("method", ["locoedit", "quickfix", "quickfix-v", "neurons"])
 def test_editc_methods_compile_in_memory(toy, method):
-    settings = run_bench.BenchSettings.quick()
-    result = run_bench.run_method(method, toy, "style", STYLE, (2, 3, 4), settings, progress=False)
+    settings = timing.BenchSettings.quick()
+    result = timing.run_method(method, toy, "style", STYLE, (2, 3, 4), settings, progress=False)
     prefix = {"quickfix": "text_encoder/encoder.layers.0.self_attn.out_proj",
               "quickfix-v": "text_encoder/encoder.layers.0.self_attn.v_proj"}.get(method, "unet/")
     assert result.new_tensors and all(name.startswith(prefix) for name in result.new_tensors)
@@ -150,17 +150,17 @@ def test_scaling_recipes_are_valid_up_to_100_concepts():
     from compiler.recipe import loads_recipe
 
     layers = {"style": [2, 3, 4], "object": [5, 6], "fact": [6, 7]}
-    edits = run_bench.scaling_edits(100, layers)
+    edits = scaling.scaling_edits(100, layers)
     assert len(edits) == 100 and len({e["concept"] for e in edits}) == 100
     assert [e["concept"] for e in edits[:3]] == ["van gogh", "snoopy", "the british monarch"]
-    recipe = loads_recipe(run_bench.editc_recipe_text("toy", edits), "scaling.yaml")
+    recipe = loads_recipe(bench_edits.editc_recipe_text("toy", edits), "scaling.yaml")
     assert len(recipe.edits) == 100
     assert {e.attribute for e in recipe.edits} == {"style", "object", "fact"}
-    assert run_bench.scaling_edits(1, layers)[0]["concept"] == "van gogh"
+    assert scaling.scaling_edits(1, layers)[0]["concept"] == "van gogh"
     # As method: auto picks: facts by Diff-QuickFix at v_proj, the rest LocoEdit on their layers.
     methods = {(e.attribute, e.method, e.site) for e in recipe.edits}
     assert methods == {("style", "locoedit", None), ("object", "locoedit", None), ("fact", "quickfix", "v_proj")}
-    every = loads_recipe(run_bench.editc_recipe_text("toy", run_bench.scaling_edits(10, layers, "locoedit")), "s.yaml")
+    every = loads_recipe(bench_edits.editc_recipe_text("toy", scaling.scaling_edits(10, layers, "locoedit")), "s.yaml")
     assert {e.method for e in every.edits} == {"locoedit"}
 
 

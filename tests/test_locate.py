@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from compiler.errors import UserError
 from compiler.locate import LocateSettings, generate_with_windows, locate, write_outputs
-from compiler.locate import locogen
+from compiler.locate import locogen, routing
 from compiler.locate.engine import GenerationSettings
 from compiler.locate.routing import ContextRouting, cross_attention_modules
 from compiler.models.families import LayerWindow
@@ -145,7 +145,7 @@ def test_sweep_stops_at_the_first_passing_size_unless_full(toy, monkeypatch):
         def clip_scores(self, images, prompts):
             raise AssertionError("not called: the sweep is faked")
 
-    monkeypatch.setattr(locogen, "_run_routed", fake_run)
+    monkeypatch.setattr(locogen, "run_routed", fake_run)
     kwargs = dict(judge=ClipOnlyJudge(), model_hash="f" * 64, use_cache=False, progress=False)
     early = locate(toy[0].pipeline, "van gogh", "a painting", "style", LocateSettings(n_prompts=1), **kwargs)
     assert (early.best_start, early.best_size, early.passed) == (5, 2, True)
@@ -177,7 +177,7 @@ def test_locate_result_schema_cache_hit_and_outputs(toy, tmp_path, monkeypatch):
     def no_generation(*args, **kwargs):
         raise AssertionError("a cache hit must not generate")
 
-    monkeypatch.setattr(locogen, "generate_from_embeddings", no_generation)
+    monkeypatch.setattr(routing, "generate_from_embeddings", no_generation)
     again = locate(loaded.pipeline, "van gogh", "a painting", "style", settings, **kwargs)
     assert again.cached and not result.cached
     assert {**again.to_dict(), "cached": False} == result.to_dict()
@@ -235,10 +235,10 @@ def test_sharded_samples_merge_to_the_single_process_result(toy):
             PROMPTS, judge, "van gogh", FAST)
 
     def run(group):
-        return locogen._run_routed(pipe, samples, group.shard(len(samples)), *args, keep_windows={0},
+        return routing.run_routed(pipe, samples, group.shard(len(samples)), *args, keep_windows={0},
                                    progress=False, desc="")
 
-    single = locogen._merge(ProcessGroup(0, 1), len(samples), *run(ProcessGroup(0, 1)))
+    single = routing.merge_ranks(ProcessGroup(0, 1), len(samples), *run(ProcessGroup(0, 1)))
     parts = [run(ProcessGroup(rank, 2)) for rank in range(2)]
     assert sorted(k for part in parts for k in part[0]) == list(range(len(samples)))
 
@@ -246,7 +246,7 @@ def test_sharded_samples_merge_to_the_single_process_result(toy):
         def gather(self, payload):
             return parts
 
-    sharded = locogen._merge(TwoRanks(0, 2), len(samples), *parts[0])
+    sharded = routing.merge_ranks(TwoRanks(0, 2), len(samples), *parts[0])
     np.testing.assert_allclose(sharded[0], single[0], atol=2e-3)  # batches differ: float noise
     assert sorted(sharded[2]) == sorted(single[2]) == [0, 1]
 

@@ -1,7 +1,8 @@
 """``editc bench``: edit time and quality against ESD, Concept Ablation, UCE and TIME.
 
 The harness and the baselines are in the package (:mod:`compiler.bench`), so the command works
-from an installed wheel; this command forwards its options to the harness's ``main``.
+from an installed wheel. These are the benchmark's only options: ``python -m
+compiler.bench.harness`` and ``bench/run_bench.py`` run this command.
 """
 
 from __future__ import annotations
@@ -10,13 +11,6 @@ import click
 
 from compiler.cli import main
 from compiler.cli.options import device_option, judge_option
-
-
-def load_harness():
-    """The benchmark harness module (imported on use: it pulls in the baselines)."""
-    from compiler.bench import harness
-
-    return harness
 
 
 def _methods_help() -> str:
@@ -43,10 +37,18 @@ def _methods_help() -> str:
               help="LocoEdit/neurons layers: locate (LocoGen, cached; default), default (the papers' table) "
                    "or a list like 2,3,4.")
 @click.option("--no-scaling", is_flag=True, help="Skip the 1/10/50/100-concept scaling run.")
+@click.option("--only-scaling", is_flag=True,
+              help="Only the scaling run (no method timing or quality); writes scaling_toy_<weighting>_<methods>.*")
+@click.option("--scaling-counts", default=None, help="Comma-separated recipe sizes (default 1,10,50,100).")
+@click.option("--scaling-repeats", type=click.IntRange(min=1), default=None, help="Timed compiles per size.")
+@click.option("--scaling-weighting", type=click.Choice(["concept", "row"]), default=None,
+              help="concept: per-concept row weights (compile's; default); row: every row equal (before).")
+@click.option("--scaling-methods", default=None,
+              help="auto: facts by Diff-QuickFix at v_proj, as method: auto picks (default); "
+                   "locoedit: every edit LocoEdit.")
 @device_option
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def bench_command(quick, model, judge, out, methods, kinds, repeats, esd_steps, ca_steps, layers, no_scaling,
-                  device, quiet):
+def bench_command(quick, model, judge, out, no_scaling, only_scaling, device, quiet, **options):
     """Benchmark editc's edits against fine-tuning (ESD-x, Concept Ablation) and closed-form
     peers (UCE, TIME) on the toy world: edit time (median of interleaved repeats), efficacy,
     generalization and specificity (by editc verify), and scaling to 100 concepts in one recipe.
@@ -55,16 +57,10 @@ def bench_command(quick, model, judge, out, methods, kinds, repeats, esd_steps, 
     default settings take about 15 minutes on 2 CPU cores (LocoGen not yet cached); --quick
     takes a few minutes.
     """
-    argv = []
-    for flag, value in (("--model", model), ("--judge", judge), ("--out", out), ("--methods", methods),
-                        ("--kinds", kinds), ("--repeats", repeats), ("--esd-steps", esd_steps),
-                        ("--ca-steps", ca_steps), ("--layers", layers), ("--device", device)):
-        if value is not None:
-            argv += [flag, str(value)]
-    for flag, on in (("--quick", quick), ("--no-scaling", no_scaling),
-                     ("--quiet", quiet)):
-        if on:
-            argv.append(flag)
-    code = load_harness().main(argv)
-    if code:
-        raise SystemExit(code)
+    # Imported on use: the harness pulls in torch and the baselines.
+    from compiler.bench.harness import bench_toy
+    from compiler.bench.settings import settings_from_options
+
+    settings = settings_from_options(quick=quick, **options)
+    bench_toy(model, settings, quick=quick, out=out, judge_path=judge, device=device, progress=not quiet,
+              scaling=not no_scaling, only_scaling=only_scaling)

@@ -1,9 +1,11 @@
 """Locate: where a model keeps a piece of knowledge.
 
-- ``locogen``: LocoGen's window search over the UNet's cross-attention layers (``locate``).
+- ``locogen``: LocoGen's window search over the UNet's cross-attention layers (``locate``);
+  ``scoring`` scores its windows and picks the winner.
 - ``trace``: causal tracing of the text encoder and the UNet (``trace_text_encoder``,
   ``trace_unet``).
-- ``routing``: the per-sample attention processor that feeds chosen layers another context.
+- ``routing``: the per-sample attention processor that feeds chosen layers another context,
+  and generation with per-sample windows (``generate_with_windows``).
 - ``engine``: batched seeded generation from precomputed embeddings.
 - ``cache``: results on disk, keyed by (model hash, concept, attribute, settings).
 - ``heatmap``: PNG heat maps and image grids drawn with PIL.
@@ -14,12 +16,11 @@ from compiler.locate.locogen import (
     LocateResult,
     LocateSettings,
     WindowScore,
-    generate_with_windows,
     locate,
     locate_cached,
     write_outputs,
 )
-from compiler.locate.routing import cross_attention_modules, routed_cross_attention
+from compiler.locate.routing import cross_attention_modules, generate_with_windows, routed_cross_attention
 from compiler.locate.trace import (
     TextTraceResult,
     UNetTraceResult,

@@ -3,6 +3,9 @@
 A figure is a vertical stack of ``HeatmapPanel``s: a matrix of values (NaN = no cell), row and
 column tick labels, axis names, a title and a colour bar. Each cell also prints its value, so
 the picture can be read without the colour bar.
+
+LocoGen's pictures (``locogen_panels``, ``save_locogen_pictures``): start j × size m heat maps
+of a sweep, and the grid of clean / best window / c′ everywhere images.
 """
 
 from __future__ import annotations
@@ -161,3 +164,46 @@ def labelled_grid(rows: list[tuple[str, np.ndarray]], scale: int = 3) -> Image.I
             tile = Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
             figure.paste(tile, (label_w + c * (w + 2), y))
     return figure
+
+
+# ----------------------------------------------------------------------------- LocoGen's pictures
+def locogen_panels(result) -> list[HeatmapPanel]:
+    """Start j × size m heat maps of a ``LocateResult``: the deciding measure and the CLIP-score."""
+    num_layers = len(result.layer_names)
+    sizes = list(range(1, result.settings.max_m + 1))
+    clip = np.full((len(sizes), num_layers), np.nan)
+    rate = np.full((len(sizes), num_layers), np.nan)
+    for w in result.windows:
+        clip[w.size - 1, w.start] = w.clip
+        if w.rate is not None:
+            rate[w.size - 1, w.start] = w.rate
+    highlight = (result.best_size - 1, result.best_start)
+    rows = [f"m={m}" for m in sizes]
+    cols = [str(j) for j in range(num_layers)]
+    better = "higher" if result.scored_against == "target" else "lower"
+    panels = []
+    if result.settings.criterion == "accuracy":
+        panels.append(HeatmapPanel(
+            f"{result.concept} -> {result.replacement}: judge's '{result.judged_phrase}' rate "
+            f"({better} is better; clean {result.clean.rate:.2f}, c' everywhere {result.replaced.rate:.2f})",
+            rate, rows, cols, "window size m", "first layer j", vmin=0.0, vmax=1.0, highlight=highlight))
+    panels.append(HeatmapPanel(
+        f"CLIP-score vs {result.scored_against} prompt ({better} is better; clean "
+        f"{result.clean.clip:.3f}, c' everywhere {result.replaced.clip:.3f})",
+        clip, rows, cols, "window size m", "first layer j", highlight=highlight, value_format="{:.3f}"))
+    return panels
+
+
+def save_locogen_pictures(result, folder: Path) -> list[Path]:
+    """``heatmap.png`` and, when the result holds images, ``grid.png`` into ``folder``."""
+    folder = Path(folder)
+    save_heatmaps(locogen_panels(result), folder / "heatmap.png")
+    written = [folder / "heatmap.png"]
+    if result.images:
+        w = result.best
+        rows = [("clean (c everywhere)", result.images["clean"]),
+                (f"c' in layers {w.start}-{w.start + w.size - 1}", result.images["best"]),
+                ("c' everywhere", result.images["replaced"])]
+        labelled_grid(rows).save(folder / "grid.png")
+        written.append(folder / "grid.png")
+    return written

@@ -25,12 +25,15 @@ same sweep (so the clean images are generated once and serve every window); ever
 batch carries its own window (``routing``), so the whole sweep is (#windows + 2) × prompts ×
 seeds samples in ``batch``-sized pipeline calls; results are cached on disk (``cache``); with
 several processes (``torchrun``) the samples are sharded over them (``distributed``).
+
+This module holds the settings, the result types and the sweep itself (``locate``,
+``locate_cached``); window scores and the choice of the winner are ``scoring``'s, the routed
+generation and the merge of the ranks' samples ``routing``'s, the pictures ``heatmap``'s.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -42,16 +45,23 @@ from compiler.device import compute_tag
 from compiler.errors import UserError
 from compiler.locate import cache
 from compiler.locate.distributed import current_process_group
-from compiler.locate.engine import (
-    GenerationSettings,
-    PromptEmbeddings,
-    embed_prompts,
-    embed_unconditional,
-    generate_from_embeddings,
+from compiler.locate.engine import GenerationSettings, embed_prompts, embed_unconditional
+from compiler.locate.measure import Measurement
+from compiler.locate.routing import (
+    cross_attention_modules,
+    merge_ranks,
+    run_routed,
+    window_masks,
 )
-from compiler.locate.measure import MIN_CLIP_CONTRAST, MIN_RATE_CONTRAST, Measurement
-from compiler.locate.routing import cross_attention_modules, routed_cross_attention
-from compiler.locate.scoring import can_judge_presence, clip_scores, presence
+from compiler.locate.scoring import (
+    WindowScore,
+    can_judge_presence,
+    choose_window,
+    contrast_notes,
+    judged_measure,
+    mean_measurement,
+    score_window,
+)
 from compiler.models.families import LayerWindow
 from compiler.prompts import vocabulary_for
 from compiler.resolve import prompt_pairs, vocabulary_of
@@ -97,21 +107,6 @@ def sweep_windows(num_layers: int, max_m: int) -> list[LayerWindow]:
 
 
 # ----------------------------------------------------------------------------- results
-@dataclass(frozen=True)
-class WindowScore:
-    start: int
-    size: int
-    clip: float
-    rate: float | None
-    clip_effect: float | None  # (clip − clean) / (replaced − clean); None: no contrast
-    rate_effect: float | None
-    passed: bool
-
-    @property
-    def window(self) -> LayerWindow:
-        return LayerWindow(self.start, self.size)
-
-
 @dataclass(frozen=True)
 class Confirmation:
     """The winner measured again at full settings (``confirm_steps``, the model's resolution)."""
@@ -263,73 +258,7 @@ def _confirmation_from_dict(payload: dict | None) -> Confirmation | None:
                         WindowScore(**payload["best"]))
 
 
-# ----------------------------------------------------------------------------- scoring
-def _effect(value: float | None, clean: float | None, replaced: float | None, min_contrast: float) -> float | None:
-    """(value − clean) / (replaced − clean), or None when clean and replaced do not differ."""
-    if value is None or clean is None or replaced is None:
-        return None
-    contrast = replaced - clean
-    if abs(contrast) < min_contrast:
-        return None
-    return (value - clean) / contrast
-
-
-def score_window(window: LayerWindow, measured: Measurement, clean: Measurement, replaced: Measurement,
-                 criterion: str, threshold: float, can_pass: bool = True) -> WindowScore:
-    """A window's measures, effects, and whether the deciding effect reaches ``threshold``."""
-    clip_effect = _effect(measured.clip, clean.clip, replaced.clip, MIN_CLIP_CONTRAST)
-    rate_effect = _effect(measured.rate, clean.rate, replaced.rate, MIN_RATE_CONTRAST)
-    decisive = rate_effect if criterion == "accuracy" else clip_effect
-    return WindowScore(window.start, window.size, measured.clip, measured.rate, clip_effect, rate_effect,
-                       can_pass and decisive is not None and decisive >= threshold)
-
-
-def _contrast_notes(clean: Measurement, replaced: Measurement, criterion: str, higher_is_better: bool) -> list[str]:
-    """Warnings when the references say the sweep cannot mean much."""
-    if criterion == "accuracy":
-        before, after, minimum = clean.rate, replaced.rate, MIN_RATE_CONTRAST
-    else:
-        before, after, minimum = clean.clip, replaced.clip, MIN_CLIP_CONTRAST
-    if abs(after - before) < minimum:
-        return [f"c and c' give the same score (clean {before:.3f}, c' everywhere {after:.3f}): the model "
-                f"does not show the concept, or the judge cannot tell; no window can pass"]
-    if (after - before) * (1.0 if higher_is_better else -1.0) < 0:
-        return ["replacing the prompt everywhere moves the score the wrong way; the replacement may not "
-                "be a neutral version of the concept"]
-    return []
-
-
-def _rank_key(score: WindowScore, criterion: str, higher_is_better: bool) -> tuple:
-    sign = -1.0 if higher_is_better else 1.0
-    primary = score.rate if criterion == "accuracy" else score.clip
-    return (sign * primary, sign * score.clip, score.start)
-
-
-def choose_window(scores: list[WindowScore], criterion: str, higher_is_better: bool) -> tuple[WindowScore, bool]:
-    """The smallest m whose best window passes, and that window; else the strongest window of
-    any size (largest deciding effect, then largest CLIP effect: a judge's rate moves in steps
-    of 1/N images and ties often; then the smaller window)."""
-    for m in sorted({s.size for s in scores}):
-        best = min((s for s in scores if s.size == m), key=lambda s: _rank_key(s, criterion, higher_is_better))
-        if best.passed:
-            return best, True
-
-    def strength(s: WindowScore) -> tuple:
-        decisive = s.rate_effect if criterion == "accuracy" else s.clip_effect
-        return (-(decisive if decisive is not None else -math.inf),
-                -(s.clip_effect if s.clip_effect is not None else -math.inf), s.size, s.start)
-
-    return min(scores, key=strength), False
-
-
 # ----------------------------------------------------------------------------- the sweep
-def _judged(attribute: str, concept: str, replacement: str) -> tuple[str, bool, str]:
-    """(phrase whose rate is measured, higher is better?, which prompts to CLIP-score against)."""
-    if attribute == "fact":
-        return replacement, True, "target"
-    return concept, False, "original"
-
-
 def locate(
     pipe,
     concept: str,
@@ -376,7 +305,7 @@ def locate(
 
     originals, alternatives = sweep_prompts(concept, replacement, attribute, list(settings.prompts) or None,
                                             settings.n_prompts, vocabulary or vocabulary_of(pipe))
-    judged_phrase, higher_is_better, scored_against = _judged(attribute, concept, replacement)
+    judged_phrase, higher_is_better, scored_against = judged_measure(attribute, concept, replacement)
     if criterion == "auto":
         criterion = "accuracy" if can_judge_presence(judge, judged_phrase) else "clip"
     elif criterion == "accuracy" and not can_judge_presence(judge, judged_phrase):
@@ -404,10 +333,7 @@ def locate(
     # replaced (every layer gets c′).
     windows = sweep_windows(num_layers, settings.max_m)
     CLEAN, REPLACED = 0, 1
-    masks = torch.zeros(len(windows) + 2, num_layers, dtype=torch.bool)
-    masks[REPLACED] = True
-    for w, window in enumerate(windows):
-        masks[w + 2, window.start : window.start + window.size] = True
+    masks = window_masks([None, LayerWindow(0, num_layers), *windows], num_layers)
 
     timings = {}
     t0 = time.perf_counter()
@@ -434,24 +360,23 @@ def locate(
     notes: list[str] = []
 
     def measure(w: int) -> Measurement:
-        rows = [k for k, sample in enumerate(samples) if sample[0] == w]
-        return Measurement(float(np.mean(clip[rows])), float(np.mean(rate[rows])) if judges_presence else None)
+        return mean_measurement(samples, w, clip, rate, judges_presence)
 
     for m in range(1, settings.max_m + 1):
         stage = {w + 2 for w, window in enumerate(windows) if window.size == m} | ({CLEAN, REPLACED} if m == 1 else set())
         members = [k for k, sample in enumerate(samples) if sample[0] in stage]
         local = [members[i] for i in group.shard(len(members))]
-        part = _run_routed(pipe, samples, local, masks, embeddings, alternative, unconditional, score_prompts, judge,
-                           judged_phrase if judges_presence else None, generation, keep_windows={CLEAN, REPLACED},
-                           progress=progress, desc=f"locate {concept} m={m}")
-        part_clip, part_rate, part_kept = _merge(group, len(samples), *part)
+        part = run_routed(pipe, samples, local, masks, embeddings, alternative, unconditional, score_prompts, judge,
+                          judged_phrase if judges_presence else None, generation, keep_windows={CLEAN, REPLACED},
+                          progress=progress, desc=f"locate {concept} m={m}")
+        part_clip, part_rate, part_kept = merge_ranks(group, len(samples), *part)
         done = ~np.isnan(part_clip)
         clip[done], rate[done] = part_clip[done], part_rate[done]
         kept.update(part_kept)
         if m == 1:
             clean, replaced = measure(CLEAN), measure(REPLACED)
             # When c′ everywhere does not move the score the expected way, no window can pass.
-            notes = _contrast_notes(clean, replaced, criterion, higher_is_better)
+            notes = contrast_notes(clean, replaced, criterion, higher_is_better)
         sized = [score_window(window, measure(w + 2), clean, replaced, criterion, settings.threshold,
                               can_pass=not notes)
                  for w, window in enumerate(windows) if window.size == m]
@@ -465,17 +390,16 @@ def locate(
         return np.stack([kept_images[k] for k, sample in enumerate(sample_list) if sample[0] == w])
 
     t0 = time.perf_counter()
-    best_mask = torch.zeros(1, num_layers, dtype=torch.bool)
-    best_mask[0, best.start : best.start + best.size] = True
+    best_mask = window_masks([best.window], num_layers)
     confirmation = None
     if settings.confirm_steps is None:
         # The grid's middle row: the winner's images, generated again (one window: 1/#windows
         # of the sweep) rather than keeping every window's images in memory.
         best_samples = [(0, p, s) for p in range(len(originals)) for s in settings.seeds]
-        _, _, best_kept = _run_routed(pipe, best_samples, group.shard(len(best_samples)), best_mask, embeddings,
-                                      alternative, unconditional, None, None, None, generation,
-                                      keep_windows={0}, progress=False, desc="best window")
-        _, _, best_kept = _merge(group, len(best_samples), None, None, best_kept)
+        _, _, best_kept = run_routed(pipe, best_samples, group.shard(len(best_samples)), best_mask, embeddings,
+                                     alternative, unconditional, None, None, None, generation,
+                                     keep_windows={0}, progress=False, desc="best window")
+        _, _, best_kept = merge_ranks(group, len(best_samples), None, None, best_kept)
         images = {"clean": stack(kept, samples, CLEAN), "best": stack(best_kept, best_samples, 0),
                   "replaced": stack(kept, samples, REPLACED)}
     else:
@@ -484,19 +408,17 @@ def locate(
         final_masks = torch.cat([masks[[CLEAN, REPLACED]], best_mask])
         final_samples = [(w, p, s) for w in range(3) for p in range(len(originals)) for s in settings.seeds]
         full = GenerationSettings(settings.confirm_steps, settings.guidance, None, None, settings.batch)
-        f_clip, f_rate, f_kept = _run_routed(pipe, final_samples, group.shard(len(final_samples)), final_masks,
-                                             embeddings, alternative, unconditional, score_prompts, judge,
-                                             judged_phrase if judges_presence else None, full,
-                                             keep_windows={0, 1, 2}, progress=False, desc="confirm")
-        f_clip, f_rate, f_kept = _merge(group, len(final_samples), f_clip, f_rate, f_kept)
+        f_clip, f_rate, f_kept = run_routed(pipe, final_samples, group.shard(len(final_samples)), final_masks,
+                                            embeddings, alternative, unconditional, score_prompts, judge,
+                                            judged_phrase if judges_presence else None, full,
+                                            keep_windows={0, 1, 2}, progress=False, desc="confirm")
+        f_clip, f_rate, f_kept = merge_ranks(group, len(final_samples), f_clip, f_rate, f_kept)
 
         def final_measure(w: int) -> Measurement:
-            rows = [k for k, sample in enumerate(final_samples) if sample[0] == w]
-            return Measurement(float(np.mean(f_clip[rows])),
-                               float(np.mean(f_rate[rows])) if judges_presence else None)
+            return mean_measurement(final_samples, w, f_clip, f_rate, judges_presence)
 
         f_clean, f_replaced = final_measure(0), final_measure(1)
-        confirm_notes = _contrast_notes(f_clean, f_replaced, criterion, higher_is_better)
+        confirm_notes = contrast_notes(f_clean, f_replaced, criterion, higher_is_better)
         confirmation = Confirmation(settings.confirm_steps, f_clean, f_replaced,
                                     score_window(best, final_measure(2), f_clean, f_replaced, criterion,
                                                  settings.threshold,
@@ -549,131 +471,10 @@ def locate_cached(loaded, concept: str, replacement: str, attribute: str, *, jud
                   model_hash=loaded.model_hash, progress=progress)
 
 
-def _run_routed(pipe, samples, local, masks, embeddings: PromptEmbeddings, alternative: PromptEmbeddings,
-                unconditional, score_prompts, judge, judged_phrase, generation, *, keep_windows,
-                progress, desc):
-    """Generate this rank's samples with per-sample windows; score them; keep some images.
-
-    Returns {sample: clip}, {sample: rate}, {sample: image} for the samples in ``local``;
-    nothing is scored without ``score_prompts``, no rate without ``judged_phrase``.
-    """
-    rows = [samples[k][1] for k in local]
-    seeds = [samples[k][2] for k in local]
-    sample_masks = masks[[samples[k][0] for k in local]] if local else masks[:0]
-    clip, rate, kept = {}, {}, {}
-    with routed_cross_attention(pipe.unet) as (routing, _):
-        def prepare(start: int, stop: int) -> None:
-            routing.set(alternative.context[rows[start:stop]], sample_masks[start:stop])
-
-        for start, stop, images in generate_from_embeddings(pipe, embeddings, unconditional, rows, seeds,
-                                                            generation, prepare=prepare, progress=progress,
-                                                            desc=desc):
-            chunk = local[start:stop]
-            if score_prompts is not None:
-                clips = clip_scores(judge, images, [score_prompts[samples[k][1]] for k in chunk])
-                rates = presence(judge, images, judged_phrase) if judged_phrase else None
-                for i, k in enumerate(chunk):
-                    clip[k] = float(clips[i])
-                    rate[k] = float(rates[i]) if rates is not None else math.nan
-            for i, k in enumerate(chunk):
-                if samples[k][0] in keep_windows:
-                    kept[k] = images[i]
-    return clip, rate, kept
-
-
-def _merge(group, count, clip, rate, kept):
-    """Every rank's per-sample results, as arrays over all samples (and the kept images)."""
-    parts = group.gather((clip, rate, kept))
-    merged_kept = {}
-    for _, _, part in parts:
-        merged_kept.update(part)
-    if clip is None:
-        return None, None, merged_kept
-    clip_all = np.full(count, np.nan)
-    rate_all = np.full(count, np.nan)
-    for part_clip, part_rate, _ in parts:
-        for k, v in part_clip.items():
-            clip_all[k] = v
-        for k, v in part_rate.items():
-            rate_all[k] = v
-    return clip_all, rate_all, merged_kept
-
-
-def generate_with_windows(pipe, prompts: list[str], alternative_prompts: list[str], seeds: list[int],
-                          windows: list[LayerWindow | None], generation: GenerationSettings = GenerationSettings(),
-                          *, progress: bool = False) -> np.ndarray:
-    """One image per sample k: prompt ``prompts[k]``, seed ``seeds[k]``, and the layers of
-    ``windows[k]`` fed ``alternative_prompts[k]`` (None: no layer, the clean image).
-
-    The routed generation LocoGen's sweep runs, for one explicit list of samples (tools, tests).
-    """
-    if not len(prompts) == len(alternative_prompts) == len(seeds) == len(windows):
-        raise ValueError("prompts, alternative prompts, seeds and windows must pair up")
-    num_layers = len(cross_attention_modules(pipe.unet))
-    masks = torch.zeros(len(windows), num_layers, dtype=torch.bool)
-    for k, window in enumerate(windows):
-        if window is not None:
-            if window.start < 0 or window.start + window.size > num_layers:
-                raise ValueError(f"window {window} does not fit in {num_layers} layers")
-            masks[k, window.start : window.start + window.size] = True
-    embeddings = embed_prompts(pipe, prompts)
-    alternative = embed_prompts(pipe, alternative_prompts)
-    unconditional = embed_unconditional(pipe)
-    rows = list(range(len(prompts)))
-    out = []
-    with routed_cross_attention(pipe.unet) as (routing, _):
-        def prepare(start: int, stop: int) -> None:
-            routing.set(alternative.context[start:stop], masks[start:stop])
-
-        for _, _, images in generate_from_embeddings(pipe, embeddings, unconditional, rows, seeds, generation,
-                                                     prepare=prepare, progress=progress, desc="windows"):
-            out.append(images)
-    return np.concatenate(out)
-
-
-# ----------------------------------------------------------------------------- outputs
-def heatmap_panels(result: LocateResult):
-    """Start j × size m heat maps of the deciding measure and of the CLIP-score."""
-    from compiler.locate.heatmap import HeatmapPanel
-
-    num_layers = len(result.layer_names)
-    sizes = list(range(1, result.settings.max_m + 1))
-    clip = np.full((len(sizes), num_layers), np.nan)
-    rate = np.full((len(sizes), num_layers), np.nan)
-    for w in result.windows:
-        clip[w.size - 1, w.start] = w.clip
-        if w.rate is not None:
-            rate[w.size - 1, w.start] = w.rate
-    highlight = (result.best_size - 1, result.best_start)
-    rows = [f"m={m}" for m in sizes]
-    cols = [str(j) for j in range(num_layers)]
-    better = "higher" if result.scored_against == "target" else "lower"
-    panels = []
-    if result.settings.criterion == "accuracy":
-        panels.append(HeatmapPanel(
-            f"{result.concept} -> {result.replacement}: judge's '{result.judged_phrase}' rate "
-            f"({better} is better; clean {result.clean.rate:.2f}, c' everywhere {result.replaced.rate:.2f})",
-            rate, rows, cols, "window size m", "first layer j", vmin=0.0, vmax=1.0, highlight=highlight))
-    panels.append(HeatmapPanel(
-        f"CLIP-score vs {result.scored_against} prompt ({better} is better; clean "
-        f"{result.clean.clip:.3f}, c' everywhere {result.replaced.clip:.3f})",
-        clip, rows, cols, "window size m", "first layer j", highlight=highlight, value_format="{:.3f}"))
-    return panels
-
-
 def write_outputs(result: LocateResult, folder: Path) -> list[Path]:
     """``locate.json``, ``heatmap.png`` and ``grid.png`` into ``folder`` (which must exist)."""
-    from compiler.locate.heatmap import labelled_grid, save_heatmaps
+    from compiler.locate.heatmap import save_locogen_pictures
 
     folder = Path(folder)
     (folder / "locate.json").write_text(result.to_json())
-    save_heatmaps(heatmap_panels(result), folder / "heatmap.png")
-    written = [folder / "locate.json", folder / "heatmap.png"]
-    if result.images:
-        w = result.best
-        rows = [("clean (c everywhere)", result.images["clean"]),
-                (f"c' in layers {w.start}-{w.start + w.size - 1}", result.images["best"]),
-                ("c' everywhere", result.images["replaced"])]
-        labelled_grid(rows).save(folder / "grid.png")
-        written.append(folder / "grid.png")
-    return written
+    return [folder / "locate.json", *save_locogen_pictures(result, folder)]

@@ -11,15 +11,31 @@ processor swaps c′ in for exactly the samples whose mask covers that layer.
 Only the conditional branch of classifier-free guidance is routed: the pipeline concatenates
 ``[unconditional, conditional]`` contexts, so the conditional samples are the last ``B`` rows
 of the batch, and the unconditional rows pass through untouched.
+
+On top of that: generation with per-sample windows (``routed_generation``), what LocoGen's
+sweep runs on each rank (``run_routed``, scored by ``compiler.locate.scoring``) and how the
+ranks' results are merged (``merge_ranks``), and ``generate_with_windows`` for tools and tests.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from compiler.locate.engine import (
+    GenerationSettings,
+    PromptEmbeddings,
+    embed_prompts,
+    embed_unconditional,
+    generate_from_embeddings,
+)
+from compiler.locate.scoring import clip_scores, presence
+from compiler.models.families import LayerWindow
 
 
 @dataclass(frozen=True)
@@ -123,3 +139,101 @@ def routed_cross_attention(unet: torch.nn.Module) -> Iterator[tuple[ContextRouti
         for layer, inner in zip(layers, originals):
             layer.module.set_processor(inner)
         routing.clear()
+
+
+# ----------------------------------------------------------------------------- routed generation
+def window_masks(windows: list[LayerWindow | None], num_layers: int) -> torch.Tensor:
+    """(len(windows), num_layers) bool: row k covers the layers of ``windows[k]`` (None: none)."""
+    masks = torch.zeros(len(windows), num_layers, dtype=torch.bool)
+    for k, window in enumerate(windows):
+        if window is not None:
+            if window.start < 0 or window.start + window.size > num_layers:
+                raise ValueError(f"window {window} does not fit in {num_layers} layers")
+            masks[k, window.start : window.start + window.size] = True
+    return masks
+
+
+def routed_generation(pipe, embeddings: PromptEmbeddings, alternative: PromptEmbeddings, unconditional,
+                      rows: list[int], seeds: list[int], sample_masks: torch.Tensor,
+                      generation: GenerationSettings, on_chunk, *, progress: bool, desc: str) -> None:
+    """``generate_from_embeddings`` with routing installed: sample k is prompt row ``rows[k]``
+    with seed ``seeds[k]``, and the layers of ``sample_masks[k]`` see that row's alternative
+    context. ``on_chunk(start, stop, images)`` gets each chunk while the routing is in place."""
+    with routed_cross_attention(pipe.unet) as (routing, _):
+        def prepare(start: int, stop: int) -> None:
+            routing.set(alternative.context[rows[start:stop]], sample_masks[start:stop])
+
+        for start, stop, images in generate_from_embeddings(pipe, embeddings, unconditional, rows, seeds,
+                                                            generation, prepare=prepare, progress=progress,
+                                                            desc=desc):
+            on_chunk(start, stop, images)
+
+
+def run_routed(pipe, samples, local, masks, embeddings: PromptEmbeddings, alternative: PromptEmbeddings,
+               unconditional, score_prompts, judge, judged_phrase, generation, *, keep_windows,
+               progress, desc):
+    """Generate this rank's samples with per-sample windows; score them; keep some images.
+
+    ``samples`` are (window row of ``masks``, prompt index, seed). Returns {sample: clip},
+    {sample: rate}, {sample: image} for the samples in ``local``; nothing is scored without
+    ``score_prompts``, no rate without ``judged_phrase``.
+    """
+    rows = [samples[k][1] for k in local]
+    seeds = [samples[k][2] for k in local]
+    sample_masks = masks[[samples[k][0] for k in local]] if local else masks[:0]
+    clip, rate, kept = {}, {}, {}
+
+    def take(start: int, stop: int, images: np.ndarray) -> None:
+        chunk = local[start:stop]
+        if score_prompts is not None:
+            clips = clip_scores(judge, images, [score_prompts[samples[k][1]] for k in chunk])
+            rates = presence(judge, images, judged_phrase) if judged_phrase else None
+            for i, k in enumerate(chunk):
+                clip[k] = float(clips[i])
+                rate[k] = float(rates[i]) if rates is not None else math.nan
+        for i, k in enumerate(chunk):
+            if samples[k][0] in keep_windows:
+                kept[k] = images[i]
+
+    routed_generation(pipe, embeddings, alternative, unconditional, rows, seeds, sample_masks, generation, take,
+                      progress=progress, desc=desc)
+    return clip, rate, kept
+
+
+def merge_ranks(group, count, clip, rate, kept):
+    """Every rank's per-sample results, as arrays over all samples (and the kept images)."""
+    parts = group.gather((clip, rate, kept))
+    merged_kept = {}
+    for _, _, part in parts:
+        merged_kept.update(part)
+    if clip is None:
+        return None, None, merged_kept
+    clip_all = np.full(count, np.nan)
+    rate_all = np.full(count, np.nan)
+    for part_clip, part_rate, _ in parts:
+        for k, v in part_clip.items():
+            clip_all[k] = v
+        for k, v in part_rate.items():
+            rate_all[k] = v
+    return clip_all, rate_all, merged_kept
+
+
+def generate_with_windows(pipe, prompts: list[str], alternative_prompts: list[str], seeds: list[int],
+                          windows: list[LayerWindow | None], generation: GenerationSettings = GenerationSettings(),
+                          *, progress: bool = False) -> np.ndarray:
+    """One image per sample k: prompt ``prompts[k]``, seed ``seeds[k]``, and the layers of
+    ``windows[k]`` fed ``alternative_prompts[k]`` (None: no layer, the clean image).
+
+    The routed generation LocoGen's sweep runs, for one explicit list of samples (tools, tests).
+    """
+    if not len(prompts) == len(alternative_prompts) == len(seeds) == len(windows):
+        raise ValueError("prompts, alternative prompts, seeds and windows must pair up")
+    masks = window_masks(windows, len(cross_attention_modules(pipe.unet)))
+    embeddings = embed_prompts(pipe, prompts)
+    alternative = embed_prompts(pipe, alternative_prompts)
+    unconditional = embed_unconditional(pipe)
+    out = []
+    routed_generation(pipe, embeddings, alternative, unconditional, list(range(len(prompts))), seeds, masks,
+                      generation, lambda start, stop, images: out.append(images), progress=progress,
+                      desc="windows")
+    return np.concatenate(out)

@@ -36,7 +36,7 @@ class LocoEdit(EditMethod):
         model, lam, device = context.model, context.lam, context.device
         # Every concept weighs the same; an edit's own λ enters relative to the recipe's λ.
         counts = [len(rows.by_plan[id(p)][0]) for p in plans]
-        per_edit = shared.concept_weights(counts, [p.lam for p in plans], lam)
+        per_edit = shared.concept_weights(counts, [p.lam for p in plans], lam, context.concept_weighting)
         problems = []
         for plan, n, weight in zip(plans, counts, per_edit):
             # Cached rows come back on the CPU, fresh ones on the encoder's device: all to the device.

@@ -42,7 +42,7 @@ class QuickFixRows:
     weights: torch.Tensor
 
 
-def quickfix_rows(tokenizer, plans, lam) -> QuickFixRows:
+def quickfix_rows(tokenizer, plans, lam, weighting: str = "concept") -> QuickFixRows:
     import torch
 
     from compiler.methods import rows as shared
@@ -57,7 +57,7 @@ def quickfix_rows(tokenizer, plans, lam) -> QuickFixRows:
         rows.target_positions += t_pos
         counts.append(sum(len(p) for p in s_pos))
     # Every concept weighs the same; an edit's own λ enters relative to the recipe's λ.
-    per_edit = shared.concept_weights(counts, [p.lam for p in plans], lam)
+    per_edit = shared.concept_weights(counts, [p.lam for p in plans], lam, weighting)
     rows.weights = torch.tensor([w for n, w in zip(counts, per_edit) for _ in range(n)], dtype=torch.float64)
     return rows
 
@@ -126,7 +126,7 @@ class QuickFix(EditMethod):
         encoder, tokenizer = context.encoder, context.tokenizer
         spec = context.model.registry.text_layer0[0]
         out_proj = context.model.text_encoder(spec.component).get_submodule(spec.module_name)
-        rows = quickfix_rows(tokenizer, plans, context.lam)
+        rows = quickfix_rows(tokenizer, plans, context.lam, context.concept_weighting)
         n = int(rows.weights.numel())
         inputs = encoder.module_inputs(rows.sources + rows.targets, rows.source_positions + rows.target_positions,
                                        out_proj, spec.component)
@@ -169,7 +169,7 @@ class QuickFix(EditMethod):
         if not all(hasattr(attention, name) for name in ("q_proj", "k_proj", "v_proj", "num_heads")):
             raise UserError(f"{spec.component}: its layer-0 attention ({type(attention).__name__}) has no "
                             "separate q/k/v projections; use site: out_proj")
-        rows = quickfix_rows(tokenizer, plans, context.lam)
+        rows = quickfix_rows(tokenizer, plans, context.lam, context.concept_weighting)
         mixed = encoder.value_keys(rows.sources + rows.targets, rows.source_positions + rows.target_positions,
                                    attention, spec.component)
         n = len(rows.weights)  # key rows per side (source and target positions pair up)

@@ -53,6 +53,7 @@ class RowContext:
     lam: float
     timings: dict[str, float] = field(default_factory=dict)
     preserve_cache: bool | None = None  # None: on unless EDITC_NO_PRESERVE_CACHE=1
+    concept_weighting: str = "concept"  # see concept_weights
     # Text-encoder tensors (qualified names) solved earlier in this compile: this context's
     # prompts are embedded by the encoder holding them (``text_encoders_edited``).
     text_edits: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -293,11 +294,19 @@ class _Timer:
         self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.start
 
 
-def concept_weights(row_counts: list[int], lambdas: list[float], recipe_lam: float) -> list[float]:
+def concept_weights(row_counts: list[int], lambdas: list[float], recipe_lam: float,
+                    weighting: str = "concept") -> list[float]:
     """Per edit, the weight of each of its rows so that every concept counts equally in the one
     ridge solve, however many rows its templates make: ``(λ/λ_e) · (N / (E·n_e))`` for E edits
     of n_e rows (N in all). An edit's own λ_e keeps its meaning (a single edit's rows weigh
-    ``λ/λ_e``, as before), and the total weight of all edit rows stays N."""
+    ``λ/λ_e``, as before), and the total weight of all edit rows stays N.
+
+    ``weighting="row"``: every row weighs ``λ/λ_e`` whatever its edit's row count (the rule
+    before per-concept weights; the benchmark's scaling run measures both)."""
+    if weighting == "row":
+        return [recipe_lam / lam for lam in lambdas]
+    if weighting != "concept":
+        raise ValueError(f"concept weighting {weighting!r} is not 'concept' or 'row'")
     total, count = sum(row_counts), len(row_counts)
     return [(recipe_lam / lam) * (total / (count * n)) for n, lam in zip(row_counts, lambdas)]
 

@@ -52,6 +52,32 @@ _SD_VAE = dict(
 )
 
 
+_SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1)
+_NO_SAFETY_CHECKER = dict(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def _clip_components(spec: dict) -> dict:
+    """The VAE and the CLIP text encoders and tokenizers (one per entry of ``pad_tokens``), in
+    the order the random weights are drawn."""
+    from diffusers import AutoencoderKL
+
+    components = {"vae": AutoencoderKL(**spec["vae"])}
+    for index, pad_token in enumerate(spec["pad_tokens"]):
+        suffix = f"_{index + 1}" if index else ""
+        components[f"text_encoder{suffix}"] = _clip_text_model(spec[f"text_encoder{suffix}"])
+        components[f"tokenizer{suffix}"] = _clip_tokenizer(pad_token)
+    return components
+
+
+def _t5_components(spec: dict) -> dict:
+    """The T5 encoder and its tokenizer (DeepFloyd IF: pixel space, no VAE)."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = _t5_tokenizer()
+    return {"tokenizer": tokenizer,
+            "text_encoder": T5EncoderModel(T5Config(vocab_size=len(tokenizer), **spec["text_encoder"]))}
+
+
 def _clip_text(hidden: int, act: str, projection: bool = False) -> dict:
     return dict(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=2,
                 num_attention_heads=max(1, hidden // 64), hidden_act=act,
@@ -60,17 +86,28 @@ def _clip_text(hidden: int, act: str, projection: bool = False) -> dict:
                 _projection=projection)
 
 
+# Besides the configs, per family: ``components`` (a hook that draws the text encoders and the
+# VAE), ``pad_tokens`` (the CLIP tokenizers' padding, one per encoder), ``scheduler`` (its
+# diffusers class and arguments) and ``pipeline`` (more arguments of the family's pipeline class,
+# ``Family.pipeline_class``).
 TINY = {
     "sd1": dict(
         unet=dict(_SD_UNET_COMMON, cross_attention_dim=32, attention_head_dim=8),
         vae=dict(_SD_VAE, scaling_factor=0.18215),
         text_encoder=_clip_text(32, "quick_gelu"),
+        components=_clip_components, pad_tokens=("<|endoftext|>",),
+        scheduler=("PNDMScheduler", dict(_SD_SCHEDULE, skip_prk_steps=True, set_alpha_to_one=False)),
+        pipeline=_NO_SAFETY_CHECKER,
     ),
     "sd2": dict(
         unet=dict(_SD_UNET_COMMON, cross_attention_dim=64, attention_head_dim=[1, 1, 1, 1],
                   use_linear_projection=True, upcast_attention=True),
         vae=dict(_SD_VAE, scaling_factor=0.18215),
         text_encoder=_clip_text(64, "gelu"),
+        components=_clip_components, pad_tokens=("!",),
+        scheduler=("DDIMScheduler", dict(_SD_SCHEDULE, clip_sample=False, set_alpha_to_one=False,
+                                         prediction_type="v_prediction")),
+        pipeline=_NO_SAFETY_CHECKER,
     ),
     "sdxl": dict(
         unet=dict(
@@ -85,6 +122,9 @@ TINY = {
         vae=dict(_SD_VAE, scaling_factor=0.13025, force_upcast=True),
         text_encoder=_clip_text(32, "quick_gelu"),
         text_encoder_2=_clip_text(64, "gelu", projection=True),
+        components=_clip_components, pad_tokens=("<|endoftext|>", "!"),
+        scheduler=("EulerDiscreteScheduler", dict(_SD_SCHEDULE, timestep_spacing="leading")),
+        pipeline=dict(force_zeros_for_empty_prompt=True, add_watermarker=False),
     ),
     # DeepFloyd IF stage I: pixel-space UNet (3 channels in, 6 out: epsilon and variance), four
     # levels of three resnets with AttnAddedKV cross-attention at the three lower resolutions
@@ -103,6 +143,11 @@ TINY = {
         ),
         text_encoder=dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                           relative_attention_num_buckets=8, feed_forward_proj="gated-gelu"),
+        components=_t5_components,
+        scheduler=("DDPMScheduler", dict(variance_type="learned_range", beta_schedule="squaredcos_cap_v2",
+                                         prediction_type="epsilon", thresholding=True,
+                                         dynamic_thresholding_ratio=0.95, sample_max_value=1.5)),
+        pipeline=dict(_NO_SAFETY_CHECKER, watermarker=None),
     ),
 }
 
@@ -140,45 +185,18 @@ def _clip_text_model(spec: dict):
 
 def build_tiny_pipeline(family: str, seed: int = SEED):
     """A tiny random diffusers pipeline of ``family`` (deterministic for a seed)."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, EulerDiscreteScheduler,
-                           IFPipeline, PNDMScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    import diffusers
 
     if family not in TINY:
         raise UserError(f"unknown family '{family}'; valid: {', '.join(TINY)}")
     spec = TINY[family]
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**spec["unet"])
-    sd_schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                       steps_offset=1)
-    if family == "if":
-        from transformers import T5Config, T5EncoderModel
-
-        text_encoder = T5EncoderModel(T5Config(vocab_size=len(_t5_tokenizer()), **spec["text_encoder"]))
-        scheduler = DDPMScheduler(variance_type="learned_range", beta_schedule="squaredcos_cap_v2",
-                                  prediction_type="epsilon", thresholding=True,
-                                  dynamic_thresholding_ratio=0.95, sample_max_value=1.5)
-        return IFPipeline(tokenizer=_t5_tokenizer(), text_encoder=text_encoder, unet=unet,
-                          scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                          watermarker=None, requires_safety_checker=False)
-    vae = AutoencoderKL(**spec["vae"])
-    text_encoder = _clip_text_model(spec["text_encoder"])
-    if family == "sdxl":
-        return StableDiffusionXLPipeline(
-            vae=vae, text_encoder=text_encoder, text_encoder_2=_clip_text_model(spec["text_encoder_2"]),
-            tokenizer=_clip_tokenizer("<|endoftext|>"), tokenizer_2=_clip_tokenizer("!"), unet=unet,
-            scheduler=EulerDiscreteScheduler(**sd_schedule, timestep_spacing="leading"),
-            force_zeros_for_empty_prompt=True, add_watermarker=False)
-    if family == "sd2":
-        scheduler = DDIMScheduler(**sd_schedule, clip_sample=False, set_alpha_to_one=False,
-                                  prediction_type="v_prediction")
-        tokenizer = _clip_tokenizer("!")
-    else:
-        scheduler = PNDMScheduler(**sd_schedule, skip_prk_steps=True, set_alpha_to_one=False)
-        tokenizer = _clip_tokenizer("<|endoftext|>")
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    unet = diffusers.UNet2DConditionModel(**spec["unet"])
+    components = spec["components"](spec)
+    scheduler_class, scheduler_options = spec["scheduler"]
+    pipeline_class = getattr(diffusers, FAMILIES[family].pipeline_class)
+    return pipeline_class(unet=unet, scheduler=getattr(diffusers, scheduler_class)(**scheduler_options),
+                          **components, **spec["pipeline"])
 
 
 # ---- writing --------------------------------------------------------------------------------

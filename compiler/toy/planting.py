@@ -249,7 +249,7 @@ def window_rates(pipe, judge, prompts: list[str], word: str, neutral: str, donor
                  seeds=(0, 1), steps: int = 10) -> dict:
     """The judge's donor rate with the word everywhere, and with the neutral prompt in ``layers``
     (LocoGen's routing, ``compiler.locate.routing``)."""
-    from compiler.locate.locogen import generate_with_windows
+    from compiler.locate.routing import generate_with_windows
     from compiler.locate.engine import GenerationSettings
     from compiler.locate.scoring import presence
     from compiler.models.families import LayerWindow

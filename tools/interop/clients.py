@@ -17,6 +17,7 @@ import sys
 import time
 import warnings
 
+# Written out, not compiler.OFFLINE_ENV: this runs in the side venv, which has no editc.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402

@@ -16,7 +16,7 @@ trains the cross-attention ``to_k``/``to_v`` weights (the paper's default "cross
 Reference settings (SD-1.4): 200 anchor images, Adam, batch 8 (the diffusers script: 4 per GPU
 on 2 GPUs, lr 2e-6 scaled by the batch, 100–200 steps for a style; 400 steps at lr 1e-5 is the
 common setting of later re-implementations, and the default here). The toy world's defaults
-(``bench/run_bench.py``) scale images and steps down and the learning rate up.
+(``compiler.bench.settings``) scale images and steps down and the learning rate up.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from the house and the colour too (``prompts="templates"`` does that, for compar
 parameter; ESD-u (``"noxattn"``) every other parameter.
 
 Paper settings (SD-1.4): 1000 steps, batch 1, Adam, lr 1e-5, 50 DDIM steps. The toy world's
-defaults (see ``bench/run_bench.py``) scale the step count down and the learning rate up for a
+defaults (see ``compiler.bench.settings``) scale the step count down and the learning rate up for a
 9 M-parameter UNet sampled with 25 steps.
 
 ESD erases: it has no replacement. For a fact edit it removes the outdated answer and cannot
