@@ -61,12 +61,12 @@ MADE_UP_JUDGED = 12       # made-up painters judged (the first ones), besides th
 
 
 def made_up_names(count: int) -> list[str]:
-    from compiler.bench.harness import made_up_names as names
+    from compiler.bench.scaling import made_up_names as names
 
     if count <= 182:
         return names(count)
     # Beyond the harness's two-syllable names: three syllables, deterministic.
-    from compiler.bench.harness import SYLLABLES
+    from compiler.bench.scaling import SYLLABLES
 
     out = names(182)
     out += [a + b + c for a in SYLLABLES for b in SYLLABLES for c in SYLLABLES if len({a, b, c}) == 3]
@@ -212,8 +212,9 @@ def judge(model, recipe, new_tensors) -> dict:
 # ----------------------------------------------------------------------------- parent
 def run_child(count: int, single: str | None, variant: dict[str, str], model: str = "toy",
               fields: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env.setdefault("HF_HUB_OFFLINE", "1")
+    from compiler import OFFLINE_ENV
+
+    env = {**os.environ, **OFFLINE_ENV}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     for key, value in variant.items():
         env[f"EDITC_{key.upper()}"] = value

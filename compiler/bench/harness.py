@@ -62,8 +62,7 @@ import torch
 
 from compiler.bench.quality import measure_quality
 from compiler.bench.report import markdown, method_rows, ratios, write_report
-# SYLLABLES and made_up_names: bench/many_concepts.py imports them from here.
-from compiler.bench.scaling import SYLLABLES, made_up_names, run_scaling  # noqa: F401
+from compiler.bench.scaling import run_scaling
 from compiler.bench.settings import RESULTS_DIR, TASKS, TOY_PIPELINE, BenchSettings
 from compiler.bench.timing import locate_layers, time_methods
 from compiler.errors import UserError
