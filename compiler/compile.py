@@ -12,6 +12,7 @@ All Diff-QuickFix edits at one site likewise share one solve.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,11 @@ class CompileResult:
     preserve_groups: list = field(default_factory=list)  # compiler.plan.PreserveGroup
 
 
+# EDITC_TEXT_EDITS_FIRST=0 (a measurement knob, like the EDITC_* row knobs): the UNet solve reads
+# the base text encoder, as before issue 25's "Text edits first".
+TEXT_EDITS_FIRST = os.environ.get("EDITC_TEXT_EDITS_FIRST", "1") != "0"
+
+
 def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], preserve_cache: bool | None = None,
                   concept_weighting: str = "concept") -> CompileResult:
     """Rows and solve for every method the plans use (text-encoder methods first); the model is not
@@ -69,7 +75,7 @@ def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], preserve_cach
         if not group:
             continue
         text_edits = {n: t for n, t in new_tensors.items() if not n.startswith("unet/")}
-        if method.edits_unet_layers and text_edits and not context.text_edits:
+        if method.edits_unet_layers and text_edits and not context.text_edits and TEXT_EDITS_FIRST:
             context = RowContext(model, plans, groups + text_edited_group(recipe, plans), recipe.lambda_,
                                  preserve_cache=preserve_cache, timings=context.timings, text_edits=text_edits,
                                  concept_weighting=concept_weighting)
@@ -106,7 +112,9 @@ def text_edited_group(recipe: Recipe, plans: list[PlannedEdit]) -> list:
     unet_concepts = PhraseSet([p.edit.concept for p in plans if p.method_plugin.edits_unet_layers])
     prompts = tuple(dict.fromkeys(pair.source for p in plans if not p.method_plugin.edits_unet_layers
                                   for pair in p.pairs if not unet_concepts.mentioned_in(pair.source)))
-    return [PreserveGroup("text-edited", prompts, float(recipe.neighbour_weight))] if prompts else []
+    # EDITC_TEXT_EDITED_WEIGHT: a measurement knob (0: not held; README "Real-world words, …").
+    weight = float(os.environ.get("EDITC_TEXT_EDITED_WEIGHT") or recipe.neighbour_weight)
+    return [PreserveGroup("text-edited", prompts, weight)] if prompts and weight > 0 else []
 
 
 def apply_to_pipeline(pipe, new_tensors: dict[str, torch.Tensor]) -> None:
