@@ -87,14 +87,12 @@ def compile_edits(recipe: Recipe, model, plans: list[PlannedEdit], preserve_cach
                 for solved in method.solve(context, group, rows):
                     new_tensors.update(solved.new_tensors)
                     solve_info.append(solved.info)
-    caches = [cache for c in contexts for cache in (c._cache, c._base_cache) if cache is not None]
-    if solve_info and caches:
-        from compiler.preserve_cache import CacheStats
-
-        stats, row_stats = CacheStats(), CacheStats()
-        for cache in caches:
-            stats.add(cache.stats)
-            row_stats.add(cache.row_stats)
+    used = [stats for stats in (c.cache_stats() for c in contexts) if stats is not None]
+    if solve_info and used:
+        stats, row_stats = used[0]
+        for grams, rows in used[1:]:
+            stats.add(grams)
+            row_stats.add(rows)
         solve_info[0]["preserve_cache"] = stats.to_dict()
         if row_stats.hits or row_stats.misses:
             solve_info[0]["edit_rows_cache"] = row_stats.to_dict()

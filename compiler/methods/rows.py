@@ -5,7 +5,6 @@ method that reads them."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from contextlib import contextmanager
@@ -148,6 +147,19 @@ class RowContext:
     def tokenizer(self):
         return self.encoder.tokenizer()
 
+    def cache_stats(self):
+        """(Gram cache, edit-row cache) statistics of every cache this context used, or None."""
+        from compiler.preserve_cache import CacheStats
+
+        caches = [c for c in (self._cache, self._base_cache) if c is not None]
+        if not caches:
+            return None
+        grams, rows = CacheStats(), CacheStats()
+        for cache in caches:
+            grams.add(cache.stats)
+            rows.add(cache.row_stats)
+        return grams, rows
+
     @property
     def cache(self) -> PreserveCache:
         if self._cache is None:
@@ -235,6 +247,7 @@ class PreserveCache:
         """The encoders' content hashes and where their states were computed (a GPU's rows and
         Grams round differently from the CPU's: a cache must never mix them)."""
         from compiler.device import compute_tag
+        from compiler.export.delta import base_tensors_sha256
         from compiler.preserve_cache import text_encoder_hash
 
         for component in components:
@@ -242,7 +255,7 @@ class PreserveCache:
                 base = text_encoder_hash(self.model, component)
                 edits = {n: t for n, t in self.text_edits.items() if n.split("/", 1)[0] == component}
                 # An encoder holding this compile's text edits is another encoder.
-                self._hashes[component] = base and (base + tensors_digest(edits) if edits else base)
+                self._hashes[component] = base and (base + "+edit:" + base_tensors_sha256(edits) if edits else base)
         # An in-memory pipeline has no content hash: nothing to key a cache entry by.
         enabled = False if not all(self._hashes[c] for c in components) else self.enabled
         return "+".join(self._hashes[c] for c in components) + "@" + compute_tag(self.device), enabled
@@ -259,16 +272,6 @@ class PreserveCache:
 
         encoder_hash, enabled = self._encoder_hash(components)
         return cached_edit_rows(encoder_hash, kind, requests, compute, enabled=enabled, stats=self.row_stats)
-
-
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """``+edit:<sha256>`` of the named tensors' names, dtypes, shapes and bytes."""
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().contiguous().cpu()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    return "+edit:" + digest.hexdigest()
 
 
 def positions_by_prompt(tokenizer, plan, trailing_to: int | None = None):
