@@ -254,8 +254,9 @@ class PreserveCache:
             if component not in self._hashes:
                 base = text_encoder_hash(self.model, component)
                 edits = {n: t for n, t in self.text_edits.items() if n.split("/", 1)[0] == component}
-                # An encoder holding this compile's text edits is another encoder.
-                self._hashes[component] = base and (base + "+edit:" + base_tensors_sha256({n: t.cpu() for n, t in edits.items()}) if edits else base)
+                if base and edits:  # an encoder holding this compile's text edits is another encoder
+                    base += "+edit:" + base_tensors_sha256({n: t.cpu() for n, t in edits.items()})
+                self._hashes[component] = base
         # An in-memory pipeline has no content hash: nothing to key a cache entry by.
         enabled = False if not all(self._hashes[c] for c in components) else self.enabled
         return "+".join(self._hashes[c] for c in components) + "@" + compute_tag(self.device), enabled
